@@ -1,0 +1,41 @@
+"""Stage `base`: the base checkpoint every later stage starts from.
+
+    python stages/base.py
+
+Default (`base.model: tiny`): learns a BPE tokenizer from the training documents, builds a
+small Llama 3.1-architecture model and pretrains it briefly on those documents. Otherwise
+copies a local checkpoint directory or fetches a pinned hub snapshot (HF_TOKEN for gated
+models). Reads data/validated/documents.jsonl, data/split/doc_split.json and params `base`;
+writes models/base/ (Hugging Face layout + base_config.json) and metrics/base.json.
+"""
+
+import logging
+
+from veritune.config import as_dict, load_params
+from veritune.io import atomic_path, read_json, read_jsonl, write_json
+from veritune.modeling import check_checkpoint, materialize_checkpoint
+from veritune.pretrain import build_tiny_base
+
+log = logging.getLogger("veritune.base")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = load_params("base")
+    with atomic_path("models/base") as out:
+        if p.is_tiny:
+            documents = read_jsonl("data/validated/documents.jsonl")
+            doc_split = read_json("data/split/doc_split.json")
+            out.mkdir()
+            summary = build_tiny_base(documents, doc_split, p, out)
+        else:
+            materialize_checkpoint(p.model, p.revision, out)
+            summary = {}
+        summary.update(check_checkpoint(out))
+        write_json(out / "base_config.json", as_dict(p))
+    write_json("metrics/base.json", summary)
+    log.info("base: %s", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Stage `train`: LoRA (CPU) or QLoRA nf4 (GPU) supervised fine-tuning with TRL + PEFT.
+
+    python stages/train.py
+
+Reads models/base/, data/sft/{train,val}.jsonl and params `train`; writes the PEFT adapter
+to models/adapter/ (with train_config.json), metrics/train.json and the DVCLive training
+curves under metrics/train/. A killed run resumes from models/checkpoints/ when rerun.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+
+from veritune.config import as_dict, load_params
+from veritune.io import atomic_path, read_jsonl, write_json
+from veritune.training import train_adapter
+
+log = logging.getLogger("veritune.train")
+
+CHECKPOINTS = Path("models/checkpoints")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = load_params("train")
+    train_examples = read_jsonl("data/sft/train.jsonl")
+    val_examples = read_jsonl("data/sft/val.jsonl")
+    with atomic_path("models/adapter") as out:
+        summary = train_adapter(Path("models/base"), train_examples, val_examples, p, out, CHECKPOINTS,
+                                live_dir=Path("metrics/train"))
+        write_json(out / "train_config.json", as_dict(p))
+    write_json("metrics/train.json", summary)
+    # The adapter is safely in place: checkpoints only served a resume of this run.
+    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    log.info("train: %s", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Typed, frozen views of `params.yaml`, checked before any model or GPU is touched.
+
+Each stage reads its own section: `load_params("train")` returns a `TrainParams`. Unknown
+keys, wrong types and out-of-range values are all collected and raised together as one
+`ParamsError` whose message says how to fix each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml does not describe a valid run; the message lists every problem."""
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_text_chars: int = 20  # documents shorter than this are almost surely broken records
+    max_text_chars: int = 20_000  # longer documents should be split upstream
+    max_question_chars: int = 1_000
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.min_text_chars < 1:
+            out.append(f"validate.min_text_chars must be >= 1, got {self.min_text_chars}")
+        if self.max_text_chars <= self.min_text_chars:
+            out.append("validate.max_text_chars must be > validate.min_text_chars")
+        if self.max_question_chars < 10:
+            out.append(f"validate.max_question_chars must be >= 10, got {self.max_question_chars}")
+        return out
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 0
+    unseen_test_doc_fraction: float = 0.15  # documents held out of training; test grounding on new material
+    unseen_val_doc_fraction: float = 0.05
+    seen_test_fraction: float = 0.10  # questions on training documents kept back for test
+    seen_val_fraction: float = 0.05
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("unseen_test_doc_fraction", "unseen_val_doc_fraction", "seen_test_fraction", "seen_val_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                out.append(f"split.{name} must be in [0, 1), got {value}")
+        if self.unseen_test_doc_fraction + self.unseen_val_doc_fraction >= 0.9:
+            out.append("split.unseen_test_doc_fraction + unseen_val_doc_fraction must leave documents to train on")
+        if self.seen_test_fraction + self.seen_val_fraction >= 0.9:
+            out.append("split.seen_test_fraction + seen_val_fraction must leave questions to train on")
+        return out
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    uri: str = "data/index/milvus.db"  # a Milvus Lite file, or http://host:19530 for a Milvus server
+    collection: str = "veritune_chunks"
+    embedding_model: str = "all-MiniLM-L6-v2"  # packaged offline copy, or a local sentence-transformers dir
+    chunk_words: int = 120  # longer chunks keep facts together but cost prompt tokens
+    chunk_overlap_words: int = 20
+    batch_size: int = 64
+    eval_ks: tuple[int, ...] = (1, 3, 5, 10)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.chunk_words < 8:
+            out.append(f"index.chunk_words must be >= 8, got {self.chunk_words}")
+        if not 0 <= self.chunk_overlap_words < self.chunk_words:
+            out.append("index.chunk_overlap_words must be in [0, chunk_words)")
+        if self.batch_size < 1:
+            out.append(f"index.batch_size must be >= 1, got {self.batch_size}")
+        if not self.eval_ks or any(k < 1 for k in self.eval_ks):
+            out.append(f"index.eval_ks must be positive integers, got {list(self.eval_ks)}")
+        if not self.collection.replace("_", "").isalnum():
+            out.append(f"index.collection must be letters, digits and _, got {self.collection!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class BuildSftParams:
+    seed: int = 0
+    context_chunks: int = 3  # passages shown per question: more = more robust, longer prompts
+    oracle_drop_rate: float = 0.2  # RAFT: share of answerable questions shown without their oracle
+    retrieval_pool: int = 10  # distractors are drawn from this many top retrieved chunks
+    abstain_answer: str = "The documents don't say."
+    system_prompt: str = "Answer from the documents. If they do not contain the answer, say so."
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.context_chunks < 1:
+            out.append(f"build_sft.context_chunks must be >= 1, got {self.context_chunks}")
+        if not 0.0 <= self.oracle_drop_rate <= 1.0:
+            out.append(f"build_sft.oracle_drop_rate must be in [0, 1], got {self.oracle_drop_rate}")
+        if self.retrieval_pool < self.context_chunks:
+            out.append("build_sft.retrieval_pool must be >= build_sft.context_chunks")
+        if not self.abstain_answer.strip():
+            out.append("build_sft.abstain_answer must not be empty")
+        return out
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    vocab_size: int = 4096  # BPE vocabulary learnt from the training documents
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2  # grouped-query attention, as in Llama 3.1 (32 heads : 8 kv heads)
+    intermediate_size: int = 688  # SwiGLU width, ~2.7 x hidden as in Llama
+    max_position_embeddings: int = 4096
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                out.append(f"base.tiny.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            out.append("base.tiny.hidden_size must be divisible by base.tiny.num_heads")
+        if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+            out.append("base.tiny.num_heads must be divisible by base.tiny.num_kv_heads")
+        if self.vocab_size < 512:
+            out.append(f"base.tiny.vocab_size must be >= 512 (bytes + special tokens), got {self.vocab_size}")
+        return out
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    steps: int = 400  # 0 skips pretraining (a random base cannot learn to copy in minutes)
+    batch_size: int = 16
+    seq_len: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    repeat_prob: float = 0.5  # chance a window repeats one of its documents: teaches copying
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.steps < 0:
+            out.append(f"base.pretrain.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1 or self.seq_len < 16:
+            out.append("base.pretrain.batch_size must be >= 1 and base.pretrain.seq_len >= 16")
+        if not 0 < self.learning_rate < 1:
+            out.append(f"base.pretrain.learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.repeat_prob <= 1:
+            out.append(f"base.pretrain.repeat_prob must be in [0, 1], got {self.repeat_prob}")
+        return out
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    model: str = "tiny"  # "tiny", a hub id (meta-llama/Llama-3.1-8B-Instruct) or a local checkpoint dir
+    revision: str = ""  # hub commit sha; required for hub ids so dvc.lock pins the weights
+    seed: int = 0
+    tiny: TinyModelParams = field(default_factory=TinyModelParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == "tiny"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.model:
+            out.append("base.model must be 'tiny', a hub id or a local directory")
+        elif not self.is_tiny and not Path(self.model).is_dir() and not self.revision:
+            out.append(f"base.revision must pin a commit for hub model {self.model!r} (dvc.lock records it)")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = 0
+    quantization: Literal["auto", "nf4", "none"] = "auto"  # auto: nf4 on CUDA (QLoRA), none on CPU
+    lora_r: int = 16  # adapter rank: capacity vs. adapter size
+    lora_alpha: int = 32  # usually 2 x rank
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"  # or a comma list such as "q_proj,v_proj"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # sequences per device step
+    grad_accum: int = 1
+    max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
+    packing: bool = False  # padding-free packing without cross-sample attention
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 100  # checkpoints to resume from after a crash
+    eval_steps: int = 0  # 0: evaluate on val only at the end
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lora_r < 1:
+            out.append(f"train.lora_r must be > 0, got {self.lora_r}")
+        if self.lora_alpha < 1:
+            out.append(f"train.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.learning_rate < 1:
+            out.append(f"train.learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            out.append("train.epochs or train.max_steps must be > 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            out.append("train.batch_size and train.grad_accum must be >= 1")
+        if self.max_length < 32:
+            out.append(f"train.max_length must be >= 32, got {self.max_length}")
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    max_questions: int = 0  # 0: the whole test split; > 0 samples this many (quick looks)
+    bootstrap_samples: int = 1000
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            out.append("evaluate.max_new_tokens and evaluate.batch_size must be >= 1")
+        if self.max_questions < 0:
+            out.append(f"evaluate.max_questions must be >= 0, got {self.max_questions}")
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+STAGE_PARAMS: dict[str, type] = {
+    "validate": ValidateParams,
+    "split": SplitParams,
+    "index": IndexParams,
+    "build_sft": BuildSftParams,
+    "base": BaseParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against a dataclass field annotation; return it in the field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            problems.append(f"{where} must be a mapping, got {type(value).__name__}")
+            return None
+        return _build(annotation, value, where, problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where, problems)
+    if origin is typing.Literal:
+        if value not in args:
+            problems.append(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where} must be a list, got {type(value).__name__}")
+            return ()
+        return tuple(_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where} must be a number, got {value!r}")
+            return value
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            problems.append(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params annotation {annotation!r} at {where}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{where}.{key} is not a known setting (known: {', '.join(fields)})")
+    kwargs = {name: _coerce(raw[name], hints[name], f"{where}.{name}", problems) for name in fields if name in raw}
+    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    for name in missing:
+        problems.append(f"{where}.{name} is required")
+    if missing:
+        return None
+    obj = cls(**kwargs)
+    if hasattr(obj, "problems"):
+        try:
+            problems.extend(obj.problems())
+        except TypeError:
+            pass  # a wrong type is already reported; its range check cannot run
+    return obj
+
+
+def parse_params(section: str, raw: dict[str, Any] | None) -> Any:
+    """Build and check the dataclass for one `params.yaml` section."""
+    if section not in STAGE_PARAMS:
+        raise ParamsError(f"no params section named {section!r} (known: {', '.join(STAGE_PARAMS)})")
+    problems: list[str] = []
+    obj = _build(STAGE_PARAMS[section], raw or {}, section, problems)
+    if problems:
+        raise ParamsError("params.yaml has problems:\n  - " + "\n  - ".join(problems))
+    return obj
+
+
+def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:
+    """Read `path` and return the checked dataclass of its `section`."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run stages from the project root")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return parse_params(section, raw.get(section))
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """The effective config as plain data, for saving beside an artifact."""
+    return dataclasses.asdict(params)

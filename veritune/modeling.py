@@ -1,0 +1,207 @@
+"""Building, loading and saving the base model and its tokenizer.
+
+Two profiles share every code path after this module:
+- `tiny`: a small Llama-architecture model (GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU)
+  and a byte-level BPE tokenizer carrying the Llama 3.1 special tokens and chat template,
+  built from the training documents and saved in the Hugging Face checkpoint layout.
+- a real checkpoint: a hub id such as `meta-llama/Llama-3.1-8B-Instruct` (gated: the token
+  comes from `HF_TOKEN`) pinned to a revision, or a local checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from veritune import chat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+
+
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE over `texts` with the Llama 3.1 special tokens and chat template.
+
+    Digits are split one by one (as Llama 3 splits numbers into short groups) so any number
+    can be copied token by token; byte-level fallback means no text is ever unknown.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=chat.LLAMA3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=chat.BEGIN_OF_TEXT,
+        eos_token=chat.EOT,
+        pad_token=chat.PAD,
+        additional_special_tokens=[t for t in chat.LLAMA3_SPECIAL_TOKENS
+                                   if t not in (chat.BEGIN_OF_TEXT, chat.EOT, chat.PAD)],
+    )
+    fast.chat_template = chat.LLAMA3_CHAT_TEMPLATE
+    fast.model_max_length = 1 << 20
+    return fast
+
+
+def build_tiny_model(arch: TinyArch, tokenizer, seed: int):
+    """A randomly initialised Llama with the 3.1 architecture, scaled down."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": max(1, arch.max_position_embeddings // 8),
+        },
+        # Tied input/output embeddings (as in Llama 3.2 1B): a token copied from the context
+        # by attention maps straight back to its own logit, which helps a small model copy.
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids(chat.BEGIN_OF_TEXT),
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in (chat.EOT, chat.EOM, chat.END_OF_TEXT)],
+        pad_token_id=tokenizer.convert_tokens_to_ids(chat.PAD),
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+class CheckpointError(RuntimeError):
+    """A base checkpoint could not be found, fetched or understood; the message says why."""
+
+
+def materialize_checkpoint(model: str, revision: str, dest: Path) -> None:
+    """Place a real checkpoint's files in `dest`: a local directory or a pinned hub snapshot.
+
+    Hub access is gated for Meta's models: the token is read from `HF_TOKEN` and handed to
+    the hub client only, never logged.
+    """
+    src = Path(model)
+    if src.is_dir():
+        if not (src / "config.json").exists():
+            raise CheckpointError(f"{src} has no config.json: not a Hugging Face checkpoint directory")
+        dest.mkdir(parents=True)
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                _link_or_copy(f, dest / f.name)
+        log.info("base: using local checkpoint %s", src)
+        return
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    token = os.environ.get("HF_TOKEN") or None
+    log.info("base: fetching %s@%s (token from HF_TOKEN: %s)", model, revision, "set" if token else "not set")
+    try:
+        snapshot_download(repo_id=model, revision=revision, token=token, local_dir=dest,
+                          allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except GatedRepoError:
+        raise CheckpointError(f"{model} is gated: accept its licence on the hub and export HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{model} has no revision {revision!r}: pin an existing commit in base.revision") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no model {model!r} on the hub (or HF_TOKEN lacks access)") from None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)  # weights are large: a hard link costs no space
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Fail early, with the fix, if `path` is not a Llama checkpoint with a chat template."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "llama":
+        raise CheckpointError(f"{path}: model_type is {config.model_type!r}; veritune trains Llama checkpoints")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise CheckpointError(f"{path}: the tokenizer has no chat template; use an Instruct checkpoint")
+    for token in (chat.START_HEADER, chat.END_HEADER, chat.EOT):
+        if token not in tokenizer.get_vocab():
+            raise CheckpointError(f"{path}: tokenizer lacks the Llama 3.1 token {token}")
+    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
+
+
+def resolve_quantization(quantization: str) -> str:
+    """`auto` means QLoRA (nf4) where bitsandbytes has a GPU, plain weights elsewhere."""
+    if quantization == "auto":
+        return "nf4" if torch.cuda.is_available() else "none"
+    if quantization == "nf4" and not torch.cuda.is_available():
+        raise CheckpointError("train.quantization nf4 needs a CUDA GPU; use 'auto' or 'none' on CPU")
+    return quantization
+
+
+def load_model(path: str | Path, quantization: str = "none"):
+    """Load a causal LM for training or inference: nf4 + double quantisation, bf16 compute
+    on GPU (QLoRA); full precision on CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    else:
+        kwargs["dtype"] = torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Llama 3.1 ships no pad token; its reserved fine-tune pad token exists for this.
+        tokenizer.pad_token = chat.PAD
+    return tokenizer

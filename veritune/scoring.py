@@ -1,0 +1,102 @@
+"""Answer scoring: exact match, token F1, numeric match and abstention.
+
+Normalisation follows SQuAD (lower case, no punctuation or articles, single spaces), so
+"$149." and "149" match; every score is in [0, 1] per question.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+from typing import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation.replace("-", "") + "\u2013\u2014")
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+
+# Phrases a grounded model uses to decline; matched after normalisation.
+ABSTAIN_PATTERNS = [
+    r"\bdocuments? (do|does)n?t (say|mention|state|contain)",
+    r"\bdocuments? do not (say|mention|state|contain)",
+    r"\b(not|no) (mentioned|stated|specified|provided|available|information)\b",
+    r"\b(cannot|can't|could not|couldn't|unable to) (find|answer|determine|tell)",
+    r"\bi (do not|don't) know\b",
+    r"\bno (such|information|answer)\b",
+]
+_ABSTAIN = re.compile("|".join(ABSTAIN_PATTERNS))
+
+
+def normalize(text: str) -> str:
+    text = text.lower().replace("\u2019", "'")
+    text = text.translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def is_abstention(answer: str) -> bool:
+    # Apostrophes matter to the patterns, so match before punctuation is stripped.
+    text = " ".join(answer.lower().replace("\u2019", "'").split())
+    return not text or bool(_ABSTAIN.search(text))
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    p = normalize(prediction)
+    return float(any(p == normalize(g) for g in golds))
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize(prediction).split()
+    best = 0.0
+    for g in golds:
+        gold = normalize(g).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in _NUMBER.findall(text.replace("$", ""))]
+
+
+def numeric_match(prediction: str, golds: Sequence[str]) -> float | None:
+    """1 if the prediction holds every number of some gold answer; None if no gold has one."""
+    gold_sets = [numbers(g) for g in golds if numbers(g)]
+    if not gold_sets:
+        return None
+    pred = set(numbers(prediction))
+    return float(any(set(g) <= pred for g in gold_sets))
+
+
+def score_answer(prediction: str, question: dict) -> dict:
+    """Per-question scores; answerable and unanswerable questions get different fields."""
+    abstained = is_abstention(prediction)
+    if not question["answers"]:
+        return {"abstained": float(abstained)}
+    scores = {
+        "em": 0.0 if abstained else exact_match(prediction, question["answers"]),
+        "f1": 0.0 if abstained else token_f1(prediction, question["answers"]),
+        "abstained": float(abstained),
+    }
+    nm = numeric_match(prediction, question["answers"])
+    if nm is not None:
+        scores["numeric_match"] = 0.0 if abstained else nm
+    return scores
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def bootstrap_ci(values: Sequence[float], samples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]

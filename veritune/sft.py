@@ -1,0 +1,93 @@
+"""Supervised fine-tuning examples: RAFT-style grounded QA in the chat format.
+
+Each training question becomes one conversation whose user turn carries retrieved
+passages. Answerable questions usually see their oracle passage(s) among distractors and
+are answered from them; a share (`oracle_drop_rate`) sees only distractors and, like
+unanswerable questions, is answered with an explicit abstention. That teaches the model to
+copy from the context when it can and to say so when it cannot, instead of guessing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Sequence
+
+from veritune import chat
+from veritune.config import BuildSftParams
+
+
+class LabelMaskError(ValueError):
+    """The chat template does not render the prompt as a prefix of the full conversation."""
+
+
+def oracle_chunks(question: dict, chunks_by_doc: dict[str, list[dict]]) -> list[dict]:
+    """One chunk per supporting document: the one holding an answer string, else the first."""
+    out = []
+    for doc_id in question["doc_ids"]:
+        doc_chunks = chunks_by_doc.get(doc_id, [])
+        if not doc_chunks:
+            continue
+        holding = [c for c in doc_chunks if any(a and a in c["text"] for a in question["answers"])]
+        out.append(holding[0] if holding else doc_chunks[0])
+    return out
+
+
+def select_passages(question: dict, retrieved: Sequence[dict], chunks_by_doc: dict[str, list[dict]],
+                    p: BuildSftParams, rng: random.Random) -> tuple[list[dict], bool]:
+    """The passages shown for one training question and whether they include the oracle."""
+    gold = set(question["doc_ids"])
+    distractors = [h for h in retrieved if h["doc_id"] not in gold]
+    answerable = bool(question["answers"])
+    if answerable and rng.random() >= p.oracle_drop_rate:
+        oracles = oracle_chunks(question, chunks_by_doc)[: p.context_chunks]
+        passages = oracles + distractors[: p.context_chunks - len(oracles)]
+        rng.shuffle(passages)
+        return passages, bool(oracles)
+    if answerable:
+        return distractors[: p.context_chunks], False
+    # Unanswerable: show what retrieval really returns, supporting documents included; the
+    # question is built so that they do not answer it.
+    return list(retrieved[: p.context_chunks]), False
+
+
+def build_example(question: dict, passages: list[dict], has_oracle: bool, p: BuildSftParams) -> dict:
+    answer = question["answers"][0] if (has_oracle and question["answers"]) else p.abstain_answer
+    messages = chat.rag_messages(p.system_prompt, question["question"], passages)
+    messages.append({"role": "assistant", "content": answer})
+    return {
+        "id": question["id"],
+        "kind": question["kind"],
+        "has_oracle": has_oracle,
+        "passage_ids": [c["chunk_id"] for c in passages],
+        "messages": messages,
+    }
+
+
+def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]], chunks: Sequence[dict],
+                   p: BuildSftParams) -> list[dict]:
+    rng = random.Random(p.seed)
+    chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
+    for c in chunks:
+        chunks_by_doc[c["doc_id"]].append(c)
+    examples = []
+    for q, hits in zip(questions, retrieved, strict=True):
+        passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
+        examples.append(build_example(q, passages, has_oracle, p))
+    return examples
+
+
+def tokenize_example(messages: list[dict], tokenizer) -> dict:
+    """Token ids and labels with the loss on the assistant reply only (prompt tokens -> -100).
+
+    The checkpoint's own chat template renders both the prompt (with the generation
+    header) and the whole conversation; the prompt must be a prefix of the whole, which
+    holds for Llama 3.1's template and is checked rather than assumed.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise LabelMaskError("chat template output for the prompt is not a prefix of the full conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids}

@@ -1,0 +1,137 @@
+"""LoRA / QLoRA supervised fine-tuning with TRL and PEFT.
+
+The same function trains the tiny default on a CPU and Llama 3.1 8B on a GPU: only the
+base checkpoint and `TrainParams` differ. Examples arrive already tokenized with the loss
+mask on assistant tokens (veritune.sft.tokenize_example), so TRL trains exactly that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from veritune.config import TrainParams
+from veritune.modeling import load_model, load_tokenizer, resolve_quantization
+from veritune.sft import tokenize_example
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_examples(examples: Sequence[dict], tokenizer, max_length: int) -> tuple[list[dict], list[str]]:
+    """Tokenize chat examples; those longer than `max_length` are dropped (ids returned),
+    since cutting them would cut the answer or the passage that holds it."""
+    kept, dropped = [], []
+    for ex in examples:
+        tokens = tokenize_example(ex["messages"], tokenizer)
+        if len(tokens["input_ids"]) > max_length:
+            dropped.append(ex["id"])
+        else:
+            kept.append(tokens)
+    return kept, dropped
+
+
+def lora_config(p: TrainParams):
+    from peft import LoraConfig
+
+    targets = p.target_modules if p.target_modules == "all-linear" else [m.strip() for m in p.target_modules.split(",")]
+    return LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
+                  adapter_dir: Path, checkpoint_dir: Path, live_dir: Path | None = None) -> dict:
+    """Fine-tune a LoRA adapter on `base_dir`; save it (PEFT format) and the tokenizer to
+    `adapter_dir`. Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    quantization = resolve_quantization(p.quantization)
+    tokenizer = load_tokenizer(base_dir)
+    train_rows, dropped_train = tokenize_examples(train_examples, tokenizer, p.max_length)
+    val_rows, dropped_val = tokenize_examples(val_examples, tokenizer, p.max_length)
+    if dropped_train:
+        log.warning("train: %d examples longer than train.max_length=%d dropped (e.g. %s)",
+                    len(dropped_train), p.max_length, dropped_train[:3])
+    if not train_rows:
+        raise ValueError("no training example fits train.max_length; raise it or shorten the contexts")
+
+    model = load_model(base_dir, quantization)
+    if quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
+    bf16 = torch.cuda.is_available()
+    callbacks = []
+    if live_dir is not None:
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False)))
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        seed=p.seed,
+        data_seed=p.seed,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler,
+        warmup_ratio=p.warmup_ratio,
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps,
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        gradient_checkpointing=p.gradient_checkpointing,
+        max_length=p.max_length,
+        packing=p.packing,
+        padding_free=p.packing,
+        bf16=bf16,
+        logging_steps=p.logging_steps,
+        save_strategy="steps",
+        save_steps=p.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if p.eval_steps > 0 else "no",
+        eval_steps=p.eval_steps if p.eval_steps > 0 else None,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(p),
+        callbacks=callbacks,
+    )
+    resume = last_checkpoint(checkpoint_dir)
+    if resume:
+        log.info("train: resuming from %s", resume)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - start
+    val_loss = trainer.evaluate()["eval_loss"] if val_rows else float("nan")
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    n_tokens = sum(len(r["input_ids"]) for r in train_rows)
+    trainable = sum(t.numel() for t in trainer.model.parameters() if t.requires_grad)
+    return {
+        "train_loss": result.training_loss,
+        "val_loss": val_loss,
+        "n_train_examples": len(train_rows),
+        "n_dropped_examples": len(dropped_train) + len(dropped_val),
+        "steps": result.global_step,
+        "train_seconds": round(seconds, 1),
+        "train_tokens_per_second": round(n_tokens * p.epochs / seconds, 1) if p.max_steps <= 0 else None,
+        "trainable_params": trainable,
+        "quantization": quantization,
+        "resumed_from": resume,
+    }
