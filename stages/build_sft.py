@@ -30,7 +30,9 @@ def main() -> None:
         for split, questions in splits.items():
             hits = retriever.search([q["question"] for q in questions], k=p.retrieval_pool)
             retrieved = [[dataclasses.asdict(h) for h in row] for row in hits]
-            examples = build_examples(questions, retrieved, chunks, p)
+            # Validation keeps one conversation per question so its loss stays comparable.
+            examples = build_examples(questions, retrieved, chunks, p,
+                                      samples_per_question=p.samples_per_question if split == "train" else 1)
             write_jsonl(out / f"{split}.jsonl", examples)
             summary[split] = {
                 "n_examples": len(examples),

@@ -48,7 +48,7 @@ def main() -> None:
         model.eval()
         metrics[variant] = {}
         for mode in MODES:
-            convs = prompts_for(questions, passages if mode == "rag" else None, sp.system_prompt)
+            convs = prompts_for(questions, passages if mode == "rag" else None, sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
             scores = score_all(replies, questions)
             metrics[variant][mode] = summarize(questions, scores, p.bootstrap_samples)

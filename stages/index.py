@@ -1,6 +1,6 @@
 """Stage `index`: chunk every document, embed the chunks into Milvus, measure retrieval.
 
-Run from the project root: `python -m stages.index` (or `dvc repro index`).
+Run from the project root: `python stages/index.py` (or `dvc repro index`).
 
 Reads  params.yaml (`index:`), data/validated/documents.jsonl (all documents: the knowledge
        base includes those held out of training), data/split/questions_{val,test}.jsonl.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 from veritune.config import as_dict, load_params
@@ -30,6 +31,7 @@ logger = logging.getLogger("stages.index")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing reads like errors
     p = load_params("index")
     local = is_local_uri(p.uri)
     if local and Path(p.uri).parent.resolve() != INDEX_DIR.resolve():
@@ -49,7 +51,9 @@ def main() -> None:
         with (tmp_dir / "chunks.jsonl").open("w", encoding="utf-8") as f:
             for chunk in chunks:
                 f.write(json.dumps(chunk, ensure_ascii=False) + "\n")
-        config = {"params": as_dict(p), **built, "n_documents": len(documents)}
+        config = {"params": as_dict(p), **built, "n_documents": len(documents),
+                  # the on-disk db format belongs to milvus-lite's major version
+                  "versions": {pkg: version(pkg) for pkg in ("pymilvus", "milvus-lite", "sentence-transformers")}}
         (tmp_dir / "index_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # Searched on the renamed index, which also proves it opens where later stages look.

@@ -142,6 +142,11 @@ def test_retriever_reopens_after_close_and_frees_the_db(lite_index):
     with pytest.raises(RuntimeError, match="closed"):
         retriever.search(["x"], k=1)
     MilvusLite(lite_index).close()  # the LOCK is free: nothing in this process holds the db
+
+    first, second = (Retriever(lite_index, "chunks", "all-MiniLM-L6-v2") for _ in range(2))
+    first.close()  # the db stays served while another retriever uses it
+    assert second.search(["VPN WireGuard profile"], k=1)[0][0].doc_id == "vpn"
+    second.close()
     with Retriever(lite_index, "chunks", "all-MiniLM-L6-v2") as again:
         assert again.search(["Polar fridge drawer temperature"], k=1)[0][0].doc_id == "fridge"
         assert again.search([], k=5) == []

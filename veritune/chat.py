@@ -69,12 +69,19 @@ def format_context(passages: Sequence[dict]) -> str:
     return "\n\n".join(f"[{p['doc_id']}] {p['title']}\n{p['text']}" for p in passages)
 
 
-def rag_messages(system_prompt: str, question: str, passages: Sequence[dict] | None) -> list[dict]:
-    """The grounded-QA prompt; `passages=None` is the closed-book variant."""
+def rag_messages(system_prompt: str, question: str, passages: Sequence[dict] | None,
+                 question_position: str = "end") -> list[dict]:
+    """The grounded-QA prompt; `passages=None` is the closed-book variant.
+
+    `question_position="both"` also states the question before the passages, so a model
+    reads them already knowing what to look for (query-aware contextualisation, Liu et al.
+    2023, "Lost in the Middle"); small models find the answer much more easily that way.
+    """
     if passages is None:
         user = f"Question: {question}"
-    elif passages:
-        user = f"Documents:\n{format_context(passages)}\n\nQuestion: {question}"
     else:
-        user = f"Documents:\n(none)\n\nQuestion: {question}"
+        body = format_context(passages) if passages else "(none)"
+        user = f"Documents:\n{body}\n\nQuestion: {question}"
+        if question_position == "both":
+            user = f"Question: {question}\n\n{user}"
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]

@@ -16,10 +16,12 @@ from veritune.scoring import bootstrap_ci, mean, score_answer
 MODES = ("closed_book", "rag")
 
 
-def prompts_for(questions: Sequence[dict], passages: Sequence[list[dict]] | None, system_prompt: str) -> list[list[dict]]:
+def prompts_for(questions: Sequence[dict], passages: Sequence[list[dict]] | None, system_prompt: str,
+                question_position: str = "end") -> list[list[dict]]:
     if passages is None:
         return [chat.rag_messages(system_prompt, q["question"], None) for q in questions]
-    return [chat.rag_messages(system_prompt, q["question"], ps) for q, ps in zip(questions, passages, strict=True)]
+    return [chat.rag_messages(system_prompt, q["question"], ps, question_position)
+            for q, ps in zip(questions, passages, strict=True)]
 
 
 def groups_of(question: dict) -> list[str]:

@@ -44,6 +44,8 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
         return []
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     model.train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
@@ -60,7 +62,8 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
     start = time.time()
     bar = tqdm(range(p.steps), desc="pretrain base", unit="step")
     for step in bar:
-        batch = torch.tensor([make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)])
+        batch = torch.tensor([make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)],
+                             device=device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = _next_token_loss(model, batch)
@@ -71,6 +74,7 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
         history.append({"step": step + 1, "loss": loss.item(), "lr": lr_at(step), "seconds": time.time() - start})
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    model.to("cpu")
     return history
 
 

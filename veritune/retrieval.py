@@ -204,6 +204,8 @@ def connect(uri: str) -> Any:
     if not uri.endswith(".db"):
         raise ValueError(f"a Milvus Lite uri must be a path ending in .db, got {uri!r} "
                          f"(or a server URL starting with {', '.join(_SERVER_SCHEMES)})")
+    if not Path(uri).parent.is_dir():
+        raise FileNotFoundError(f"cannot open Milvus Lite db {uri}: its directory {Path(uri).parent} does not exist")
     key = os.path.abspath(uri)
     with _lite_lock:
         try:
@@ -286,7 +288,10 @@ def build_index(chunks: Sequence[dict[str, Any]], uri: str, collection: str, emb
         if client.has_collection(staging):
             client.drop_collection(staging)
         schema, index_params = _schema(client, dim)
-        client.create_collection(staging, schema=schema, index_params=index_params)
+        client.create_collection(staging, schema=schema)
+        # sync=False: waiting calls AllocTimestamp, which Milvus Lite lacks (it logs a traceback);
+        # load_collection waits for the index on a server anyway.
+        client.create_index(staging, index_params, sync=False)
         with tqdm(total=len(chunks), desc="embed+insert chunks", unit="chunk") as bar:
             for start in range(0, len(chunks), batch_size):
                 batch = chunks[start:start + batch_size]
@@ -329,9 +334,10 @@ class Retriever:
                                   f"(has {self._client.list_collections()}): build it with `dvc repro index`")
             fields = {f["name"]: f for f in self._client.describe_collection(collection)["fields"]}
             index_dim = int(fields["embedding"]["params"]["dim"])
-            if index_dim != embedding_dim(self.embedder):
+            model_dim = embedding_dim(self.embedder)
+            if index_dim != model_dim:
                 raise ValueError(f"index {uri}:{collection} holds {index_dim}-dim vectors but {embedding_model!r} "
-                                 f"makes {embedding_dim(self.embedder)}-dim ones: open it with the model it was built with")
+                                 f"makes {model_dim}-dim ones: open it with the model it was built with")
             self._client.load_collection(collection)  # a reopened collection starts released
         except BaseException:
             self.close()

@@ -14,12 +14,11 @@ from typing import Iterable, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation.replace("-", "") + "\u2013\u2014")
-_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+_NUMBER = re.compile(r"(?<![A-Za-z])(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")  # not model codes like K3
 
 # Phrases a grounded model uses to decline; matched after normalisation.
 ABSTAIN_PATTERNS = [
-    r"\bdocuments? (do|does)n?t (say|mention|state|contain)",
-    r"\bdocuments? do not (say|mention|state|contain)",
+    r"\b(documents?|context|passages?) (do|does)(n't| not) (say|mention|state|contain|specify)",
     r"\b(not|no) (mentioned|stated|specified|provided|available|information)\b",
     r"\b(cannot|can't|could not|couldn't|unable to) (find|answer|determine|tell)",
     r"\bi (do not|don't) know\b",
@@ -38,7 +37,7 @@ def normalize(text: str) -> str:
 def is_abstention(answer: str) -> bool:
     # Apostrophes matter to the patterns, so match before punctuation is stripped.
     text = " ".join(answer.lower().replace("\u2019", "'").split())
-    return not text or bool(_ABSTAIN.search(text))
+    return bool(_ABSTAIN.search(text))
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:

@@ -38,6 +38,9 @@ def select_passages(question: dict, retrieved: Sequence[dict], chunks_by_doc: di
     """The passages shown for one training question and whether they include the oracle."""
     gold = set(question["doc_ids"])
     distractors = [h for h in retrieved if h["doc_id"] not in gold]
+    # Hardest distractors first, but not always the same ones: later samples of a
+    # question see others from the retrieval pool.
+    distractors = distractors[:1] + rng.sample(distractors[1:], len(distractors) - 1)
     answerable = bool(question["answers"])
     if answerable and rng.random() >= p.oracle_drop_rate:
         oracles = oracle_chunks(question, chunks_by_doc)[: p.context_chunks]
@@ -53,7 +56,7 @@ def select_passages(question: dict, retrieved: Sequence[dict], chunks_by_doc: di
 
 def build_example(question: dict, passages: list[dict], has_oracle: bool, p: BuildSftParams) -> dict:
     answer = question["answers"][0] if (has_oracle and question["answers"]) else p.abstain_answer
-    messages = chat.rag_messages(p.system_prompt, question["question"], passages)
+    messages = chat.rag_messages(p.system_prompt, question["question"], passages, p.question_position)
     messages.append({"role": "assistant", "content": answer})
     return {
         "id": question["id"],
@@ -65,15 +68,16 @@ def build_example(question: dict, passages: list[dict], has_oracle: bool, p: Bui
 
 
 def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]], chunks: Sequence[dict],
-                   p: BuildSftParams) -> list[dict]:
+                   p: BuildSftParams, samples_per_question: int = 1) -> list[dict]:
     rng = random.Random(p.seed)
     chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
     for c in chunks:
         chunks_by_doc[c["doc_id"]].append(c)
     examples = []
     for q, hits in zip(questions, retrieved, strict=True):
-        passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
-        examples.append(build_example(q, passages, has_oracle, p))
+        for _ in range(samples_per_question):
+            passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
+            examples.append(build_example(q, passages, has_oracle, p))
     return examples
 
 

@@ -7,8 +7,12 @@ mask on assistant tokens (veritune.sft.tokenize_example), so TRL trains exactly 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -42,14 +46,34 @@ def lora_config(p: TrainParams):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
-def last_checkpoint(checkpoint_dir: Path) -> str | None:
+def run_fingerprint(base_dir: Path, train_examples: Sequence[dict], p: TrainParams) -> str:
+    """What a checkpoint must match to be resumed: the params, the data and the base."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
+    for ex in train_examples:
+        h.update(json.dumps(ex["messages"], sort_keys=True).encode())
+    config = base_dir / "config.json"
+    h.update(config.read_bytes() if config.exists() else b"")
+    return h.hexdigest()
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """The newest checkpoint of an interrupted run with the same fingerprint, if any.
+
+    Checkpoints of a run with other params or data are removed, never resumed."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    stamp = checkpoint_dir / "fingerprint.txt"
+    if checkpoint_dir.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        log.info("train: discarding checkpoints of a different run in %s", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return get_last_checkpoint(str(checkpoint_dir))
 
 
 def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
-                  adapter_dir: Path, checkpoint_dir: Path, live_dir: Path | None = None) -> dict:
+                  adapter_dir: Path, checkpoint_dir: Path, live_dir: Path | None = None,
+                  callbacks: Sequence = ()) -> dict:
     """Fine-tune a LoRA adapter on `base_dir`; save it (PEFT format) and the tokenizer to
     `adapter_dir`. Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
     from datasets import Dataset
@@ -70,19 +94,21 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     if quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     bf16 = torch.cuda.is_available()
-    callbacks = []
+    resume = resumable_checkpoint(checkpoint_dir, run_fingerprint(base_dir, train_examples, p))
+    callbacks = list(callbacks)
     if live_dir is not None:
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback
 
-        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False)))
+        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
+                                                        resume=resume is not None)))
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         seed=p.seed,
         data_seed=p.seed,
         learning_rate=p.learning_rate,
         lr_scheduler_type=p.lr_scheduler,
-        warmup_ratio=p.warmup_ratio,
+        warmup_steps=p.warmup_ratio,  # a float in [0, 1) is a share of all steps
         num_train_epochs=p.epochs,
         max_steps=p.max_steps,
         per_device_train_batch_size=p.batch_size,
@@ -112,7 +138,6 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         peft_config=lora_config(p),
         callbacks=callbacks,
     )
-    resume = last_checkpoint(checkpoint_dir)
     if resume:
         log.info("train: resuming from %s", resume)
     start = time.time()

@@ -408,17 +408,19 @@ def questions_suite(table: pd.DataFrame, params: ValidateParams) -> Suite:
     suite.expect("kind.known", "kind", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(KINDS)),
                  lambda value: f"unknown kind {value!r}; use one of {', '.join(KINDS)}")
 
-    answerable = f"kind in {list(ANSWERABLE_KINDS)!r}"
+    from great_expectations.expectations.row_conditions import Column
+
+    answerable = Column("kind").is_in(ANSWERABLE_KINDS)
     suite.expect("answers.required", "answers", gxe.ExpectColumnValuesToBeBetween(
-        column="n_answers", min_value=1, row_condition=answerable, condition_parser="pandas"),
+        column="n_answers", min_value=1, row_condition=answerable),
         lambda value: "answerable question has no non-empty answer; add one or make it kind=unanswerable")
     suite.expect("answers.forbidden", "answers", gxe.ExpectColumnValuesToBeBetween(
-        column="n_answers", max_value=0, row_condition='kind == "unanswerable"', condition_parser="pandas"),
+        column="n_answers", max_value=0, row_condition=Column("kind") == "unanswerable"),
         lambda value: f"unanswerable question has {value} answer(s); its answers list must be empty")
     suite.expect("answers.blank", "answers", gxe.ExpectColumnValuesToBeBetween(column="n_blank_answers", max_value=0),
                  lambda value: f"{value} blank answer(s); remove them")
     suite.expect("doc_ids.required", "doc_ids", gxe.ExpectColumnValuesToBeBetween(
-        column="n_doc_ids", min_value=1, row_condition=answerable, condition_parser="pandas"),
+        column="n_doc_ids", min_value=1, row_condition=answerable),
         lambda value: "answerable question cites no documents; list its source in doc_ids")
     return suite
 
@@ -503,9 +505,14 @@ def validate(documents: list[dict[str, Any]], questions: list[dict[str, Any]], p
 
 def _gx():
     # Imported on first use: GE takes seconds to import, and reading records should not wait.
+    # Its INFO chatter starts during the import, and some of its modules pin their own
+    # loggers to INFO, so every GE logger is quietened, before and after.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("great_expectations."):
+            logging.getLogger(name).setLevel(logging.NOTSET)  # defer to the WARNING above
     return gx
 
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny Llama-architecture checkpoint written locally in the Hugging Face
+layout, the same layout a real Llama 3.1 checkpoint directory has."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA3_TOKENIZER = REPO.parent / "shared" / "llama3" / "tokenizer.model"
+
+CORPUS = [
+    "The Aurora K3 Kettle retails for $149. It weighs 1.2 kg.",
+    "Returns are accepted within 30 days of delivery.",
+    "The Zephyr X5 Air Purifier is sold at a list price of $509.",
+    "If the display shows E4, descale the heating plate.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer Llama 3.1-architecture model and tokenizer saved with save_pretrained."""
+    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600)
+    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, max_position_embeddings=512)
+    model = build_tiny_model(arch, tokenizer, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

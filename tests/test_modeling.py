@@ -1,0 +1,108 @@
+"""Building the tiny default and loading real Llama checkpoints (local directory or hub id)."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from veritune import chat
+from veritune.modeling import CheckpointError, check_checkpoint, load_model, load_tokenizer, materialize_checkpoint
+
+
+def test_tiny_model_has_the_llama31_architecture(tiny_checkpoint):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    assert config["hidden_act"] == "silu"  # SwiGLU
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    assert tokenizer.bos_token == chat.BEGIN_OF_TEXT and tokenizer.eos_token == chat.EOT
+    assert tokenizer.pad_token == chat.PAD
+    assert (tiny_checkpoint / "tokenizer.json").exists() and (tiny_checkpoint / "model.safetensors").exists()
+
+
+def test_local_checkpoint_directory_is_materialized_and_loads(tiny_checkpoint, tmp_path):
+    dest = tmp_path / "base"
+    materialize_checkpoint(str(tiny_checkpoint), "", dest)
+    info = check_checkpoint(dest)
+    assert info["model_type"] == "llama" and info["num_layers"] == 2
+    original, copied = load_model(tiny_checkpoint), load_model(dest)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(original(ids).logits, copied(ids).logits)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        materialize_checkpoint(str(tmp_path / "weights"), "", tmp_path / "dest")
+
+
+def test_checkpoint_without_chat_template_is_refused(tiny_checkpoint, tmp_path):
+    dest = tmp_path / "base"
+    materialize_checkpoint(str(tiny_checkpoint), "", dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="no chat template"):
+        check_checkpoint(dest)
+
+
+def test_hub_checkpoint_is_fetched_pinned_with_token_never_logged(monkeypatch, tmp_path, caplog):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        kwargs["local_dir"].mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    with caplog.at_level(logging.DEBUG):
+        materialize_checkpoint("meta-llama/Llama-3.1-8B-Instruct", "0e9e39f249a16976918f6564b8830bc894c89659",
+                               tmp_path / "base")
+    [call] = calls
+    assert call["repo_id"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert call["revision"] == "0e9e39f249a16976918f6564b8830bc894c89659"
+    assert call["token"] == "hf_secret_value_123"
+    assert "hf_secret_value_123" not in caplog.text
+
+
+def test_gated_hub_model_without_access_says_how_to_fix(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    httpx = pytest.importorskip("httpx2")  # the HTTP client huggingface_hub raises with
+
+    def gated(**kwargs):
+        request = httpx.Request("GET", "https://huggingface.co/api/models/meta-llama/Llama-3.1-8B-Instruct")
+        raise GatedRepoError("403 gated", response=httpx.Response(403, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(CheckpointError, match="export HF_TOKEN"):
+        materialize_checkpoint("meta-llama/Llama-3.1-8B-Instruct", "main", tmp_path / "base")
+
+
+def test_base_stage_takes_a_local_checkpoint_by_params_alone(tiny_checkpoint, tmp_path, monkeypatch):
+    from stages.base import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"base:\n  model: {tiny_checkpoint}\n")
+    main()
+    assert check_checkpoint(tmp_path / "models/base")["model_type"] == "llama"
+    saved = json.loads((tmp_path / "models/base/base_config.json").read_text())
+    assert saved["model"] == str(tiny_checkpoint)
+    assert json.loads((tmp_path / "metrics/base.json").read_text())["num_layers"] == 2
+
+
+def test_nf4_needs_a_gpu():
+    from veritune.modeling import resolve_quantization
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_quantization("auto") == "none"
+    with pytest.raises(CheckpointError, match="needs a CUDA GPU"):
+        resolve_quantization("nf4")

@@ -1,0 +1,84 @@
+"""RAFT-style example building and the assistant-only loss mask."""
+
+import random
+
+import pytest
+
+from veritune import chat
+from veritune.config import BuildSftParams
+from veritune.modeling import load_tokenizer
+from veritune.sft import LabelMaskError, build_examples, select_passages, tokenize_example
+
+CHUNKS = [
+    {"chunk_id": "doc-1#0", "doc_id": "doc-1", "title": "Aurora K3 Kettle", "text": "The Aurora K3 Kettle retails for $149."},
+    {"chunk_id": "doc-2#0", "doc_id": "doc-2", "title": "Zephyr X5", "text": "The Zephyr X5 is sold at $509."},
+    {"chunk_id": "doc-3#0", "doc_id": "doc-3", "title": "Returns", "text": "Returns within 30 days."},
+    {"chunk_id": "doc-4#0", "doc_id": "doc-4", "title": "Shipping", "text": "Express shipping costs $12.50."},
+]
+ANSWERABLE = {"id": "q1", "question": "How much is the Aurora K3 Kettle?", "answers": ["$149"], "doc_ids": ["doc-1"],
+              "kind": "single_hop"}
+UNANSWERABLE = {"id": "q2", "question": "Is the Aurora K3 Kettle waterproof?", "answers": [], "doc_ids": ["doc-1"],
+                "kind": "unanswerable"}
+RETRIEVED = [CHUNKS[1], CHUNKS[0], CHUNKS[3], CHUNKS[2]]
+
+
+def _by_doc():
+    return {c["doc_id"]: [c] for c in CHUNKS}
+
+
+def test_answerable_question_sees_its_oracle_among_distractors():
+    p = BuildSftParams(context_chunks=3, oracle_drop_rate=0.0, retrieval_pool=4)
+    passages, has_oracle = select_passages(ANSWERABLE, RETRIEVED, _by_doc(), p, random.Random(0))
+    assert has_oracle
+    assert len(passages) == 3
+    assert sum(c["doc_id"] == "doc-1" for c in passages) == 1
+
+
+def test_dropped_oracle_means_abstention_target():
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=1.0, retrieval_pool=4)
+    [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
+    assert not example["has_oracle"]
+    assert all(not pid.startswith("doc-1#") for pid in example["passage_ids"])
+    assert example["messages"][-1] == {"role": "assistant", "content": p.abstain_answer}
+
+
+def test_unanswerable_question_is_answered_with_abstention():
+    p = BuildSftParams(context_chunks=2, retrieval_pool=4)
+    [example] = build_examples([UNANSWERABLE], [RETRIEVED], CHUNKS, p)
+    assert example["messages"][-1]["content"] == p.abstain_answer
+
+
+def test_oracle_drop_rate_is_respected_in_aggregate():
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.3, retrieval_pool=4, seed=1)
+    examples = build_examples([ANSWERABLE] * 400, [RETRIEVED] * 400, CHUNKS, p)
+    share = sum(not e["has_oracle"] for e in examples) / len(examples)
+    assert 0.24 < share < 0.36
+
+
+def test_samples_per_question_vary_the_context():
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4)
+    examples = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p, samples_per_question=6)
+    assert len(examples) == 6
+    assert len({tuple(e["passage_ids"]) for e in examples}) > 1
+
+
+def test_loss_mask_covers_exactly_the_assistant_reply(tiny_checkpoint):
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    messages = chat.rag_messages("Answer from the documents.", "How much is it?", CHUNKS[:2])
+    messages.append({"role": "assistant", "content": "$149"})
+    tokens = tokenize_example(messages, tokenizer)
+    assert len(tokens["input_ids"]) == len(tokens["labels"])
+    supervised = [t for t, label in zip(tokens["input_ids"], tokens["labels"]) if label != -100]
+    assert tokenizer.decode(supervised) == "$149" + chat.EOT
+    # Everything before the reply, the assistant header included, is masked.
+    n_prompt = tokens["labels"].index(next(label for label in tokens["labels"] if label != -100))
+    assert tokenizer.decode(tokens["input_ids"][:n_prompt]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tokens["input_ids"] == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
+                                            add_special_tokens=False)["input_ids"]
+
+
+def test_template_that_breaks_the_prefix_property_is_refused(tiny_checkpoint):
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    with pytest.raises(LabelMaskError):
+        tokenize_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer)

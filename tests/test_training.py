@@ -1,0 +1,93 @@
+"""LoRA SFT through TRL + PEFT on the tiny model: what trains, what is saved, resuming."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from veritune import chat
+from veritune.config import TrainParams
+from veritune.modeling import load_model, load_tokenizer
+from veritune.training import train_adapter
+
+EXAMPLES = [
+    {"id": f"q{i}", "messages": chat.rag_messages(
+        "Answer from the documents.", f"How much is product {i}?",
+        [{"doc_id": f"doc-{i}", "title": f"Product {i}", "text": f"Product {i} retails for ${100 + i}."}])
+        + [{"role": "assistant", "content": f"${100 + i}"}]}
+    for i in range(16)
+]
+PARAMS = TrainParams(quantization="none", lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2,
+                     max_steps=4, batch_size=4, save_steps=2, logging_steps=1, max_length=256, warmup_ratio=0.0)
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a crash right after a given step (the checkpoint of step 2 exists by then)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("killed")
+
+
+def _train(tiny_checkpoint, tmp_path, name, params=PARAMS, callbacks=()):
+    out = tmp_path / name
+    summary = train_adapter(tiny_checkpoint, EXAMPLES, EXAMPLES[:4], params, out, tmp_path / f"{name}-ckpt",
+                            callbacks=callbacks)
+    return out, summary
+
+
+def test_lora_trains_adapter_only_and_saves_peft_format(tiny_checkpoint, tmp_path):
+    adapter_dir, summary = _train(tiny_checkpoint, tmp_path, "adapter")
+    assert (adapter_dir / "adapter_config.json").exists()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b), "LoRA B starts at zero: it must have moved"
+    targeted = {k.split(".")[-3] for k in weights}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted
+    assert summary["steps"] == 4 and summary["n_dropped_examples"] == 0
+
+    from peft import PeftModel
+
+    base = load_model(tiny_checkpoint)
+    ids = load_tokenizer(tiny_checkpoint)("Product 3 retails for", return_tensors="pt")["input_ids"]
+    base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(load_model(tiny_checkpoint), adapter_dir)
+    assert not torch.allclose(tuned(ids).logits, base_logits), "the adapter must change the model"
+    with tuned.disable_adapter():
+        assert torch.allclose(tuned(ids).logits, base_logits), "base weights must be untouched"
+
+
+def test_too_long_examples_are_dropped_not_cut(tiny_checkpoint, tmp_path):
+    params = TrainParams(**{**PARAMS.__dict__, "max_length": 40, "max_steps": 1})
+    with pytest.raises(ValueError, match="no training example fits train.max_length"):
+        _train(tiny_checkpoint, tmp_path, "short", params)
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_checkpoint, tmp_path):
+    straight, _ = _train(tiny_checkpoint, tmp_path, "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_checkpoint, tmp_path, "resumed", callbacks=[StopAfter(3)])
+    assert (tmp_path / "resumed-ckpt" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "resumed").exists()
+    _, summary = _train(tiny_checkpoint, tmp_path, "resumed")
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tiny_checkpoint, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_checkpoint, tmp_path, "run", callbacks=[StopAfter(3)])
+    other = TrainParams(**{**PARAMS.__dict__, "learning_rate": 5e-3})
+    _, summary = _train(tiny_checkpoint, tmp_path, "run", other)
+    assert summary["resumed_from"] is None
