@@ -44,7 +44,8 @@ def main() -> None:
                                     answers=q["answers"]) for q in questions]
     for variant in ("base", "finetuned"):
         if variant == "finetuned":
-            model = PeftModel.from_pretrained(model, "models/adapter")
+            # Merged for inference: same function, no per-layer adapter overhead while generating.
+            model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
         model.eval()
         metrics[variant] = {}
         for mode in MODES:

@@ -168,7 +168,7 @@ def test_repro_writes_every_declared_output_offline(project):
                 "models/base/config.json", "models/base/tokenizer.json", "models/base/tokenizer_config.json",
                 "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                 "reports/eval/eval.md", "reports/eval/eval_comparison.png", "reports/eval/predictions.jsonl",
-                "metrics/train/plots/metrics/train/loss.tsv"):
+                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv"):
         assert (project / out).exists(), f"{out} missing after dvc repro"
     for stage in STAGES:
         metrics = "metrics/eval.json" if stage == "evaluate" else f"metrics/{stage}.json"
@@ -231,11 +231,27 @@ def test_train_param_experiment_reruns_only_train_and_evaluate(project):
     train_diff = diff.get("metrics/train.json", {})
     assert {"train_loss", "val_loss"} & set(train_diff), f"no train loss changed: {diff}"
 
-    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
-    assert not plots.get("errors"), plots["errors"]
-    assert "train_loss" in plots, plots.keys()
-    points = [p for content in plots["train_loss"] for p in content["content"]["data"]["values"]]
-    assert points, "the training curve has no points"
+
+def loss_plot(project: Path, out_dir: Path) -> list[dict]:
+    """The points of dvc.yaml's `train_loss` plot as `dvc plots show` renders them."""
+    shown = json.loads(dvc(project, "plots", "show", "--json", "-o", out_dir).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    assert "train_loss" in shown["data"], shown["data"].keys()
+    return [point for plot in shown["data"]["train_loss"] for point in plot["content"]["data"]["values"]]
+
+
+def test_plots_render(project, tmp_path):
+    """`dvc plots show` renders every plot dvc.yaml declares without an error."""
+    assert loss_plot(project, tmp_path / "plots"), "the train_loss plot has no points"
+
+
+@pytest.mark.xfail(strict=True, reason="dvc.yaml plots.train_loss reads metrics/train/plots/metrics/train/loss.tsv, "
+                                       "DVCLive's one-row end-of-training summary; the per-step curve is "
+                                       "metrics/train/plots/metrics/loss.tsv")
+def test_loss_plot_is_the_training_curve(project, tmp_path):
+    """One point per logged step (train.logging_steps is 1 here), not just the run's mean."""
+    steps = {point["step"] for point in loss_plot(project, tmp_path / "plots")}
+    assert len(steps) == PARAM_OVERRIDES["train"]["max_steps"], steps
 
 
 def test_bad_records_stop_the_pipeline_before_training(tmp_path):
