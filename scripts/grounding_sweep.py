@@ -48,6 +48,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "v3_c3_both_e4": {"_sft": "sweep/v3_c3_both", "base.pretrain.steps": 400, "train.epochs": 4.0},
     "v1_c2_both_e8": {"_sft": "sweep/v1_c2_both", "base.pretrain.steps": 400, "train.epochs": 8.0},
     "v1_c2_both_e2": {"_sft": "sweep/v1_c2_both", "base.pretrain.steps": 400, "train.epochs": 2.0},
+    "h50_e4": {"_sft": "sweep/h50", "base.pretrain.steps": 400, "train.epochs": 4.0},
+    "h0_e4": {"_sft": "sweep/h0", "base.pretrain.steps": 400, "train.epochs": 4.0},
 }
 
 

@@ -96,6 +96,7 @@ class BuildSftParams:
     oracle_drop_rate: float = 0.2  # RAFT: share of answerable questions shown without their oracle
     retrieval_pool: int = 10  # distractors are drawn from this many top retrieved chunks
     samples_per_question: int = 1  # training conversations per question, each with its own distractors and order
+    hard_distractor_rate: float = 1.0  # share of distractors from retrieval (look-alikes); the rest random chunks
     question_position: Literal["end", "both"] = "end"  # "both" also asks before the passages
     abstain_answer: str = "The documents don't say."
     system_prompt: str = "Answer from the documents. If they do not contain the answer, say so."
@@ -106,6 +107,8 @@ class BuildSftParams:
             out.append(f"build_sft.context_chunks must be >= 1, got {self.context_chunks}")
         if not 0.0 <= self.oracle_drop_rate <= 1.0:
             out.append(f"build_sft.oracle_drop_rate must be in [0, 1], got {self.oracle_drop_rate}")
+        if not 0.0 <= self.hard_distractor_rate <= 1.0:
+            out.append(f"build_sft.hard_distractor_rate must be in [0, 1], got {self.hard_distractor_rate}")
         if self.samples_per_question < 1:
             out.append(f"build_sft.samples_per_question must be >= 1, got {self.samples_per_question}")
         if self.retrieval_pool < self.context_chunks:

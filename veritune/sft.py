@@ -41,6 +41,11 @@ def select_passages(question: dict, retrieved: Sequence[dict], chunks_by_doc: di
     # Hardest distractors first, but not always the same ones: later samples of a
     # question see others from the retrieval pool.
     distractors = distractors[:1] + rng.sample(distractors[1:], len(distractors) - 1)
+    if p.hard_distractor_rate < 1.0:
+        # Random distractors are easier than retrieved look-alikes: a small model first
+        # learns which passage to read from them, then the hard ones sharpen it.
+        corpus = [c for doc_id, cs in chunks_by_doc.items() if doc_id not in gold for c in cs]
+        distractors = [d if rng.random() < p.hard_distractor_rate else rng.choice(corpus) for d in distractors]
     answerable = bool(question["answers"])
     if answerable and rng.random() >= p.oracle_drop_rate:
         oracles = oracle_chunks(question, chunks_by_doc)[: p.context_chunks]
