@@ -54,9 +54,11 @@ def _plot(metrics: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["F1 unseen docs", "F1 seen docs", "multi-hop F1", "abstention\n(unanswerable)"]
-    keys = [("answerable_unseen", "f1"), ("answerable_seen", "f1"), ("multi_hop", "f1"), ("unanswerable", "abstention")]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = ["F1 unseen docs", "F1 seen docs", "multi-hop F1", "abstention\n(unanswerable)",
+              "wrongly abstained\n(answerable; lower\nis better)"]
+    keys = [("answerable_unseen", "f1"), ("answerable_seen", "f1"), ("multi_hop", "f1"), ("unanswerable", "abstention"),
+            ("answerable", "abstention")]
+    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.2
     for i, (variant, mode) in enumerate([(v, m) for v in ("base", "finetuned") for m in ("closed_book", "rag")]):
         values = [_value(metrics, variant, mode, g, k) or 0.0 for g, k in keys]
