@@ -1,0 +1,320 @@
+"""Groundedness of a RAG answer: which of its claims the retrieved contexts support.
+
+Deterministic and model-free, so it can score any RAG output (ours or another system's):
+
+    from veritune.groundedness import score_groundedness
+    score_groundedness(question, contexts, answer)
+    # {"score": 0.5, "label": "unsupported", "unsupported_claims": [...], "n_claims": 2}
+
+An answer is cut into claims -- numbers with their unit, dates, codes, capitalised entity
+names and the remaining content words ("terms") -- and each claim is looked up in the
+contexts and the question after normalisation. The score is the weighted share of supported
+claims; specific facts (numbers, dates, codes, entities) weigh 1.0 and terms 0.25, because a
+paraphrase changes words while a hallucination usually changes a fact.
+
+From the shell: `veritune score answers.jsonl` (see `veritune/cli.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from veritune.scoring import is_abstention
+
+KINDS = ("number", "date", "code", "entity", "term")
+WEIGHTS = {"number": 1.0, "date": 1.0, "code": 1.0, "entity": 1.0, "term": 0.25}
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    kind: str  # one of KINDS
+
+
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are aren't as at be because been before
+being below between both but by can can't cannot could couldn't did didn't do does doesn't doing
+don't down during each either few for from further had hadn't has hasn't have haven't having he
+her here hers herself him himself his how i if in into is isn't it it's its itself just let's me
+more most much must my myself neither no nor not now of off on once only or other our ours
+ourselves out over own per same she should shouldn't so some such than that that's the their
+theirs them themselves then there there's these they this those through to too under until up
+upon us very was wasn't we were weren't what what's when where which while who whom whose why will
+with won't would wouldn't yes you your yours yourself yourselves
+according answer approximately around roughly exactly total together
+""".split())
+
+# Unit words that name the same unit; anything else is kept as its own stemmed word.
+UNIT_ALIASES = {
+    "$": "$", "dollar": "$", "dollars": "$", "usd": "$",
+    "%": "%", "percent": "%", "per cent": "%", "pct": "%",
+    "w": "w", "watt": "w", "watts": "w", "kw": "kw", "kilowatt": "kw", "kilowatts": "kw",
+    "kg": "kg", "kilogram": "kg", "kilograms": "kg", "kilo": "kg", "kilos": "kg",
+    "g": "g", "gram": "g", "grams": "g", "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb",
+    "l": "l", "litre": "l", "litres": "l", "liter": "l", "liters": "l",
+    "ml": "ml", "millilitre": "ml", "millilitres": "ml", "milliliter": "ml", "milliliters": "ml",
+    "db": "db", "decibel": "db", "decibels": "db",
+    "cm": "cm", "centimetre": "cm", "centimetres": "cm", "mm": "mm", "m": "m",
+    "h": "hour", "hr": "hour", "hrs": "hour", "min": "minute", "mins": "minute",
+}
+
+_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december"]
+_MONTH_NUM = {m: i + 1 for i, m in enumerate(_MONTHS)} | {m[:3]: i + 1 for i, m in enumerate(_MONTHS)}
+_MONTH_RE = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+
+_DATE_PATTERNS = [  # each yields named groups y, m, d (some may be absent)
+    re.compile(r"\b(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})\b"),
+    re.compile(rf"\b(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<m>{_MONTH_RE})\b(?:,?\s+(?P<y>\d{{4}})\b)?", re.I),
+    re.compile(rf"\b(?P<m>{_MONTH_RE})\s+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(?P<y>\d{{4}})\b)?", re.I),
+    re.compile(rf"\b(?P<m>{_MONTH_RE})\s+(?P<y>\d{{4}})\b", re.I),
+]
+# Identifiers: letters then digits ("LK-4821", "K3", "E4", "X5Pro"); digits-only is a number.
+_CODE_TOKEN = r"[A-Z]{1,4}-?\d+[A-Za-z0-9]*"
+_CODE = re.compile(rf"(?<![\w-])(?:{_CODE_TOKEN})(?![\w-])")
+_CAP_WORD = r"[A-Z][a-z]+(?:-[A-Z]?[a-z]+)*"
+_ENTITY = re.compile(rf"(?<![\w-])(?:{_CAP_WORD}|{_CODE_TOKEN})(?:[ \t]+(?:{_CAP_WORD}|{_CODE_TOKEN}))*(?![\w-])")
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER = re.compile(
+    rf"(?<![\w.,])(?P<cur>\$\s?)?(?P<a>{_NUM})"
+    rf"(?:\s*(?:-|\u2013|\u2014|to)\s*(?:\$\s?)?(?P<b>{_NUM}))?"
+    rf"(?:[ \t]?(?P<unit>%|per cent\b|(?:business|working|calendar) days\b|[A-Za-z]+\b))?"
+)
+_WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019]*")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*)$")
+
+
+def stem(word: str) -> str:
+    """Light suffix stripping: plural s/es, -ing, -ed; a final e is dropped so use/used match."""
+    w = word.lower().replace("\u2019", "'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    if len(w) > 5 and w.endswith("ing"):
+        w = w[:-3]
+    elif len(w) > 4 and w.endswith("ed"):
+        w = w[:-2]
+    elif len(w) > 4 and w.endswith("es") and w[-3] in "sxz" or w.endswith(("ches", "shes")):
+        w = w[:-2]
+    elif len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
+        w = w[:-1]
+    if len(w) > 3 and w.endswith("e"):
+        w = w[:-1]
+    return w
+
+
+def _norm_unit(word: str | None) -> str | None:
+    if not word:
+        return None
+    w = word.lower()
+    if w in UNIT_ALIASES:
+        return UNIT_ALIASES[w]
+    if w in STOPWORDS:
+        return None
+    return stem(w)
+
+
+def _to_float(number: str) -> float:
+    return float(number.replace(",", ""))
+
+
+def _mask(text: str, start: int, end: int) -> str:
+    return text[:start] + " " * (end - start) + text[end:]
+
+
+def _date_key(match: re.Match) -> tuple[int | None, int, int | None] | None:
+    g = match.groupdict()
+    m = g.get("m")
+    month = int(m) if m.isdigit() else _MONTH_NUM.get(m.lower()[:3])
+    day = int(g["d"]) if g.get("d") else None
+    year = int(g["y"]) if g.get("y") else None
+    if not month or not 1 <= month <= 12 or (day is not None and not 1 <= day <= 31):
+        return None
+    return year, month, day
+
+
+def _dates(text: str) -> tuple[list[tuple[str, tuple]], str]:
+    """Date spans with their (year, month, day) key, and the text with them blanked out."""
+    found = []
+    for pattern in _DATE_PATTERNS:
+        for match in pattern.finditer(text):
+            key = _date_key(match)
+            if key is not None:
+                found.append((match.group(0), key))
+                text = _mask(text, *match.span())
+    return found, text
+
+
+def _numbers(text: str) -> tuple[list[tuple[str, tuple[float, ...], str | None]], str]:
+    """Number spans (a range keeps both ends) with their unit, and the text with them blanked."""
+    found = []
+    for match in _NUMBER.finditer(text):
+        values = (_to_float(match["a"]),) + ((_to_float(match["b"]),) if match["b"] else ())
+        if match["cur"]:
+            unit, end = "$", match.end("b") if match["b"] else match.end("a")
+        else:
+            unit = _norm_unit(match["unit"])
+            end = match.end() if unit else (match.end("b") if match["b"] else match.end("a"))
+        found.append((text[match.start():end].strip(), values, unit, match.start(), end))
+    for *_, start, end in found:
+        text = _mask(text, start, end)
+    return [f[:3] for f in found], text
+
+
+def _tokens(text: str) -> list[str]:
+    text = text.lower().replace("\u2019", "'")
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    return re.findall(r"[a-z0-9]+(?:\.\d+)?", text)
+
+
+def extract_claims(answer: str) -> list[Claim]:
+    """Cut an answer into checkable claims, most specific kinds first; duplicates dropped."""
+    claims: list[Claim] = []
+    dates, text = _dates(answer)
+    claims += [Claim(span, "date") for span, _ in dates]
+
+    for match in _ENTITY.finditer(text):
+        words = match.group(0).split()
+        start = match.start()
+        while words and words[0].lower() in STOPWORDS:  # "The Aurora K3 Kettle"
+            start = text.find(words[1], start + len(words[0])) if len(words) > 1 else match.end()
+            words = words[1:]
+        if not words or not any(re.fullmatch(_CAP_WORD, w) for w in words):
+            continue  # codes alone are claimed below
+        if len(words) == 1 and _SENTENCE_START.search(text[:start]):
+            continue  # a capitalised first word is just a word
+        claims.append(Claim(" ".join(words), "entity"))
+        text = _mask(text, start, match.end())
+
+    for match in _CODE.finditer(text):
+        claims.append(Claim(match.group(0), "code"))
+        text = _mask(text, *match.span())
+
+    numbers, text = _numbers(text)
+    claims += [Claim(span, "number") for span, _, _ in numbers]
+
+    for match in _WORD.finditer(text):
+        word = match.group(0).lower().replace("\u2019", "'")
+        if word not in STOPWORDS and len(word) > 1:
+            claims.append(Claim(word, "term"))
+    return list(dict.fromkeys(claims))
+
+
+class Evidence:
+    """The sources of one answer, indexed once so that every claim is a set lookup."""
+
+    def __init__(self, sources: Sequence[str]):
+        self.dates: set[tuple] = set()
+        self.numbers: set[tuple[float, str | None]] = set()
+        self.codes: set[str] = set()
+        self.lower_words: set[str] = set()
+        self.stems: set[str] = set()
+        self.joined: list[str] = []
+        for source in sources:
+            dates, rest = _dates(source)
+            self.dates.update(key for _, key in dates)
+            # Dates also count as plain numbers ("2024" said on its own).
+            self.numbers.update((float(v), None) for _, key in dates for v in key if v is not None)
+            self.codes.update(_code_key(m.group(0)) for m in _CODE.finditer(rest))
+            numbers, _ = _numbers(_CODE.sub(" ", rest))
+            for _, values, unit in numbers:
+                self.numbers.update((v, unit) for v in values)
+            tokens = _tokens(source)
+            self.joined.append(" " + " ".join(tokens) + " ")
+            self.stems.update(stem(t) for t in tokens)
+            self.lower_words.update(w for w in re.findall(r"\b[a-z][a-z]*\b", source))
+
+    def has_sequence(self, tokens: list[str]) -> bool:
+        needle = " " + " ".join(tokens) + " "
+        return any(needle in hay for hay in self.joined)
+
+    def supports(self, claim: Claim) -> bool:
+        if claim.kind == "date":
+            parsed, _ = _dates(claim.text)
+            if not parsed:
+                return False
+            year, month, day = parsed[0][1]
+            return any(m == month and (day is None or d == day) and (year is None or y in (None, year))
+                       for y, m, d in self.dates)
+        if claim.kind == "code":
+            return _code_key(claim.text) in self.codes
+        if claim.kind == "number":
+            parsed, _ = _numbers(claim.text)
+            if not parsed:
+                return False
+            _, values, unit = parsed[0]
+            return all((v, unit) in self.numbers or (v, None) in self.numbers
+                       or (unit is None and any(n == v for n, _ in self.numbers)) for v in values)
+        if claim.kind == "entity":
+            tokens = _tokens(claim.text)
+            if self.has_sequence(tokens):
+                return True
+            # "Error E4 means..." when the source says "the display shows E4": a common word
+            # (seen in lower case in the sources) capitalised at the start of the answer.
+            first = claim.text.split()[0]
+            return len(tokens) > 1 and first.lower() in self.lower_words and self.has_sequence(_tokens(claim.text)[1:])
+        if claim.kind == "term":
+            return stem(claim.text) in self.stems
+        raise ValueError(f"unknown claim kind {claim.kind!r}; expected one of {KINDS}")
+
+
+def _code_key(code: str) -> str:
+    return code.upper().replace("-", "")
+
+
+def is_supported(claim: Claim, sources: list[str]) -> bool:
+    """Whether the claim appears, after normalisation, in any of the sources."""
+    return Evidence(sources).supports(claim)
+
+
+def score_groundedness(question: str, contexts: list[str], answer: str, threshold: float = 0.8) -> dict:
+    """Weighted share of the answer's claims found in the contexts or the question."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if is_abstention(answer):
+        return {"score": 1.0, "label": "abstained", "unsupported_claims": [], "n_claims": 0}
+    claims = extract_claims(answer)
+    evidence = Evidence([question, *contexts])
+    unsupported = [c for c in claims if not evidence.supports(c)]
+    total = sum(WEIGHTS[c.kind] for c in claims)
+    missing = sum(WEIGHTS[c.kind] for c in unsupported)
+    score = 1.0 if total == 0 else (total - missing) / total
+    return {
+        "score": round(score, 6),
+        "label": "grounded" if score >= threshold else "unsupported",
+        "unsupported_claims": [{"text": c.text, "kind": c.kind} for c in unsupported],
+        "n_claims": len(claims),
+    }
+
+
+def _context_texts(contexts: Any, where: str) -> list[str]:
+    if not isinstance(contexts, list):
+        raise ValueError(f"{where}: field 'contexts' must be a list of strings or of {{'text': ...}} objects")
+    texts = []
+    for i, context in enumerate(contexts):
+        if isinstance(context, str):
+            texts.append(context)
+        elif isinstance(context, dict) and isinstance(context.get("text"), str):
+            texts.append(context["text"])
+        else:
+            raise ValueError(f"{where}: contexts[{i}] must be a string or an object with a string 'text' field")
+    return texts
+
+
+def score_records(records: Iterable[dict], threshold: float = 0.8) -> list[dict]:
+    """Score records with `question`, `contexts` and `answer`; a bad record is named by index and id."""
+    results = []
+    for index, record in enumerate(records):
+        where = f"record {index}" + (f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object with question, contexts and answer")
+        for field in ("question", "contexts", "answer"):
+            if field not in record:
+                raise ValueError(f"{where}: missing field {field!r} (need question, contexts, answer)")
+        for field in ("question", "answer"):
+            if not isinstance(record[field], str):
+                raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        contexts = _context_texts(record["contexts"], where)
+        results.append(score_groundedness(record["question"], contexts, record["answer"], threshold))
+    return results
