@@ -51,7 +51,7 @@ def main() -> None:
         for mode in MODES:
             convs = prompts_for(questions, passages if mode == "rag" else None, sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
-            scores = score_all(replies, questions)
+            scores = score_all(replies, questions, passages if mode == "rag" else None)
             metrics[variant][mode] = summarize(questions, scores, p.bootstrap_samples)
             for row, reply in zip(predictions, replies):
                 row[f"{variant}.{mode}"] = reply

@@ -92,3 +92,12 @@ def test_bootstrap_interval_brackets_the_mean():
     lo, hi = bootstrap_ci(values, 500)
     assert lo < 0.3 < hi
     assert 0.15 < lo and hi < 0.45
+
+
+def test_unsupported_claims_are_counted_against_the_passages():
+    questions = [{**q, "question": "What does it cost and how long is it covered?"} for q in QUESTIONS[:2]]
+    passages = [[{"text": "The Aurora K3 Kettle retails for $149."}], [{"text": "It is covered for 24 months."}]]
+    s = summarize(questions, score_all(["$149", "36 months"], questions, passages), 100)
+    assert s["all"]["unsupported_rate"] == 0.5
+    s = summarize(questions, score_all(["$149", "24 months"], questions, passages), 100)
+    assert s["all"]["unsupported_rate"] == 0.0

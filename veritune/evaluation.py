@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Sequence
 
 from veritune import chat
+from veritune.groundedness import score_groundedness
 from veritune.scoring import bootstrap_ci, mean, score_answer
 
 MODES = ("closed_book", "rag")
@@ -40,10 +41,10 @@ def summarize(questions: Sequence[dict], scores: Sequence[dict], bootstrap_sampl
     summary: dict[str, dict] = {}
     for group, rows in sorted(by_group.items()):
         entry: dict[str, float] = {"n": len(rows)}
-        for key in ("em", "f1", "numeric_match", "abstained"):
+        for key in ("em", "f1", "numeric_match", "abstained", "unsupported"):
             values = [r[key] for r in rows if key in r]
             if values:
-                name = "abstention" if key == "abstained" else key
+                name = {"abstained": "abstention", "unsupported": "unsupported_rate"}.get(key, key)
                 entry[name] = round(mean(values), 4)
         summary[group] = entry
     for group, key in (("answerable_unseen", "f1"), ("answerable", "f1"), ("unanswerable", "abstained")):
@@ -55,5 +56,13 @@ def summarize(questions: Sequence[dict], scores: Sequence[dict], bootstrap_sampl
     return summary
 
 
-def score_all(predictions: Sequence[str], questions: Sequence[dict]) -> list[dict]:
-    return [score_answer(p, q) for p, q in zip(predictions, questions, strict=True)]
+def score_all(predictions: Sequence[str], questions: Sequence[dict],
+              passages: Sequence[list[dict]] | None = None) -> list[dict]:
+    """Per-question scores; with the passages the model read, also whether the answer makes
+    claims that neither they nor the question support (veritune.groundedness)."""
+    scores = [score_answer(p, q) for p, q in zip(predictions, questions, strict=True)]
+    if passages is not None:
+        for s, p, q, ps in zip(scores, predictions, questions, passages, strict=True):
+            g = score_groundedness(q["question"], [c["text"] for c in ps], p)
+            s["unsupported"] = float(g["label"] == "unsupported")
+    return scores

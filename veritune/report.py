@@ -11,6 +11,7 @@ ROWS = [
     ("Multi-hop: token F1", "multi_hop", "f1"),
     ("Unanswerable: abstention (1 - hallucination rate)", "unanswerable", "abstention"),
     ("Answerable: wrongly abstained", "answerable", "abstention"),
+    ("Answers with claims the passages do not support (RAG; lower is better)", "all", "unsupported_rate"),
 ]
 
 
