@@ -205,3 +205,15 @@ def load_tokenizer(path: str | Path):
         # Llama 3.1 ships no pad token; its reserved fine-tune pad token exists for this.
         tokenizer.pad_token = chat.PAD
     return tokenizer
+
+
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """save_pretrained, minus load-time settings (offline mode) that would make the saved
+    files, and so the artifact's hash, depend on the environment."""
+    import json
+
+    tokenizer.save_pretrained(path)
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.pop("local_files_only", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -59,7 +59,6 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
         return p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     history = []
-    start = time.time()
     bar = tqdm(range(p.steps), desc="pretrain base", unit="step")
     for step in bar:
         batch = torch.tensor([make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)],
@@ -71,7 +70,9 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss.item(), "lr": lr_at(step), "seconds": time.time() - start})
+        # No wall-clock times in the log: it is part of the artifact, which must not change
+        # between identical runs.
+        history.append({"step": step + 1, "loss": loss.item(), "lr": lr_at(step)})
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     model.to("cpu")
@@ -89,7 +90,7 @@ def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out
     from veritune import chat
     from veritune.config import as_dict
     from veritune.io import write_jsonl
-    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, save_tokenizer
 
     # Only training documents: held-out documents must stay unseen until test time.
     texts = [f"{d['title']}\n{d['text']}" for d in documents if doc_split[d["id"]] == "train"]
@@ -100,7 +101,7 @@ def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out
     start = time.time()
     history = pretrain(model, docs, p.pretrain, p.seed)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     write_jsonl(out_dir / "pretrain_log.jsonl", history)
     tail = history[-20:]
     return {

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from veritune.config import TrainParams
-from veritune.modeling import load_model, load_tokenizer, resolve_quantization
+from veritune.modeling import load_model, load_tokenizer, resolve_quantization, save_tokenizer
 from veritune.sft import tokenize_example
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     seconds = time.time() - start
     val_loss = trainer.evaluate()["eval_loss"] if val_rows else float("nan")
     trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    _sort_target_modules(adapter_dir / "adapter_config.json")
+    save_tokenizer(tokenizer, adapter_dir)
     n_tokens = sum(len(r["input_ids"]) for r in train_rows)
     trainable = sum(t.numel() for t in trainer.model.parameters() if t.requires_grad)
     return {
@@ -160,3 +161,12 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         "quantization": quantization,
         "resumed_from": resume,
     }
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes `target_modules` from a set, in hash order: sort it so the same run
+    gives byte-identical files (and DVC sees an unchanged adapter)."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
