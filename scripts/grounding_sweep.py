@@ -42,7 +42,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "p400_d384l6_e4": {"base.pretrain.steps": 400, "base.tiny.hidden_size": 384, "base.tiny.num_layers": 6,
                        "base.tiny.intermediate_size": 1024, "train.epochs": 4.0},
     "c3w120_p400_e12": {"_sft": "sweep/c3w120", "base.pretrain.steps": 400, "train.epochs": 12.0},
-    "smoke_v1": {"_sft": "sweep/v1_c2_both", "base.pretrain.steps": 2, "train.max_steps": 2, "base.tiny.num_layers": 1},
     "v1_c2_both_e4": {"_sft": "sweep/v1_c2_both", "base.pretrain.steps": 400, "train.epochs": 4.0},
     "v2_c2_end_e4": {"_sft": "sweep/v2_c2_end", "base.pretrain.steps": 400, "train.epochs": 4.0},
     "v3_c3_both_e4": {"_sft": "sweep/v3_c3_both", "base.pretrain.steps": 400, "train.epochs": 4.0},
