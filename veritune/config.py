@@ -203,6 +203,9 @@ class TrainParams:
     max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
     packing: bool = False  # padding-free packing without cross-sample attention
     gradient_checkpointing: bool = False
+    fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
+    liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
+    gpus: int = 0  # data-parallel GPUs (DDP via torchrun); 0 = all visible
     logging_steps: int = 10
     save_steps: int = 100  # checkpoints to resume from after a crash
     eval_steps: int = 0  # 0: evaluate on val only at the end
@@ -223,6 +226,8 @@ class TrainParams:
             out.append("train.batch_size and train.grad_accum must be >= 1")
         if self.max_length < 32:
             out.append(f"train.max_length must be >= 32, got {self.max_length}")
+        if self.gpus < 0:
+            out.append(f"train.gpus must be >= 0 (0 = all visible), got {self.gpus}")
         return out
 
 
@@ -242,6 +247,14 @@ class EvaluateParams:
         return out
 
 
+@dataclass(frozen=True)
+class ExportParams:
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merged checkpoint's weights
+
+    def problems(self) -> list[str]:
+        return []
+
+
 # --------------------------------------------------------------------------- loading
 
 STAGE_PARAMS: dict[str, type] = {
@@ -252,6 +265,7 @@ STAGE_PARAMS: dict[str, type] = {
     "base": BaseParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
 }
 
 
