@@ -95,19 +95,35 @@ def is_main_process() -> bool:
 
 
 def launch_data_parallel(script: str, p: TrainParams) -> bool:
-    """With several GPUs visible (and `train.gpus` allowing), rerun `script` under torchrun,
-    one process per GPU (DDP); returns True once that run has finished. Inside a torchrun
-    worker, or with fewer than two GPUs, returns False: the caller trains in-process."""
+    """Rerun `script` on the GPUs `train.gpus` asks for and return True once that run has
+    finished: under torchrun with one process per GPU (DDP) for two or more, in one process
+    with the other GPUs hidden for one of several (the Trainer would otherwise fall back to
+    DataParallel). Returns False, so the caller trains in-process, inside a torchrun worker
+    or when the visible GPUs are already exactly the ones to use."""
     import torch
 
+    if "LOCAL_RANK" in os.environ:
+        return False
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     n = available if p.gpus == 0 else min(p.gpus, available)
-    if n < 2 or "LOCAL_RANK" in os.environ:
+    if available < 2 and n == available:
         return False
-    log.info("train: %d GPUs, data-parallel under torchrun", n)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script],
-                   check=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(_visible_gpus()[:n])}
+    if n >= 2:
+        log.info("train: %d GPUs, data-parallel under torchrun", n)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script]
+    else:
+        log.info("train: 1 of %d GPUs (train.gpus=%d)", available, p.gpus)
+        cmd = [sys.executable, script]
+    subprocess.run(cmd, check=True, env=env)
     return True
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
