@@ -286,3 +286,34 @@ def test_gate_params_reject_bad_criteria():
         parse_params("gate", {"criteria": [{"metric": "eval.json:x", "op": "=>", "value": 1, "why": "w"}]})
     with pytest.raises(ParamsError, match="needs a `why`"):
         parse_params("gate", {"criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1}]})
+
+
+def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny_checkpoint):
+    """The stage itself: a failing criterion exits 1, names it, writes the decision and report,
+    and removes a release left by an earlier passing run."""
+    import shutil
+
+    import yaml
+
+    from stages import gate as gate_stage
+
+    write_metrics(tmp_path / "metrics", finetuned_abstention=0.3)
+    shutil.copytree(tiny_checkpoint, tmp_path / "models/base")
+    (tmp_path / "models/adapter").mkdir()
+    (tmp_path / "models/adapter/adapter_config.json").write_text("{}")
+    (tmp_path / "models/release").mkdir()  # stale
+    criteria = [{"metric": c.metric, "op": c.op, "value": c.value, "why": c.why} for c in CRITERIA]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {"criteria": criteria}, "csat": {}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        gate_stage.main()
+    assert exit_info.value.code == 1
+    assert not (tmp_path / "models/release").exists()
+    decision = json.loads((tmp_path / "metrics/gate.json").read_text())
+    assert decision["passed"] is False and decision["n_failed"] == 1
+    assert "BLOCKED" in (tmp_path / "reports/release/report.md").read_text()
+
+    write_metrics(tmp_path / "metrics", finetuned_abstention=0.95)
+    gate_stage.main()
+    assert (tmp_path / "models/release/MODEL_CARD.md").is_file()
+    assert json.loads((tmp_path / "metrics/gate.json").read_text())["passed"] is True

@@ -68,20 +68,22 @@ def make_customers(questions: Sequence[dict], n: int, seed: int) -> list[dict]:
     for i, goal in enumerate(goals):
         persona = PERSONAS[i % len(PERSONAS)]
         customer = {"id": f"c-{i:03d}", "persona": persona, "goals": [goal]}
-        if persona == "follow_up":
-            customer["goals"].append(related_question(goal, questions, rng))
+        follow_up = related_question(goal, questions, rng) if persona == "follow_up" else None
+        if follow_up:
+            customer["goals"].append(follow_up)
         if persona == "off_topic":
             customer["off_topic"] = OFF_TOPIC_QUESTIONS[i % len(OFF_TOPIC_QUESTIONS)]
         customers.append(customer)
     return customers
 
 
-def related_question(goal: dict, questions: Sequence[dict], rng: random.Random) -> dict:
-    """An answerable question about the same product or a shared document; any other one if none."""
+def related_question(goal: dict, questions: Sequence[dict], rng: random.Random) -> dict | None:
+    """An answerable question about the same product or a shared document; any other one if
+    none; None if no other answerable question exists."""
     others = [q for q in questions if q["id"] != goal["id"] and q["answers"]]
     related = [q for q in others if (goal.get("product") and q.get("product") == goal.get("product"))
                or set(q["doc_ids"]) & set(goal["doc_ids"])]
-    return rng.choice(related or others)
+    return rng.choice(related or others) if others else None
 
 
 def rephrase(goal: dict, attempt: int) -> str:

@@ -125,7 +125,10 @@ def _num(v) -> str:
 def _with_ci(h: dict, key: str) -> str:
     if key not in h:
         return "—"
-    return f"{h[key]:.3f} ({h[key + '_ci95_low']:.3f}–{h[key + '_ci95_high']:.3f}), n={h[key + '_n']}"
+    text = f"{h[key]:.3f}"
+    if key + "_ci95_low" in h:
+        text += f" ({h[key + '_ci95_low']:.3f}–{h[key + '_ci95_high']:.3f})"
+    return text + (f", n={h[key + '_n']}" if key + "_n" in h else "")
 
 
 def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text: str,
@@ -140,6 +143,14 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
     else:
         blocks.append(("p", f"**Decision: BLOCKED.** The fine-tuned model fails {len(failing)} of {len(ft)} release "
                             "criteria: " + "; ".join(f"`{r['metric']}`" for r in failing) + ". No release artifact was built."))
+    h = evaluation.get("headline", {})
+    if "finetuned_rag_f1_unseen" in h:
+        # The gate's criteria may be about safety only; the reader must see helpfulness beside the decision.
+        blocks.append(("p", "What the decision does not say on its own: on questions about documents held out of "
+                            f"training the fine-tuned model reaches token F1 {h['finetuned_rag_f1_unseen']:.2f} "
+                            f"(base {h.get('base_rag_f1_unseen', float('nan')):.2f}) and wrongly refuses "
+                            f"{h.get('finetuned_rag_wrong_refusal_answerable', float('nan')):.0%} of answerable questions "
+                            f"(base {h.get('base_rag_wrong_refusal_answerable', float('nan')):.0%})."))
     base_fail = sum(not r["passed"] for r in base)
     blocks.append(("p", f"For comparison, the untrained base model fails {base_fail} of {len(base)} of the same criteria."))
     blocks.append(("table", ["criterion", "why it matters", "threshold", "base", "fine-tuned"],
@@ -147,7 +158,6 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
                      f"{_num(b['value'])} {'pass' if b['passed'] else 'FAIL'}",
                      f"{_num(f['value'])} {'pass' if f['passed'] else 'FAIL'}"] for f, b in zip(ft, base)]))
 
-    h = evaluation.get("headline", {})
     blocks += [("h2", "Headline: base vs fine-tuned"),
                ("p", f"Test split, {evaluation.get('n_test_questions')} questions. Mean over questions with a "
                      "bootstrap 95% interval and the number of questions behind it. RAG = the model reads the "
@@ -175,7 +185,7 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
                ("table", ["group", "metric"] + [f"{v} / {m}" for v in ("base", "finetuned") for m in MODES], rows)]
 
     leak = evaluation.get("leakage")
-    if leak:
+    if leak and "n_sft_examples" in leak:
         blocks += [("h2", "Test data never trained on"),
                    ("p", f"Checked {leak['n_test_questions']} test questions and {leak['n_heldout_docs']} held-out "
                          f"documents against {leak['n_sft_examples']} fine-tuning examples (exact normalised match and "
