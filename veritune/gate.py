@@ -117,6 +117,13 @@ def model_card(release: dict, gate: dict, headline: dict, csat: dict | None) -> 
         "",
         "## Limitations",
         "",
+    ]
+    if "finetuned_rag_f1_unseen" in headline:
+        lines.append(f"- Measured helpfulness: token F1 {headline['finetuned_rag_f1_unseen']:.2f} on questions about "
+                     "documents held out of training, and it declines "
+                     f"{headline.get('finetuned_rag_wrong_refusal_answerable', float('nan')):.0%} of questions the "
+                     "documents do answer. The criteria above are what this release was required to meet.")
+    lines += [
         "- Use it only with retrieval: closed-book answers are not grounded in anything.",
         "- The numbers above are what it does; read the accuracy rows, not only the gate: a model can "
         "pass a refusal-and-groundedness gate while still answering few answerable questions (the "

@@ -69,14 +69,16 @@ def _plot(metrics: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["F1 unseen docs", "F1 seen docs", "multi-hop F1", "abstention\n(unanswerable)",
-              "wrongly abstained\n(answerable; lower\nis better)"]
+              "wrongly abstained\n(answerable; lower\nis better)", "unsupported claims\n(answerable; lower\nis better)"]
     keys = [("answerable_unseen", "f1"), ("answerable_seen", "f1"), ("multi_hop", "f1"), ("unanswerable", "abstention"),
-            ("answerable", "abstention")]
+            ("answerable", "abstention"), ("answerable", "unsupported_rate")]
     fig, ax = plt.subplots(figsize=(10, 4))
     pairs = [(v, m) for v in ("base", "finetuned") for m in MODES]
     width = 0.8 / len(pairs)
     for i, (variant, mode) in enumerate(pairs):
-        values = [_value(metrics, variant, mode, g, k) or 0.0 for g, k in keys]
+        # No bar (not a zero bar) where a metric does not apply: closed-book has no passages to be unsupported by.
+        values = [_value(metrics, variant, mode, g, k) for g, k in keys]
+        values = [float("nan") if v is None else v for v in values]
         ax.bar([x + (i - (len(pairs) - 1) / 2) * width for x in range(len(keys))], values, width,
                label=f"{variant} / {mode}")
     ax.set_xticks(range(len(keys)), labels)
