@@ -17,7 +17,8 @@ import logging
 import random
 
 from veritune.config import as_dict, load_params
-from veritune.evaluation import MODES, headline, leakage_check, oracle_passages, prompts_for, score_all, summarize
+from veritune.evaluation import (MODES, headline, leakage_check, leakage_violations, oracle_passages, prompts_for,
+                                 score_all, summarize)
 from veritune.generation import generate
 from veritune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from veritune.judge import judge_answers, load_judge, summarize_judge
@@ -41,21 +42,14 @@ def main() -> None:
     heldout = [documents[d] for d, s in sorted(doc_split.items()) if s == "test"]
     sft = read_jsonl("data/sft/train.jsonl") + read_jsonl("data/sft/val.jsonl")
     leakage = leakage_check(questions, heldout, sft, p.leakage_ngram, p.leakage_doc_share)
-    examples = leakage.pop("examples")
-    problems = [f"{leakage[k]} {k.replace('_', ' ')} (e.g. {examples[e]})"
-                for k, e in (("test_questions_in_sft", "questions"), ("heldout_docs_in_sft_targets", "docs_in_targets"))
-                if leakage[k]]
-    if leakage["heldout_docs_in_sft_context"]:
-        message = (f"{leakage['heldout_docs_in_sft_context']} held-out test documents appear as passages in SFT "
-                   f"prompts (e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index")
-        if p.heldout_docs_in_sft_context == "fail":
-            problems.append(message)
-        else:
-            log.warning("LEAKAGE WARNING: %s (evaluate.heldout_docs_in_sft_context: warn)", message)
-    leakage["passed"] = not problems
+    problems, warnings = leakage_violations(leakage, p.heldout_docs_in_sft_context)
+    for message in warnings:
+        log.warning("LEAKAGE WARNING: %s (evaluate.heldout_docs_in_sft_context: warn)", message)
     if problems:
         raise SystemExit("evaluate: test data leaked into data/sft; scores would overstate the model:\n  - "
                          + "\n  - ".join(problems))
+    examples = leakage.pop("examples")
+    leakage["passed"] = True
     if p.max_questions and len(questions) > p.max_questions:
         questions = random.Random(0).sample(questions, p.max_questions)
     with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO
 from veritune.config import CsatRubric, GateCriterion, parse_params
 from veritune.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
-from veritune.evaluation import headline, leakage_check, oracle_passages, score_all, summarize
+from veritune.evaluation import headline, leakage_check, leakage_violations, oracle_passages, score_all, summarize
 from veritune.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
 from veritune.io import read_jsonl
 
@@ -134,8 +134,14 @@ def test_leakage_check_finds_test_questions_and_heldout_documents():
     assert result["test_questions_in_sft"] == 1 and result["examples"]["questions"] == ["q1"]
     assert result["heldout_docs_in_sft_context"] == 1 and result["heldout_docs_in_sft_targets"] == 0
 
+    problems, warnings = leakage_violations(result, "warn")
+    assert len(problems) == 1 and "1 test questions in sft" in problems[0] and len(warnings) == 1
+    assert len(leakage_violations(result, "fail")[0]) == 2
+
     result = leakage_check(test_q, heldout, clean + [_sft("Tell me about it", "x", doc_text)], 13, 0.5)
     assert result["heldout_docs_in_sft_targets"] == 1
+    assert "held out" not in leakage_violations(result, "warn")[0][0] and "heldout docs in sft targets" in \
+        leakage_violations(result, "warn")[0][0]
 
 
 # --------------------------------------------------------------------------- CSAT

@@ -179,3 +179,18 @@ def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], 
         "examples": {"questions": questions_leaked[:10], "docs_in_targets": in_targets[:10],
                      "docs_in_context": in_context[:10]},
     }
+
+
+def leakage_violations(result: dict, heldout_context: str) -> tuple[list[str], list[str]]:
+    """(violations that must stop the evaluation, warnings) from `leakage_check`'s result.
+    `heldout_context` ("fail" | "warn") is the policy for held-out documents seen only as passages."""
+    examples = result["examples"]
+    problems = [f"{result[k]} {k.replace('_', ' ')} (e.g. {examples[e]})"
+                for k, e in (("test_questions_in_sft", "questions"), ("heldout_docs_in_sft_targets", "docs_in_targets"))
+                if result[k]]
+    warnings = []
+    if result["heldout_docs_in_sft_context"]:
+        message = (f"{result['heldout_docs_in_sft_context']} held-out test documents appear as passages in SFT prompts "
+                   f"(e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index")
+        (problems if heldout_context == "fail" else warnings).append(message)
+    return problems, warnings
