@@ -2,7 +2,7 @@
 
     python stages/gate.py
 
-Reads metrics/eval.json, metrics/csat.json, any other metrics files listed in params
+Reads metrics/eval.json, metrics/csat.json, metrics/index.json (retrieval curve), any other metrics files listed in params
 `gate.report_metrics` that exist (e.g. rag.json, agent.json; their PNGs from reports/<name>/),
 reports/eval/eval_comparison.png, reports/csat/csat_histogram.png, models/base/ and
 models/adapter/, and params `gate` (criteria) and `csat` (the rubric, quoted in the report).
@@ -24,7 +24,7 @@ from veritune.config import load_params
 from veritune.csat import rubric_text
 from veritune.gate import build_release, check_criteria, describe_failure, withdraw_release
 from veritune.io import atomic_path, read_json, write_json
-from veritune.report import release_blocks, write_release_report
+from veritune.report import plot_retrieval_curve, release_blocks, write_release_report
 
 log = logging.getLogger("veritune.gate")
 
@@ -41,6 +41,7 @@ def main() -> None:
     gate["passed"] = all(r["passed"] for r in gate["finetuned"])
     evaluation = read_json("metrics/eval.json")
     csat = read_json("metrics/csat.json") if Path("metrics/csat.json").is_file() else None
+    retrieval = read_json("metrics/index.json") if Path("metrics/index.json").is_file() else None
     extras = {name: read_json(Path("metrics") / name) for name in p.report_metrics if (Path("metrics") / name).is_file()}
     images = {key: path for key, path in (("eval_comparison", Path("reports/eval/eval_comparison.png")),
                                           ("csat_histogram", Path("reports/csat/csat_histogram.png"))) if path.is_file()}
@@ -66,7 +67,11 @@ def main() -> None:
     })
     with atomic_path("reports/release") as out:
         out.mkdir()
-        write_release_report(release_blocks(gate, evaluation, csat, rubric_text(cp.rubric), extras, images), out)
+        if retrieval:
+            plot_retrieval_curve(retrieval, out / "retrieval_curve.png")
+            images["retrieval_curve"] = out / "retrieval_curve.png"
+        blocks = release_blocks(gate, evaluation, csat, rubric_text(cp.rubric), extras, images, retrieval)
+        write_release_report(blocks, out)
     if not gate["passed"]:
         failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
         print("gate: RELEASE BLOCKED, failing criteria:\n  - " + "\n  - ".join(failing), file=sys.stderr)

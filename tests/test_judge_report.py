@@ -81,3 +81,18 @@ def test_release_report_puts_the_decision_first_and_embeds_images(tmp_path):
     out.mkdir()
     write_release_report(blocks, out)
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "eval_comparison.png", "k_sweep.png"}
+
+
+def test_release_report_retrieval_section(tmp_path):
+    from veritune.report import plot_retrieval_curve
+
+    retrieval = {"test": {"recall@1": 0.5, "recall@5": 0.9, "all_recall@1": 0.25, "all_recall@5": 0.75, "mrr": 0.7,
+                          "n": 10}, "n_chunks": 3}
+    plot_retrieval_curve(retrieval, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    row = {"metric": "eval.json:leakage.passed", "op": "==", "threshold": 1, "why": "w", "passed": True, "value": 1.0}
+    blocks = release_blocks({"passed": True, "finetuned": [row], "base": [row]}, {}, None, "", {},
+                            {"retrieval_curve": tmp_path / "curve.png"}, retrieval)
+    md = render_markdown(blocks)
+    assert "| test | 0.500 | 0.900 | 0.250 | 0.750 | 0.700 | 10 |" in md and "any @5" in md
+    assert "RELEASE" in md.split("\n")[2]

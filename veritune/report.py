@@ -134,7 +134,7 @@ def _with_ci(h: dict, key: str) -> str:
 
 
 def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text: str,
-                   extras: dict[str, dict], images: dict[str, Path]) -> list[tuple]:
+                   extras: dict[str, dict], images: dict[str, Path], retrieval: dict | None = None) -> list[tuple]:
     """The release report: decision first, then the evidence a manager needs to trust it."""
     ft, base = gate["finetuned"], gate["base"]
     failing = [r for r in ft if not r["passed"]]
@@ -169,6 +169,19 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
                  for key, label, up in HEADLINE_LABELS if f"finetuned_{key}" in h])]
     if "eval_comparison" in images:
         blocks.append(("img", images["eval_comparison"], "base vs fine-tuned, closed-book vs RAG vs oracle"))
+
+    if retrieval:
+        splits = [k for k in ("test", "test_unseen") if isinstance(retrieval.get(k), dict)]
+        ks = sorted({int(key.split("@")[1]) for sp in splits for key in retrieval[sp] if key.startswith("recall@")})
+        blocks += [("h2", "Retrieval"),
+                   ("p", "Share of test questions whose supporting document is among the top k retrieved passages "
+                         "(`any`), and whose supporting documents all are (`all`, what multi-hop questions need); "
+                         "from metrics/index.json."),
+                   ("table", ["split", *(f"{w} @{k}" for w in ("any", "all") for k in ks), "MRR", "n"],
+                    [[sp, *(_num(retrieval[sp].get(f"{pre}recall@{k}")) for pre in ("", "all_") for k in ks),
+                      _num(retrieval[sp].get("mrr")), _num(retrieval[sp].get("n"))] for sp in splits])]
+        if "retrieval_curve" in images:
+            blocks.append(("img", images["retrieval_curve"], "retrieval recall@k"))
 
     rows = []
     for group in ("single_hop", "multi_hop", "answerable_seen", "answerable_unseen", "unanswerable",
@@ -287,7 +300,32 @@ def render_html(blocks: Sequence[tuple], title: str) -> str:
 def write_release_report(blocks: Sequence[tuple], out_dir: Path) -> None:
     """report.md with its PNGs beside it, and report.html with them inlined."""
     for block in blocks:
-        if block[0] == "img":
+        if block[0] == "img" and Path(block[1]).resolve().parent != out_dir.resolve():
             shutil.copy2(block[1], out_dir / Path(block[1]).name)
     (out_dir / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(blocks, "veritune release report"), encoding="utf-8")
+
+
+def plot_retrieval_curve(retrieval: dict, path: Path) -> None:
+    """recall@k against k for the test split and its held-out documents (metrics/index.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for split in ("test", "test_unseen"):
+        if not isinstance(retrieval.get(split), dict):
+            continue
+        for prefix, style, label in (("", "-o", "any supporting doc"), ("all_", "--s", "all supporting docs")):
+            points = sorted((int(k.split("@")[1]), v) for k, v in retrieval[split].items() if k.startswith(f"{prefix}recall@"))
+            if points:
+                ax.plot(*zip(*points), style, label=f"{split}: {label}")
+    ax.set_xlabel("k (passages retrieved)")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1)
+    ax.set_title("Retrieval: supporting documents in the top k")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
