@@ -28,7 +28,6 @@ retrieve again).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -52,10 +51,21 @@ MAX_ID_BYTES = 512
 MAX_TOPK = 16_384  # Milvus limit on `limit` in one search
 SPARSE_INDEX_TYPE = "SPARSE_INVERTED_INDEX"
 LEXICAL_METRIC = "BM25"
-# Milvus analyzers accept tokenizer "standard" or "jieba" here; the standard analyzer splits on
-# Unicode word boundaries and lower-cases. Milvus Lite 3.2 ignores stop-word and stemmer filters,
-# so none are configured: BM25's idf already discounts "the" and "what".
-ANALYZER_PARAMS = {"type": "standard"}
+# English stop words (NLTK's list): without them BM25 ranks "What should I do if..." FAQ pages
+# over the one spec sheet holding the SKU the question asks about.
+STOP_WORDS = sorted(set("""
+a about above after again against all am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have
+having he her here hers herself him himself his how i if in into is it its itself just me more most
+my myself no nor not now of off on once only or other our ours ourselves out over own same she
+should so some such than that the their theirs them themselves then there these they this those
+through to too under until up very was we were what when where which while who whom why will with
+would you your yours yourself yourselves
+""".split()))
+# The standard tokenizer splits on non-word characters ("LK-2422" -> "lk", "2422"). Milvus Lite
+# implements only the stop filter (it always lower-cases); a Milvus server applies both filters.
+ANALYZER_PARAMS = {"tokenizer": "standard",
+                   "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}]}
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60  # reciprocal rank fusion constant from Cormack et al. 2009; larger flattens rank differences
 HYBRID_CANDIDATES = 20  # each of dense and BM25 proposes max(k, this) chunks before fusion
@@ -427,18 +437,14 @@ class Retriever:
         from pymilvus import AnnSearchRequest, RRFRanker
 
         candidates = min(MAX_TOPK, max(k, HYBRID_CANDIDATES))
-        found = []
-        # hybrid_search takes one query per request list; the batch is answered query by query.
-        for query, vector in zip(queries, vectors):
-            requests = [
-                AnnSearchRequest(data=[vector], anns_field="embedding", param={"metric_type": METRIC_TYPE},
-                                 limit=candidates),
-                AnnSearchRequest(data=[query], anns_field="sparse", param={"metric_type": LEXICAL_METRIC},
-                                 limit=candidates),
-            ]
-            found += self._client.hybrid_search(self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k,
-                                                output_fields=list(_HIT_FIELDS))
-        return found
+        requests = [
+            AnnSearchRequest(data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE},
+                             limit=candidates),
+            AnnSearchRequest(data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC},
+                             limit=candidates),
+        ]
+        return self._client.hybrid_search(self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k,
+                                          output_fields=list(_HIT_FIELDS))
 
     def close(self) -> None:
         if self._client is not None:
@@ -462,38 +468,36 @@ def _score(distance: float, mode: str) -> float:
     return abs(distance) if mode == "bm25" else distance
 
 
-def follow_up_query(question: str, hit: Hit, words: int = 12) -> str:
-    """The second-round query of iterative retrieval: the question plus what the top hit says
-    it is about (its title and first words), so a bridge entity found in round one -- the
-    product behind a SKU -- leads to the document that answers the question."""
-    lead = " ".join(hit.text.split()[:words])
-    return f"{question}\n{hit.title}\n{lead}"
+def follow_up_query(question: str, hit: Hit) -> str:
+    """The second-round query of iterative retrieval: the question plus the title of the top
+    hit, so a bridge entity found in round one -- the product behind a SKU -- leads to the
+    document that answers the question."""
+    return f"{question}\n{hit.title}"
 
 
-def iterative_search(retriever: Retriever, questions: Sequence[str], k: int, mode: str | None = None,
-                     rrf_k: int = RRF_K) -> list[list[Hit]]:
+def iterative_search(retriever: Retriever, questions: Sequence[str], k: int,
+                     mode: str | None = None) -> list[list[Hit]]:
     """Retrieve, read the top hit, retrieve again; merge.
 
-    Round one searches with the question; round two with `follow_up_query(question, top hit)`.
-    The merged list keeps round one's top hit first, then fuses both rounds by reciprocal
-    rank (a chunk in both lists adds both terms), so a document only round two found can
-    enter the top k. Each returned `Hit` carries its fused score.
+    Round one searches with the question, round two with `follow_up_query(question, top hit)`.
+    The merged list alternates the two rounds (round one first) and drops repeated chunks,
+    so round one's best chunks stay near the top while round two's new documents enter it.
+    On the validation split this alternation beat appending round two's new documents after
+    the top half of round one, and the title beat the title plus the hit's first words.
     """
     first = retriever.search(questions, k=k, mode=mode)
     follow_ups = [follow_up_query(q, hits[0]) if hits else q for q, hits in zip(questions, first)]
     second = retriever.search(follow_ups, k=k, mode=mode)
     merged = []
     for one, two in zip(first, second):
-        fused: dict[str, float] = {}
-        by_id: dict[str, Hit] = {}
-        for hits in (one, two):
-            for rank, hit in enumerate(hits, start=1):
-                fused[hit.chunk_id] = fused.get(hit.chunk_id, 0.0) + 1.0 / (rrf_k + rank)
-                by_id.setdefault(hit.chunk_id, hit)
-        order = sorted(fused, key=lambda c: -fused[c])
-        if one:
-            order = [one[0].chunk_id] + [c for c in order if c != one[0].chunk_id]
-        merged.append([dataclasses.replace(by_id[c], score=round(fused[c], 6)) for c in order[:k]])
+        out: list[Hit] = []
+        seen: set[str] = set()
+        for rank in range(max(len(one), len(two))):
+            for hits in (one, two):
+                if rank < len(hits) and hits[rank].chunk_id not in seen:
+                    seen.add(hits[rank].chunk_id)
+                    out.append(hits[rank])
+        merged.append(out[:k])
     return merged
 
 
