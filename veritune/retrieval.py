@@ -480,25 +480,33 @@ def iterative_search(retriever: Retriever, questions: Sequence[str], k: int,
     """Retrieve, read the top hit, retrieve again; merge.
 
     Round one searches with the question, round two with `follow_up_query(question, top hit)`.
-    The merged list alternates the two rounds (round one first) and drops repeated chunks,
-    so round one's best chunks stay near the top while round two's new documents enter it.
+    The merged list takes the best chunk not yet taken from each round in turn (round one
+    first), so round one's best chunks stay near the top while round two's new ones enter it.
     On the validation split this alternation beat appending round two's new documents after
     the top half of round one, and the title beat the title plus the hit's first words.
     """
     first = retriever.search(questions, k=k, mode=mode)
     follow_ups = [follow_up_query(q, hits[0]) if hits else q for q, hits in zip(questions, first)]
     second = retriever.search(follow_ups, k=k, mode=mode)
-    merged = []
-    for one, two in zip(first, second):
-        out: list[Hit] = []
-        seen: set[str] = set()
-        for rank in range(max(len(one), len(two))):
-            for hits in (one, two):
-                if rank < len(hits) and hits[rank].chunk_id not in seen:
-                    seen.add(hits[rank].chunk_id)
-                    out.append(hits[rank])
-        merged.append(out[:k])
-    return merged
+    return [_alternate(one, two, k) for one, two in zip(first, second)]
+
+
+def _alternate(one: Sequence[Hit], two: Sequence[Hit], k: int) -> list[Hit]:
+    """Take the best chunk not yet taken from each list in turn, `one` first."""
+    out: list[Hit] = []
+    seen: set[str] = set()
+    queues = [list(one), list(two)]
+    turn = 0
+    while len(out) < k and any(queues):
+        queue = queues[turn % 2]
+        while queue and queue[0].chunk_id in seen:
+            queue.pop(0)
+        if queue:
+            hit = queue.pop(0)
+            seen.add(hit.chunk_id)
+            out.append(hit)
+        turn += 1
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
