@@ -4,6 +4,8 @@ distractor noise, and the injection-resistance metric on answerers that obey or 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import REPO
@@ -235,3 +237,65 @@ def test_rag_eval_params_load_and_bad_values_are_listed():
     assert "rag_eval.headline_k must be one of rag_eval.ks" in message
     assert "rag_eval.answer_mode must be one of" in message
     assert "rag_eval.max_questions must be >= 0" in message
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def test_stage_writes_metrics_report_and_plots(tmp_path, monkeypatch, index, tiny_checkpoint):
+    """`stages/rag_eval.py` end to end on the hybrid index above, a tiny model and a LoRA
+    adapter, in a throwaway project directory."""
+    import json
+    import shutil
+
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages import rag_eval as stage
+    from veritune.io import write_jsonl
+
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "stages", project / "stages")
+    shutil.copytree(Path(index).parent, project / "data/index")
+    write_jsonl(project / "data/index/chunks.jsonl",
+                [c for d in DOCS for c in chunk_document(d, chunk_words=120, overlap_words=20)])
+    questions = [
+        {"id": "q1", "question": KEYWORD_QUERY, "answers": ["40 euros"], "doc_ids": ["valve"], "kind": "single_hop",
+         "doc_status": "unseen"},
+        {"id": "q2", "question": PARAPHRASE_QUERY, "answers": ["seven to nine hours"], "doc_ids": ["sleep"],
+         "kind": "single_hop", "doc_status": "seen"},
+        {"id": "q3", "question": BRIDGE_QUERY, "answers": ["empty the crumb tray"],
+         "doc_ids": ["toaster_spec", "toaster_guide"], "kind": "multi_hop", "doc_status": "unseen"},
+        {"id": "q4", "question": "What is the warranty of the Quasar Q1 blender?", "answers": [], "doc_ids": [],
+         "kind": "unanswerable", "doc_status": "seen"},
+    ]
+    write_jsonl(project / "data/split/questions_test.jsonl", questions)
+    shutil.copytree(tiny_checkpoint, project / "models/base")
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    adapter.save_pretrained(project / "models/adapter")
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(project / "models/adapter")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["index"]["collection"] = "chunks"
+    params["rag_eval"].update({"ks": [1, 2], "headline_k": 1, "noise_levels": [0, 1], "max_questions": 3,
+                               "base_sweeps": True, "max_new_tokens": 4, "bootstrap_samples": 100})
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+    monkeypatch.chdir(project)
+    stage.main()
+
+    metrics = json.loads((project / "metrics/rag.json").read_text(encoding="utf-8"))
+    assert metrics["n_test_questions"] == 4 and metrics["n_answer_questions"] == 3
+    test = metrics["retrieval"]["test"]
+    assert test["hybrid"]["recall@1"] == 1.0 and test["dense"]["recall@1"] < 1.0 and test["hybrid"]["n"] == 3
+    assert metrics["hybrid_minus_dense"]["test"]["recall@1"]["mean"] > 0
+    assert set(metrics["answers"]) == {"base", "finetuned"}
+    assert set(metrics["answers"]["finetuned"]["k"]) == {"1", "2"}
+    assert set(metrics["answers"]["base"]["noise"]) == {"0", "1"}
+    assert 0.0 <= metrics["injection"]["finetuned"]["mean"] <= 1.0 and metrics["injection"]["base"]["n"] == 3
+    report = project / "reports/rag"
+    for name in ("rag.md", "retrieval_recall.png", "answers_vs_k.png", "answers_vs_noise.png",
+                 "predictions.jsonl", "rag_config.json"):
+        assert (report / name).is_file(), name
+    assert "Hybrid (dense + BM25, RRF) vs dense-only" in (report / "rag.md").read_text(encoding="utf-8")

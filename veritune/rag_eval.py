@@ -314,6 +314,10 @@ def write_rag_report(metrics: dict, out_dir: Path, headline_k: int) -> None:
     _plots(metrics, out_dir)
 
 
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def _plots(metrics: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -323,11 +327,13 @@ def _plots(metrics: dict, out_dir: Path) -> None:
     ks = metrics["ks"]
     r = metrics["retrieval"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m in r["test"]:
-        axes[0].plot(ks, [r["test"][m][f"recall@{k}"] for k in ks], marker="o", label=m)
-        axes[1].plot(ks, [r["multi_hop_iterative"][m][f"all_recall@{k}"] for k in ks], marker="o", label=m)
-        axes[1].plot(ks, [r["multi_hop_iterative"][f"{m}_iterative"][f"all_recall@{k}"] for k in ks], marker="x",
-                     linestyle="--", label=f"{m}, iterative")
+    for i, m in enumerate(r["test"]):
+        color = f"C{i}"
+        axes[0].plot(ks, [_nan(r["test"][m][f"recall@{k}"]) for k in ks], marker="o", color=color, label=m)
+        axes[1].plot(ks, [_nan(r["multi_hop_iterative"][m][f"all_recall@{k}"]) for k in ks], marker="o",
+                     color=color, label=m)
+        axes[1].plot(ks, [_nan(r["multi_hop_iterative"][f"{m}_iterative"][f"all_recall@{k}"]) for k in ks],
+                     marker="x", linestyle="--", color=color, label=f"{m}, iterative")
     axes[0].set_title(f"Any supporting document in top k (test, n={r['test']['dense']['n']})")
     axes[1].set_title(f"All supporting documents in top k (multi-hop, n={r['multi_hop_iterative']['dense']['n']})",
                       fontsize=10)
@@ -349,11 +355,13 @@ def _plots(metrics: dict, out_dir: Path) -> None:
             if sweep not in a:
                 continue
             xs = [int(x) for x in a[sweep]]
-            ax.plot(xs, [e["f1"] for e in a[sweep].values()], marker="o", label=f"{variant}: F1 (answerable)")
-            ax.plot(xs, [e["abstention_unanswerable"] for e in a[sweep].values()], marker="s", linestyle="--",
-                    label=f"{variant}: abstention (unanswerable)")
-            ax.plot(xs, [e["unsupported_rate"] for e in a[sweep].values()], marker="^", linestyle=":",
-                    label=f"{variant}: unsupported claims")
+            color = "C0" if variant == "finetuned" else "C1"
+            ax.plot(xs, [_nan(e["f1"]) for e in a[sweep].values()], marker="o", color=color,
+                    label=f"{variant}: token F1 (answerable)")
+            ax.plot(xs, [_nan(e["abstention_unanswerable"]) for e in a[sweep].values()], marker="s", linestyle="--",
+                    color=color, label=f"{variant}: abstention (unanswerable)")
+            ax.plot(xs, [_nan(e["unsupported_rate"]) for e in a[sweep].values()], marker="^", linestyle=":",
+                    color=color, label=f"{variant}: unsupported claims (lower is better)")
             ax.set_xticks(xs)
         ax.set_xlabel(xlabel)
         ax.set_ylim(-0.02, 1.02)
