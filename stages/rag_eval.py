@@ -72,6 +72,9 @@ def main() -> None:
             retrieval[split][m][f"recall@{hk}_ci"] = with_ci(per_mode[m], p.bootstrap_samples)
         hybrid_minus_dense[split] = {f"recall@{hk}": paired_difference(per_mode["hybrid"], per_mode["dense"],
                                                                        p.bootstrap_samples)}
+        if "bm25" in per_mode:
+            hybrid_minus_dense[split][f"hybrid_minus_bm25_recall@{hk}"] = paired_difference(
+                per_mode["hybrid"], per_mode["bm25"], p.bootstrap_samples)
     mh_gold = [q["doc_ids"] for q in multi_hop]
     mh_index = {q["id"]: i for i, q in enumerate(questions)}
     mh: dict = {}

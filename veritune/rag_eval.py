@@ -235,8 +235,9 @@ def write_rag_report(metrics: dict, out_dir: Path, headline_k: int) -> None:
                  f"hybrid {_ci(test['hybrid'][f'recall@{headline_k}_ci'])} vs dense "
                  f"{_ci(test['dense'][f'recall@{headline_k}_ci'])}; paired difference "
                  f"{_ci(diff['test'][f'recall@{headline_k}'])} (n = {diff['test'][f'recall@{headline_k}']['n']}"
-                 " questions with supporting documents). BM25 alone: "
-                 f"{_ci(test['bm25'][f'recall@{headline_k}_ci'])}.")
+                 " questions with supporting documents)."
+                 + (f" BM25 alone: {_ci(test['bm25'][f'recall@{headline_k}_ci'])}; hybrid − BM25 "
+                    f"{_ci(diff['test'][f'hybrid_minus_bm25_recall@{headline_k}'])}." if "bm25" in test else ""))
     lines.append(f"- **All supporting documents in the top {headline_k}** (multi-hop, test): "
                  + ", ".join(f"{m} {_fmt(mh[m][f'all_recall@{headline_k}'])} → iterative "
                              f"{_fmt(mh[m + '_iterative'][f'all_recall@{headline_k}'])}" for m in modes)
