@@ -110,6 +110,35 @@ def test_bad_mode_is_rejected_with_the_choices(index):
             r.search(["x"], k=1, mode="keyword")
 
 
+def test_an_index_built_before_full_text_search_says_to_rebuild(tmp_path):
+    from pymilvus import DataType
+
+    from veritune.retrieval import connect, disconnect
+
+    uri = str(tmp_path / "old.db")
+    client = connect(uri)
+    try:  # the schema of indexes built before the BM25 field existed
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        for name in ("doc_id", "title", "text"):
+            schema.add_field(name, DataType.VARCHAR, max_length=256)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=384)
+        index_params = client.prepare_index_params()
+        index_params.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
+        client.create_collection("chunks", schema=schema, index_params=index_params)
+        client.insert("chunks", [{"chunk_id": "a#0", "doc_id": "a", "title": "A", "text": "alpha",
+                                  "embedding": [1.0] + [0.0] * 383}])
+        client.flush("chunks")
+    finally:
+        disconnect(client, uri)
+    with pytest.raises(LookupError, match="no full-text \\(BM25\\) field.*rebuild it with `dvc repro index`"):
+        Retriever(uri, "chunks", "all-MiniLM-L6-v2", mode="hybrid")
+    with Retriever(uri, "chunks", "all-MiniLM-L6-v2") as r:  # dense still works on it
+        assert r.search(["alpha"], k=1)[0][0].doc_id == "a"
+        with pytest.raises(LookupError, match="rebuild it"):
+            r.search(["alpha"], k=1, mode="bm25")
+
+
 # --------------------------------------------------------------------------- metrics
 
 
