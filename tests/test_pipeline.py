@@ -279,6 +279,7 @@ def test_rag_eval_compares_retrieval_modes_and_writes_its_report(project):
     assert set(rag["retrieval"]["test"]) == {"dense", "bm25", "hybrid"}
     assert rag["hybrid_minus_dense"]["test"][headline]["n"] > 0
     assert set(rag["answers"]["finetuned"]["k"]) == {"1", "3"}
-    assert rag["injection"]["finetuned"]["n"] == rag["n_answer_questions"] == PARAM_OVERRIDES["rag_eval"]["max_questions"]
+    n_sampled = PARAM_OVERRIDES["rag_eval"]["max_questions"]
+    assert rag["injection"]["finetuned"]["n"] == rag["n_answer_questions"] == n_sampled
     for name in ("rag.md", "retrieval_recall.png", "answers_vs_k.png", "answers_vs_noise.png"):
         assert (project / "reports/rag" / name).is_file(), name
