@@ -47,6 +47,8 @@ PARAM_OVERRIDES = {
     # A 3-step model meets no real release bar; these check the plumbing: evidence present, no leak.
     "gate": {"criteria": [{"metric": "eval.json:leakage.passed", "op": "==", "value": 1, "why": "no test data in SFT"},
                           {"metric": "csat.json:finetuned.n", "op": ">=", "value": 5, "why": "CSAT ran"}]},
+    "rag_eval": {"max_questions": 8, "ks": [1, 3], "headline_k": 3, "noise_levels": [0, 2], "bootstrap_samples": 100,
+                 "max_new_tokens": 8},
 }
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: any attempt to go online fails at once
@@ -275,3 +277,16 @@ def test_bad_records_stop_the_pipeline_before_training(tmp_path):
     assert "id=q-bad-email field=question" in report, report
     for out in ("data/validated", "data/split", "data/index", "data/sft", "models/base", "models/adapter"):
         assert not (path / out).exists(), f"{out} was written although validation failed"
+
+
+def test_rag_eval_compares_retrieval_modes_and_writes_its_report(project):
+    """The `rag_eval` stage ran in the same `dvc repro`: hybrid vs dense, answers, injection."""
+    rag = json.loads((project / "metrics/rag.json").read_text(encoding="utf-8"))
+    headline = f"recall@{PARAM_OVERRIDES['rag_eval']['headline_k']}"
+    assert set(rag["retrieval"]["test"]) == {"dense", "bm25", "hybrid"}
+    assert rag["hybrid_minus_dense"]["test"][headline]["n"] > 0
+    assert set(rag["answers"]["finetuned"]["k"]) == {"1", "3"}
+    n_sampled = PARAM_OVERRIDES["rag_eval"]["max_questions"]
+    assert rag["injection"]["finetuned"]["n"] == rag["n_answer_questions"] == n_sampled
+    for name in ("rag.md", "retrieval_recall.png", "answers_vs_k.png", "answers_vs_noise.png"):
+        assert (project / "reports/rag" / name).is_file(), name

@@ -349,6 +349,45 @@ class GateParams:
         return []
 
 
+@dataclass(frozen=True)
+class RagEvalParams:
+    seed: int = 0
+    modes: tuple[str, ...] = ("dense", "bm25", "hybrid")  # retrieval modes compared
+    ks: tuple[int, ...] = (1, 3, 5, 10)  # recall@k depths and passages shown in the answer sweep
+    headline_k: int = 5  # recall@k reported with bootstrap intervals (hybrid vs dense)
+    rrf_k: int = 60  # reciprocal rank fusion constant: larger flattens the rank differences
+    answer_mode: Literal["dense", "bm25", "hybrid"] = "hybrid"  # retrieval feeding the answer and injection runs
+    max_questions: int = 80  # answer sweeps on a kind-stratified sample: more = tighter intervals, longer stage
+    noise_levels: tuple[int, ...] = (0, 1, 2, 4)  # random distractors beside the supporting passages
+    base_sweeps: bool = False  # also run the k and noise sweeps on the base model: doubles generation time
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    bootstrap_samples: int = 1000
+
+    def problems(self) -> list[str]:
+        out = []
+        bad_modes = [m for m in self.modes if m not in ("dense", "bm25", "hybrid")]
+        if bad_modes or not self.modes:
+            out.append(f"rag_eval.modes must be a non-empty list of dense, bm25, hybrid, got {list(self.modes)}")
+        elif "dense" not in self.modes or "hybrid" not in self.modes:
+            out.append("rag_eval.modes must include dense and hybrid (the headline compares them)")
+        if not self.ks or any(k < 1 for k in self.ks):
+            out.append(f"rag_eval.ks must be positive integers, got {list(self.ks)}")
+        elif self.headline_k not in self.ks:
+            out.append(f"rag_eval.headline_k must be one of rag_eval.ks {list(self.ks)}, got {self.headline_k}")
+        if self.rrf_k < 1:
+            out.append(f"rag_eval.rrf_k must be >= 1, got {self.rrf_k}")
+        if self.max_questions < 0:
+            out.append(f"rag_eval.max_questions must be >= 0 (0: the whole test split), got {self.max_questions}")
+        if not self.noise_levels or any(n < 0 for n in self.noise_levels):
+            out.append(f"rag_eval.noise_levels must be non-negative integers, got {list(self.noise_levels)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            out.append("rag_eval.max_new_tokens and rag_eval.batch_size must be >= 1")
+        if self.bootstrap_samples < 100:
+            out.append(f"rag_eval.bootstrap_samples must be >= 100, got {self.bootstrap_samples}")
+        return out
+
+
 # --------------------------------------------------------------------------- loading
 
 STAGE_PARAMS: dict[str, type] = {
@@ -362,6 +401,7 @@ STAGE_PARAMS: dict[str, type] = {
     "export": ExportParams,
     "csat": CsatParams,
     "gate": GateParams,
+    "rag_eval": RagEvalParams,
 }
 
 

@@ -16,6 +16,14 @@ process (the server, a later stage) can open it.
 Each chunk is embedded as `title + "\\n" + text`: the title carries the product name, which
 the body often only calls "the device". Embeddings are L2-normalized and searched with the
 COSINE metric on an exact (FLAT) index; a few thousand chunks need nothing approximate.
+
+The same `title + "\\n" + text` is also indexed for Milvus full-text search: a VARCHAR field
+with the standard analyzer feeds a BM25 `Function` that fills a sparse vector field, searched
+through a SPARSE_INVERTED_INDEX with the BM25 metric. A `Retriever` searches in one of three
+modes: `dense` (embeddings), `bm25` (keywords: exact SKUs, error codes, rare names) or
+`hybrid` (both, fused by reciprocal rank fusion in `client.hybrid_search`).
+`iterative_search` retrieves twice for multi-hop questions (retrieve, read the top hit,
+retrieve again).
 """
 
 from __future__ import annotations
@@ -41,6 +49,26 @@ MAX_TEXT_BYTES = 65_535
 MAX_TITLE_BYTES = 4_096
 MAX_ID_BYTES = 512
 MAX_TOPK = 16_384  # Milvus limit on `limit` in one search
+SPARSE_INDEX_TYPE = "SPARSE_INVERTED_INDEX"
+LEXICAL_METRIC = "BM25"
+# English stop words (NLTK's list): without them BM25 ranks "What should I do if..." FAQ pages
+# over the one spec sheet holding the SKU the question asks about.
+STOP_WORDS = sorted(set("""
+a about above after again against all am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have
+having he her here hers herself him himself his how i if in into is it its itself just me more most
+my myself no nor not now of off on once only or other our ours ourselves out over own same she
+should so some such than that the their theirs them themselves then there these they this those
+through to too under until up very was we were what when where which while who whom why will with
+would you your yours yourself yourselves
+""".split()))
+# The standard tokenizer splits on non-word characters ("LK-2422" -> "lk", "2422"). Milvus Lite
+# implements only the stop filter (it always lower-cases); a Milvus server applies both filters.
+ANALYZER_PARAMS = {"tokenizer": "standard",
+                   "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}]}
+MODES = ("dense", "bm25", "hybrid")
+RRF_K = 60  # reciprocal rank fusion constant from Cormack et al. 2009; larger flattens rank differences
+HYBRID_CANDIDATES = 20  # each of dense and BM25 proposes max(k, this) chunks before fusion
 
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*$")
@@ -52,7 +80,7 @@ class Hit:
     doc_id: str
     title: str
     text: str
-    score: float  # cosine similarity, higher is closer
+    score: float  # higher is closer: cosine (dense), BM25 score (bm25), reciprocal-rank-fusion score (hybrid)
 
 
 # --------------------------------------------------------------------------- chunking
@@ -257,10 +285,14 @@ def _check_chunks(chunks: Sequence[dict[str, Any]]) -> None:
                     + ("lower index.chunk_words or fix the document's whitespace" if field == "text"
                        else "shorten it in the source documents")
                 )
+        size = len(embedding_text(chunk).encode("utf-8"))
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(f"chunk {chunk_id!r}: title + text is {size} bytes, over the full-text field limit of "
+                             f"{MAX_TEXT_BYTES}; lower index.chunk_words")
 
 
 def _schema(client: Any, dim: int) -> tuple[Any, Any]:
-    from pymilvus import DataType
+    from pymilvus import DataType, Function, FunctionType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
@@ -268,8 +300,16 @@ def _schema(client: Any, dim: int) -> tuple[Any, Any]:
     schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_BYTES)
     schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    # Full-text search: Milvus tokenizes `lexical_text` and its BM25 function fills `sparse`
+    # (term frequencies; idf is kept by the index), so inserts carry only the text.
+    schema.add_field("lexical_text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True,
+                     analyzer_params=ANALYZER_PARAMS)
+    schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_function(Function(name="bm25", function_type=FunctionType.BM25,
+                                 input_field_names=["lexical_text"], output_field_names=["sparse"]))
     index_params = client.prepare_index_params()
     index_params.add_index(field_name="embedding", index_type=INDEX_TYPE, metric_type=METRIC_TYPE)
+    index_params.add_index(field_name="sparse", index_type=SPARSE_INDEX_TYPE, metric_type=LEXICAL_METRIC)
     return schema, index_params
 
 
@@ -297,7 +337,8 @@ def build_index(chunks: Sequence[dict[str, Any]], uri: str, collection: str, emb
                 batch = chunks[start:start + batch_size]
                 vectors = embed(embedder, [embedding_text(c) for c in batch], batch_size)
                 rows = [{"chunk_id": c["chunk_id"], "doc_id": c["doc_id"], "title": c["title"],
-                         "text": c["text"], "embedding": v} for c, v in zip(batch, vectors)]
+                         "text": c["text"], "embedding": v, "lexical_text": embedding_text(c)}
+                        for c, v in zip(batch, vectors)]
                 client.insert(staging, rows)
                 bar.update(len(batch))
         client.flush(staging)
@@ -320,12 +361,21 @@ _HIT_FIELDS = ("chunk_id", "doc_id", "title", "text")
 
 
 class Retriever:
-    """Search an index built by `build_index`. Close it (or use `with`) to free the db."""
+    """Search an index built by `build_index`. Close it (or use `with`) to free the db.
 
-    def __init__(self, uri: str, collection: str, embedding_model: str, batch_size: int = 64):
+    `mode` is the default for `search`: "dense" (embeddings, cosine), "bm25" (Milvus full-text
+    search) or "hybrid" (both, fused by reciprocal rank fusion with constant `rrf_k`).
+    """
+
+    def __init__(self, uri: str, collection: str, embedding_model: str, batch_size: int = 64,
+                 mode: str = "dense", rrf_k: int = RRF_K):
+        _check_mode(mode)
+        if rrf_k < 1:
+            raise ValueError(f"rrf_k must be >= 1, got {rrf_k}")
         if is_local_uri(uri) and not Path(uri).exists():
             raise FileNotFoundError(f"no Milvus Lite index at {uri}: build it with `dvc repro index`")
         self.uri, self.collection, self.batch_size = uri, collection, batch_size
+        self.mode, self.rrf_k = mode, rrf_k
         self.embedder = load_embedder(embedding_model)
         self._client = connect(uri)
         try:
@@ -338,28 +388,63 @@ class Retriever:
             if index_dim != model_dim:
                 raise ValueError(f"index {uri}:{collection} holds {index_dim}-dim vectors but {embedding_model!r} "
                                  f"makes {model_dim}-dim ones: open it with the model it was built with")
+            self.has_lexical = "sparse" in fields
+            if mode != "dense" and not self.has_lexical:
+                raise LookupError(f"index {uri}:{collection} has no full-text (BM25) field, which mode {mode!r} "
+                                  "needs: it was built before hybrid search; rebuild it with `dvc repro index`")
             self._client.load_collection(collection)  # a reopened collection starts released
         except BaseException:
             self.close()
             raise
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """The `k` closest chunks to each query, best first."""
+    def search(self, queries: Sequence[str], k: int, mode: str | None = None) -> list[list[Hit]]:
+        """The `k` best chunks for each query, best first, in `mode` (default: the retriever's).
+
+        BM25 finds only chunks that share a term with the query, so a `bm25` list can be
+        shorter than `k` (empty for a query of unknown words).
+        """
         if self._client is None:
             raise RuntimeError("Retriever is closed")
         if not 1 <= k <= MAX_TOPK:
             raise ValueError(f"k must be in [1, {MAX_TOPK}], got {k}")
+        mode = self.mode if mode is None else mode
+        _check_mode(mode)
+        if mode != "dense" and not self.has_lexical:
+            raise LookupError(f"index {self.uri}:{self.collection} has no full-text (BM25) field, which mode "
+                              f"{mode!r} needs: rebuild it with `dvc repro index`")
         results: list[list[Hit]] = []
         batches = range(0, len(queries), self.batch_size)
-        for start in tqdm(batches, desc="search", unit="batch", disable=len(batches) <= 1):
-            vectors = embed(self.embedder, queries[start:start + self.batch_size], self.batch_size)
-            found = self._client.search(self.collection, data=list(vectors), limit=k, anns_field="embedding",
-                                        output_fields=list(_HIT_FIELDS),
-                                        search_params={"metric_type": METRIC_TYPE})
+        for start in tqdm(batches, desc=f"search ({mode})", unit="batch", disable=len(batches) <= 1):
+            batch = list(queries[start:start + self.batch_size])
+            if mode == "bm25":
+                found = self._client.search(self.collection, data=batch, limit=k, anns_field="sparse",
+                                            output_fields=list(_HIT_FIELDS),
+                                            search_params={"metric_type": LEXICAL_METRIC})
+            else:
+                vectors = [list(v) for v in embed(self.embedder, batch, self.batch_size)]
+                if mode == "dense":
+                    found = self._client.search(self.collection, data=vectors, limit=k, anns_field="embedding",
+                                                output_fields=list(_HIT_FIELDS),
+                                                search_params={"metric_type": METRIC_TYPE})
+                else:
+                    found = self._hybrid(batch, vectors, k)
             for hits in found:
-                results.append([Hit(score=float(h["distance"]), **{f: h["entity"][f] for f in _HIT_FIELDS})
-                                for h in hits])
+                results.append([Hit(score=_score(float(h["distance"]), mode),
+                                    **{f: h["entity"][f] for f in _HIT_FIELDS}) for h in hits])
         return results
+
+    def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int) -> list[Any]:
+        from pymilvus import AnnSearchRequest, RRFRanker
+
+        candidates = min(MAX_TOPK, max(k, HYBRID_CANDIDATES))
+        requests = [
+            AnnSearchRequest(data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE},
+                             limit=candidates),
+            AnnSearchRequest(data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC},
+                             limit=candidates),
+        ]
+        return self._client.hybrid_search(self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k,
+                                          output_fields=list(_HIT_FIELDS))
 
     def close(self) -> None:
         if self._client is not None:
@@ -371,6 +456,58 @@ class Retriever:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"retrieval mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def _score(distance: float, mode: str) -> float:
+    # Milvus Lite reports BM25 scores negated (most negative first); a server reports them positive.
+    return abs(distance) if mode == "bm25" else distance
+
+
+def follow_up_query(question: str, hit: Hit) -> str:
+    """The second-round query of iterative retrieval: the question plus the title of the top
+    hit, so a bridge entity found in round one -- the product behind a SKU -- leads to the
+    document that answers the question."""
+    return f"{question}\n{hit.title}"
+
+
+def iterative_search(retriever: Retriever, questions: Sequence[str], k: int,
+                     mode: str | None = None) -> list[list[Hit]]:
+    """Retrieve, read the top hit, retrieve again; merge.
+
+    Round one searches with the question, round two with `follow_up_query(question, top hit)`.
+    The merged list takes the best chunk not yet taken from each round in turn (round one
+    first), so round one's best chunks stay near the top while round two's new ones enter it.
+    On the validation split (48 multi-hop questions) this alternation beat appending round
+    two's new documents after the top half of round one in every mode; adding the hit's first
+    words to the title helped dense retrieval and hurt BM25, so the query keeps the title only.
+    """
+    first = retriever.search(questions, k=k, mode=mode)
+    follow_ups = [follow_up_query(q, hits[0]) if hits else q for q, hits in zip(questions, first)]
+    second = retriever.search(follow_ups, k=k, mode=mode)
+    return [_alternate(one, two, k) for one, two in zip(first, second)]
+
+
+def _alternate(one: Sequence[Hit], two: Sequence[Hit], k: int) -> list[Hit]:
+    """Take the best chunk not yet taken from each list in turn, `one` first."""
+    out: list[Hit] = []
+    seen: set[str] = set()
+    queues = [list(one), list(two)]
+    turn = 0
+    while len(out) < k and any(queues):
+        queue = queues[turn % 2]
+        while queue and queue[0].chunk_id in seen:
+            queue.pop(0)
+        if queue:
+            hit = queue.pop(0)
+            seen.add(hit.chunk_id)
+            out.append(hit)
+        turn += 1
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
