@@ -15,8 +15,9 @@ of a batch embedded and searched in one call).
 `generate_batch` is a greedy decoding loop over a left-padded batch with a KV cache, with
 what `model.generate` lacks for serving: each request has its own `max_new_tokens`, its
 own stop, a per-token callback (streaming) and a cancel flag (a client that timed out or
-went away stops costing compute at the next step). Static batching: a batch runs until its
-last member finishes; requests that arrive meanwhile form the next batch.
+went away stops costing compute at the next step). Finished rows leave the batch (and the
+KV cache) at once. Static batching otherwise: requests that arrive while a batch runs form
+the next one.
 
 Only torch is needed here, so the GPU benchmark (bench/serve_throughput.py) imports it
 without the HTTP stack.
@@ -172,7 +173,11 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
 
     Left padding keeps each row's newest token in the last column; positions count only real
     tokens (cumulative attention mask), so a padded row decodes exactly as it would alone.
+    A row that finishes (stop token, its own max_new_tokens, cancelled) leaves the batch and
+    the KV cache at once, so the rest decode at the cost of the rows still running.
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     n = len(requests)
     input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], pad_id, device)
@@ -180,34 +185,39 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
-    from transformers import DynamicCache
-
+    live = list(range(n))  # request index of each row still in the batch
     cache = DynamicCache(config=model.config)  # filled in place by each forward
-    for _ in range(max(r.max_new_tokens for r in requests)):
+    while live:
         # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     cache=cache, use_cache=True, logits_to_keep=1)
         next_ids = out.logits[:, -1, :].argmax(dim=-1)
         is_stop = torch.isin(next_ids, stops).tolist()
         tokens = next_ids.tolist()
-        for i, r in enumerate(requests):
-            if reasons[i] is not None:
-                continue
+        keep = []
+        for row, i in enumerate(live):
+            r = requests[i]
             if r.cancelled.is_set():
                 reasons[i] = "cancelled"
-            elif is_stop[i]:
+            elif is_stop[row]:
                 reasons[i] = "stop"
             else:
-                generated[i].append(tokens[i])
+                generated[i].append(tokens[row])
                 if r.on_token is not None:
-                    r.on_token(tokens[i])
+                    r.on_token(tokens[row])
                 if len(generated[i]) >= r.max_new_tokens:
                     reasons[i] = "length"
-        if all(reason is not None for reason in reasons):
-            break
-        # Finished rows keep decoding (pad input) until the batch ends: static batching's cost.
+            if reasons[i] is None:
+                keep.append(row)
+        if len(keep) < len(live):
+            if not keep:
+                break
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(rows)
+            next_ids, attention_mask, position_ids = next_ids[rows], attention_mask[rows], position_ids[rows]
+            live = [live[row] for row in keep]
         input_ids = next_ids.unsqueeze(-1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((n, 1))], dim=-1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
         position_ids = position_ids[:, -1:] + 1
     return [Completion(token_ids=generated[i], finish_reason=reasons[i] or "length",
                        prompt_tokens=len(r.prompt_ids), batch_size=n) for i, r in enumerate(requests)]

@@ -234,11 +234,15 @@ class Service:
             self.searcher.start()
         return self
 
-    def close(self) -> None:
-        """Finish queued work, then free the index (its lock) for other processes."""
+    def stop_batchers(self) -> None:
+        """Take no new work; finish what is queued."""
         if self.searcher is not None:
             self.searcher.stop()
         self.generator.stop()
+
+    def close(self) -> None:
+        """Finish queued work, then free the index (its lock) for other processes."""
+        self.stop_batchers()
         if self.retriever is not None:
             self.retriever.close()
             self.retriever = None
