@@ -39,6 +39,19 @@ SYSTEM = "Answer from the documents. If they do not contain the answer, say so."
 KEY, OTHER_KEY = "k" * 20, "o" * 20
 
 
+def load_talkative(path):
+    """The random tiny model, with control and whitespace tokens silenced (their tied embeddings
+    zeroed) so that greedy decoding writes visible text, and tests can compare it."""
+    import torch
+
+    model, tokenizer = load_model(path).eval(), load_tokenizer(path)
+    silent = [i for i in range(len(tokenizer)) if i in tokenizer.added_tokens_decoder
+              or not tokenizer.decode([i]).strip() or "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[silent] = 0.0
+    return model, tokenizer
+
+
 def chat(content="How do I reset the Nimbus router?", **extra) -> dict:
     return {"model": "veritune", "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
 
@@ -53,8 +66,7 @@ def index_uri(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint, index_uri):
-    model = load_model(tiny_checkpoint).eval()
-    tokenizer = load_tokenizer(tiny_checkpoint)
+    model, tokenizer = load_talkative(tiny_checkpoint)
     retriever = Retriever(index_uri, "chunks", "all-MiniLM-L6-v2")
     yield model, tokenizer, retriever
     retriever.close()
@@ -100,7 +112,7 @@ def sse_lines(response: httpx.Response) -> list[str]:
 
 
 def test_batched_decoding_equals_hf_generate_and_one_at_a_time(tiny_checkpoint):
-    model, tokenizer = load_model(tiny_checkpoint).eval(), load_tokenizer(tiny_checkpoint)
+    model, tokenizer = load_talkative(tiny_checkpoint)
     convs = [[{"role": "user", "content": q}] for q in ("Kettle?", "How long is parental leave for employees?",
                                                         "Reset the router", "VPN")]  # different lengths: padding
     reference = generate(model, tokenizer, convs, max_new_tokens=12, batch_size=4)
@@ -110,12 +122,13 @@ def test_batched_decoding_equals_hf_generate_and_one_at_a_time(tiny_checkpoint):
     batched = generate_batch(model, requests, stops, pad)
     alone = [generate_batch(model, [r], stops, pad)[0] for r in requests]
     assert [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in batched] == reference
+    assert all(len(text) > 5 for text in reference)
     assert [c.token_ids for c in alone] == [c.token_ids for c in batched]
     assert all(c.batch_size == 4 for c in batched) and all(c.batch_size == 1 for c in alone)
 
 
 def test_each_request_keeps_its_own_token_limit_stream_and_cancel(tiny_checkpoint):
-    model, tokenizer = load_model(tiny_checkpoint).eval(), load_tokenizer(tiny_checkpoint)
+    model, tokenizer = load_talkative(tiny_checkpoint)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Kettle?"}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)
     seen: list[int] = []
@@ -325,7 +338,7 @@ def test_openapi_fuzzing_finds_no_server_errors(make_app):
     for operation in schema.get_all_operations():
         op = operation.ok()
 
-        @settings(max_examples=25, deadline=None, database=None,
+        @settings(max_examples=40, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy())
         def check(case):
@@ -334,7 +347,7 @@ def test_openapi_fuzzing_finds_no_server_errors(make_app):
             assert response.status_code < 500, (case.path, case.body, response.text)
 
         check()
-    assert len(seen) >= 50 and any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
+    assert len(seen) >= 40 and any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
 
 
 # --------------------------------------------------------------------------- a live server: faults
@@ -373,13 +386,21 @@ def post(url: str, body: dict, timeout: float = 30) -> int | str:
         return type(e).__name__
 
 
+def wait_in_flight(url: str, n: int, timeout: float = 20) -> None:
+    """Until `n` requests (besides this /health call) are inside the server."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/health").json()["in_flight"] < n + 1:
+        assert time.monotonic() < deadline, f"{n} requests never reached the server"
+        time.sleep(0.05)
+
+
 def test_killed_server_fails_fast_keeps_files_intact_and_restarts(live_project, tiny_checkpoint):
     before = tree_hashes(live_project / "index", tiny_checkpoint)
-    server = start_server(live_project, "--max-wait-ms", "300")
+    server = start_server(live_project, "--max-wait-ms", "2000")
     try:
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(post, server.url, chat(f"question {i}", max_tokens=48)) for i in range(8)]
-            time.sleep(0.15)  # requests are in the server, waiting for their batch
+            wait_in_flight(server.url, 8)  # all eight are in the server, waiting for their batch
             killed_at = time.monotonic()
             server.kill()
             outcomes = [f.result() for f in futures]
@@ -395,11 +416,11 @@ def test_killed_server_fails_fast_keeps_files_intact_and_restarts(live_project, 
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(live_project):
-    server = start_server(live_project, "--max-wait-ms", "1000")
+    server = start_server(live_project, "--max-wait-ms", "2000")
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(post, server.url, chat(f"question {i}", max_tokens=48)) for i in range(6)]
-            time.sleep(0.3)  # all six are waiting in the batcher (max_wait_ms 1000)
+            wait_in_flight(server.url, 6)  # all six are waiting in the batcher (max_wait_ms 2000)
             server.proc.terminate()
             time.sleep(0.2)
             late = post(server.url, chat(), timeout=5)

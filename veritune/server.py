@@ -223,6 +223,7 @@ class Service:
                                          params.max_batch_size, params.max_wait_ms, params.max_pending, name="search")
             self.searcher.on_batch = lambda n, s: self._observe("search", n, s)
         self.started = time.time()
+        self.in_flight = 0  # HTTP requests being handled (this one included, for /health)
 
     def _observe(self, stage: str, n: int, seconds: float) -> None:
         self.metrics.batch_size.labels(stage).observe(n)
@@ -332,6 +333,7 @@ class RequestGuard:
             await response(scope, receive, send_with_id)
 
         metrics.in_flight.inc()
+        self.service.in_flight += 1
         try:
             limit = self.service.params.max_body_bytes
             declared = headers.get(b"content-length")
@@ -360,6 +362,7 @@ class RequestGuard:
             await self.app(scope, replay, send_with_id)
         finally:
             metrics.in_flight.dec()
+            self.service.in_flight -= 1
             elapsed = time.perf_counter() - started
             metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
             metrics.latency.labels(path).observe(elapsed)
@@ -432,7 +435,7 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
     async def health() -> dict:
         sizes = service.generator.batch_sizes
         return {"status": "ok", "model": p.model_name, "retrieval": service.searcher is not None,
-                "pending": service.generator.pending(), "batches": len(sizes),
+                "in_flight": service.in_flight, "pending": service.generator.pending(), "batches": len(sizes),
                 "max_batch_size_seen": max(sizes, default=0),
                 "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
                 "uptime_s": round(time.time() - service.started, 1)}
@@ -642,13 +645,12 @@ async def agent_completion(service: Service, body: ChatRequest, messages: list[d
     `generate(messages, max_new_tokens)` and `search(query, k)` go through the server's
     batchers, so agent calls are batched with everything else. It runs in a worker thread.
     """
-    try:
-        from veritune import agent
-    except ModuleNotFoundError as e:
-        if e.name not in ("veritune.agent",):
-            raise
-        raise ApiError(501, "the agent mode is not installed in this build (no veritune.agent)",
-                       param="model") from None
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("veritune.agent") is None:
+        raise ApiError(501, "the agent mode is not installed in this build (no veritune.agent)", param="model")
+    agent = importlib.import_module("veritune.agent")
     p = service.params
     try:
         result = await asyncio.wait_for(asyncio.to_thread(
