@@ -52,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> None:
     params = load_params("serve", args.params)
     overrides = {name: getattr(args, name) for name in ("host", "port", "max_batch_size", "max_wait_ms",
                                                          "rate_limit_per_min", "torch_threads", "base_dir",
-                                                         "adapter_dir")
+                                                         "adapter_dir", "dtype")
                  if getattr(args, name) is not None}
     if args.no_retrieval:
         overrides["retrieval"] = False
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill")
     srv.add_argument("--rate-limit-per-min", type=int, help="per key; 0 turns it off")
     srv.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: torch's default)")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="weights dtype (default: serve.dtype)")
     srv.add_argument("--base-dir", help="base (or merged) checkpoint directory")
     srv.add_argument("--adapter-dir", help="LoRA adapter directory; '' for none")
     srv.add_argument("--no-retrieval", action="store_true", help="serve without the index (closed book)")

@@ -261,6 +261,7 @@ class ServeParams:
     max_messages: int = 64
     rate_limit_per_min: int = 600  # per API key (per client address without keys); 0 turns it off
     torch_threads: int = 0  # 0: torch's default; 1 on a busy shared CPU, where threads spin against others
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
     graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
 
     def problems(self) -> list[str]:

@@ -286,6 +286,8 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
 
         # Merged once at load: the same function, no per-layer adapter cost per token.
         model = PeftModel.from_pretrained(model, params.adapter_dir).merge_and_unload()
+    if params.dtype != "auto":
+        model = model.to(getattr(torch, params.dtype))
     model.eval()
     tokenizer = load_tokenizer(params.adapter_dir or params.base_dir)
     retriever = None
