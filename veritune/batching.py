@@ -25,6 +25,7 @@ without the HTTP stack.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -187,10 +188,12 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
     reasons: list[str | None] = [None] * n
     live = list(range(n))  # request index of each row still in the batch
     cache = DynamicCache(config=model.config)  # filled in place by each forward
+    # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     while live:
         # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         next_ids = out.logits[:, -1, :].argmax(dim=-1)
         is_stop = torch.isin(next_ids, stops).tolist()
         tokens = next_ids.tolist()
