@@ -47,8 +47,12 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
                                           "original_max_position_embeddings": 8192},
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    torch.set_default_dtype(dtype)  # initialise in the serving dtype: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     return model.eval()
 
 
