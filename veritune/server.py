@@ -632,6 +632,9 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
     except TimeoutError:
         gen.cancelled.set()
         yield f"data: {json.dumps(error_body(504, 'no answer within serve.request_timeout_s'))}\n\n"
+    except Exception:  # the batch failed after the headers went out: say so in-band, then end the stream
+        log.exception("stream %s failed", base["id"])
+        yield f"data: {json.dumps(error_body(500, 'generation failed; see the server log for ' + base['id']))}\n\n"
     finally:
         gen.cancelled.set()  # also when the client went away mid-stream
     yield "data: [DONE]\n\n"
