@@ -1,21 +1,27 @@
-"""Stage `evaluate`: base vs fine-tuned, closed-book vs RAG, on the test split.
+"""Stage `evaluate`: base vs fine-tuned; closed-book vs RAG vs oracle context; on the test split.
 
     python stages/evaluate.py
 
-Reads models/base/, models/adapter/, data/index/, data/split/questions_test.jsonl and params
-`evaluate`, `build_sft` (prompt, context size) and `index`; writes metrics/eval.json,
-reports/eval/ (predictions.jsonl, eval.md and the comparison plot eval_comparison.png).
+Reads models/base/, models/adapter/, data/index/, data/validated/documents.jsonl (oracle
+context), data/split/{questions_test.jsonl,doc_split.json} and data/sft/ (leakage check), and
+params `evaluate`, `build_sft` (prompt, context size) and `index`; writes metrics/eval.json
+(nested per variant/mode/group, plus a flat `headline` block and `leakage`), reports/eval/
+(predictions.jsonl, leakage.json, eval.md and the comparison plot eval_comparison.png).
+
+Fails before any model is loaded if a test question, or a held-out document's text, is in the
+fine-tuning data.
 """
 
 import dataclasses
 import logging
 import random
-from pathlib import Path
 
 from veritune.config import as_dict, load_params
-from veritune.evaluation import MODES, prompts_for, score_all, summarize
+from veritune.evaluation import (MODES, headline, leakage_check, leakage_violations, oracle_passages, prompts_for,
+                                 score_all, summarize)
 from veritune.generation import generate
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from veritune.judge import judge_answers, load_judge, summarize_judge
 from veritune.modeling import load_model, load_tokenizer
 from veritune.report import write_eval_report
 from veritune.retrieval import Retriever
@@ -31,35 +37,63 @@ def main() -> None:
     sp = load_params("build_sft")
     ip = load_params("index")
     questions = read_jsonl("data/split/questions_test.jsonl")
+    documents = {d["id"]: d for d in read_jsonl("data/validated/documents.jsonl")}
+    doc_split = read_json("data/split/doc_split.json")
+    heldout = [documents[d] for d, s in sorted(doc_split.items()) if s == "test"]
+    sft = read_jsonl("data/sft/train.jsonl") + read_jsonl("data/sft/val.jsonl")
+    leakage = leakage_check(questions, heldout, sft, p.leakage_ngram, p.leakage_doc_share)
+    problems, warnings = leakage_violations(leakage, p.heldout_docs_in_sft_context)
+    for message in warnings:
+        log.warning("LEAKAGE WARNING: %s (evaluate.heldout_docs_in_sft_context: warn)", message)
+    if problems:
+        raise SystemExit("evaluate: test data leaked into data/sft; scores would overstate the model:\n  - "
+                         + "\n  - ".join(problems))
+    examples = leakage.pop("examples")
+    leakage["passed"] = True
     if p.max_questions and len(questions) > p.max_questions:
         questions = random.Random(0).sample(questions, p.max_questions)
     with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
-    passages = [[dataclasses.asdict(h) for h in row] for row in hits]
+    contexts = {"closed_book": None, "rag": [[dataclasses.asdict(h) for h in row] for row in hits]}
+    contexts["oracle"] = oracle_passages(questions, documents, contexts["rag"])
 
     tokenizer = load_tokenizer("models/adapter")
     model = load_model("models/base")
     metrics: dict = {}
-    predictions: list[dict] = [dict(id=q["id"], kind=q["kind"], doc_status=q.get("doc_status"),
+    scores: dict[str, dict[str, list[dict]]] = {}
+    predictions: list[dict] = [dict(id=q["id"], kind=q["kind"], subkind=q.get("subkind"), doc_status=q.get("doc_status"),
                                     answers=q["answers"]) for q in questions]
     for variant in ("base", "finetuned"):
         if variant == "finetuned":
             # Merged for inference: same function, no per-layer adapter overhead while generating.
             model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
         model.eval()
-        metrics[variant] = {}
+        metrics[variant], scores[variant] = {}, {}
         for mode in MODES:
-            convs = prompts_for(questions, passages if mode == "rag" else None, sp.system_prompt, sp.question_position)
+            convs = prompts_for(questions, contexts[mode], sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
-            scores = score_all(replies, questions, passages if mode == "rag" else None)
-            metrics[variant][mode] = summarize(questions, scores, p.bootstrap_samples)
+            scores[variant][mode] = score_all(replies, questions, contexts[mode])
+            metrics[variant][mode] = summarize(questions, scores[variant][mode], p.bootstrap_samples)
             for row, reply in zip(predictions, replies):
                 row[f"{variant}.{mode}"] = reply
+    del model
+    if p.judge.model:
+        judge, judge_tokenizer = load_judge(p.judge.model, p.judge.revision)
+        for variant in ("base", "finetuned"):
+            replies = [row[f"{variant}.rag"] for row in predictions]
+            judged = judge_answers(judge, judge_tokenizer, questions, contexts["rag"], replies,
+                                   p.judge.max_new_tokens, p.judge.batch_size, desc=f"judge {variant}/rag")
+            metrics[variant]["rag"]["judge"] = summarize_judge(judged)
+            for row, j in zip(predictions, judged):
+                row[f"{variant}.rag.judge"] = j
     metrics["n_test_questions"] = len(questions)
+    metrics["headline"] = headline(scores, questions, p.bootstrap_samples)
+    metrics["leakage"] = leakage
     write_json("metrics/eval.json", metrics)
     with atomic_path("reports/eval") as out:
         out.mkdir()
         write_jsonl(out / "predictions.jsonl", predictions)
+        write_json(out / "leakage.json", {**leakage, "examples": examples})
         write_eval_report(metrics, out)
         write_json(out / "eval_config.json", {"evaluate": as_dict(p), "build_sft": as_dict(sp), "index": as_dict(ip)})
     log.info("evaluate: fine-tuned RAG on unseen documents: %s", metrics["finetuned"]["rag"].get("answerable_unseen"))

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"
 
-STAGES = ("validate", "split", "index", "build_sft", "base", "train", "evaluate")
+STAGES = ("validate", "split", "index", "build_sft", "base", "train", "evaluate", "csat", "gate")
 N_DOCUMENTS = 40  # the first 20 products (spec sheet + guide each)
 N_GROUNDED_QUESTIONS = 80  # questions whose documents are all among those kept
 N_NO_DOCUMENT_QUESTIONS = 20  # unanswerable questions about products that do not exist
@@ -43,6 +43,10 @@ PARAM_OVERRIDES = {
     # logging_steps 1: with 3 steps the default of 10 would log no loss curve at all
     "train": {"max_steps": 3, "batch_size": 4, "save_steps": 2, "logging_steps": 1},
     "evaluate": {"max_questions": 12, "bootstrap_samples": 50, "max_new_tokens": 8},
+    "csat": {"conversations": 5, "max_turns": 2, "impatient_turns": 1, "max_new_tokens": 8, "bootstrap_samples": 50},
+    # A 3-step model meets no real release bar; these check the plumbing: evidence present, no leak.
+    "gate": {"criteria": [{"metric": "eval.json:leakage.passed", "op": "==", "value": 1, "why": "no test data in SFT"},
+                          {"metric": "csat.json:finetuned.n", "op": ">=", "value": 5, "why": "CSAT ran"}]},
 }
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: any attempt to go online fails at once
@@ -189,8 +193,11 @@ def test_repro_writes_every_declared_output_offline(project):
     assert train["steps"] == PARAM_OVERRIDES["train"]["max_steps"], train
     evaluation = json.loads((project / "metrics/eval.json").read_text(encoding="utf-8"))
     for variant in ("base", "finetuned"):
-        assert set(evaluation[variant]) == {"closed_book", "rag"}, evaluation.keys()
+        assert set(evaluation[variant]) == {"closed_book", "rag", "oracle"}, evaluation.keys()
     assert evaluation["n_test_questions"] == PARAM_OVERRIDES["evaluate"]["max_questions"]
+    gate = json.loads((project / "metrics/gate.json").read_text(encoding="utf-8"))
+    assert gate["passed"] and (project / "models/release/release.json").is_file(), gate
+    assert (project / "reports/release/report.html").is_file() and (project / "reports/csat/csat_histogram.png").is_file()
 
 
 def test_second_repro_has_nothing_to_do(project):
@@ -226,7 +233,7 @@ def test_remote_round_trip_restores_a_clone(project, tmp_path):
 def test_train_param_experiment_reruns_only_train_and_evaluate(project):
     """`dvc exp run -S train.learning_rate=...` retrains and re-evaluates, nothing upstream."""
     result = dvc(project, "exp", "run", "--name", "lr-1e-3", "-S", "train.learning_rate=0.001")
-    assert running_stages(result.stdout) == {"train", "evaluate"}, result.stdout
+    assert running_stages(result.stdout) == {"train", "evaluate", "csat", "gate"}, result.stdout
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     train_diff = diff.get("metrics/train.json", {})

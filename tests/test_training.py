@@ -91,3 +91,35 @@ def test_checkpoints_of_another_run_are_not_resumed(tiny_checkpoint, tmp_path):
     other = TrainParams(**{**PARAMS.__dict__, "learning_rate": 5e-3})
     _, summary = _train(tiny_checkpoint, tmp_path, "run", other)
     assert summary["resumed_from"] is None
+
+
+@pytest.mark.parametrize("gpus, visible, expected", [
+    (0, 4, ("torchrun", 4, "0,1,2,3")),
+    (2, 4, ("torchrun", 2, "0,1")),
+    (1, 4, ("python", 1, "0")),
+    (0, 1, None),
+    (0, 0, None),
+])
+def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
+    """Several GPUs: torchrun, one process each (DDP); one of several: the others hidden, so
+    the Trainer never falls back to DataParallel. The GPU count is faked: this checks the plan."""
+    import subprocess
+
+    from veritune import training
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check, env: calls.append((cmd, env["CUDA_VISIBLE_DEVICES"])))
+    launched = training.launch_data_parallel("stages/train.py", TrainParams(gpus=gpus))
+    if expected is None:
+        assert not launched and not calls
+        return
+    kind, n, devices = expected
+    (cmd, env_devices), = calls
+    assert launched and env_devices == devices and cmd[-1] == "stages/train.py"
+    assert ("torch.distributed.run" in cmd and f"--nproc_per_node={n}" in cmd) == (kind == "torchrun")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # inside a torchrun worker: train in-process
+    assert not training.launch_data_parallel("stages/train.py", TrainParams(gpus=gpus))

@@ -203,6 +203,9 @@ class TrainParams:
     max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
     packing: bool = False  # padding-free packing without cross-sample attention
     gradient_checkpointing: bool = False
+    fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
+    liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
+    gpus: int = 0  # data-parallel GPUs (DDP via torchrun); 0 = all visible
     logging_steps: int = 10
     save_steps: int = 100  # checkpoints to resume from after a crash
     eval_steps: int = 0  # 0: evaluate on val only at the end
@@ -223,6 +226,22 @@ class TrainParams:
             out.append("train.batch_size and train.grad_accum must be >= 1")
         if self.max_length < 32:
             out.append(f"train.max_length must be >= 32, got {self.max_length}")
+        if self.gpus < 0:
+            out.append(f"train.gpus must be >= 0 (0 = all visible), got {self.gpus}")
+        return out
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    model: str = ""  # "": no judge; a local checkpoint dir or hub id (e.g. the base Llama 3.1 8B Instruct on a GPU)
+    revision: str = ""  # hub commit sha for a hub id
+    max_new_tokens: int = 16
+    batch_size: int = 8
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 4 or self.batch_size < 1:
+            out.append("evaluate.judge.max_new_tokens must be >= 4 and evaluate.judge.batch_size >= 1")
         return out
 
 
@@ -232,6 +251,10 @@ class EvaluateParams:
     batch_size: int = 32
     max_questions: int = 0  # 0: the whole test split; > 0 samples this many (quick looks)
     bootstrap_samples: int = 1000
+    leakage_ngram: int = 13  # word n-gram length of the contamination check (13 as in GPT-3's)
+    leakage_doc_share: float = 0.5  # a held-out document counts as leaked when this share of its n-grams is in SFT
+    heldout_docs_in_sft_context: Literal["fail", "warn"] = "warn"  # held-out docs shown as unlabelled distractors
+    judge: JudgeParams = field(default_factory=JudgeParams)
 
     def problems(self) -> list[str]:
         out = []
@@ -239,7 +262,91 @@ class EvaluateParams:
             out.append("evaluate.max_new_tokens and evaluate.batch_size must be >= 1")
         if self.max_questions < 0:
             out.append(f"evaluate.max_questions must be >= 0, got {self.max_questions}")
+        if self.leakage_ngram < 5:
+            out.append(f"evaluate.leakage_ngram must be >= 5 (shorter n-grams match boilerplate), got {self.leakage_ngram}")
+        if not 0.0 < self.leakage_doc_share <= 1.0:
+            out.append(f"evaluate.leakage_doc_share must be in (0, 1], got {self.leakage_doc_share}")
         return out
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merged checkpoint's weights
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class CsatRubric:
+    resolved_first_turn: int = 5  # resolved on the customer's first question
+    turn_penalty: int = 1  # minus this per extra turn the customer needed
+    resolved_floor: int = 3  # a resolved conversation never scores below this
+    unsupported_penalty: int = 1  # minus this if any answer made claims its passages do not support
+    partially_resolved: int = 3  # main goal resolved, follow-up not
+    unresolved_honest: int = 2  # not resolved, but every answer was grounded or a refusal
+    unresolved_misled: int = 1  # not resolved and told something unsupported
+
+    def problems(self) -> list[str]:
+        values = [self.resolved_first_turn, self.resolved_floor, self.partially_resolved,
+                  self.unresolved_honest, self.unresolved_misled]
+        if any(not 1 <= v <= 5 for v in values):
+            return ["csat.rubric scores must be in 1..5"]
+        if self.turn_penalty < 0 or self.unsupported_penalty < 0:
+            return ["csat.rubric penalties must be >= 0"]
+        return []
+
+
+@dataclass(frozen=True)
+class CsatParams:
+    seed: int = 0
+    conversations: int = 60  # per model; more = tighter intervals, ~2 s each on CPU
+    max_turns: int = 4  # customer turns before any customer gives up
+    impatient_turns: int = 2  # the impatient persona gives up after this many unresolved turns
+    resolve_f1: float = 0.5  # an answer resolves the goal when its token F1 vs gold reaches this
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    bootstrap_samples: int = 1000
+    rubric: CsatRubric = field(default_factory=CsatRubric)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.conversations < 1:
+            out.append(f"csat.conversations must be >= 1, got {self.conversations}")
+        if not 1 <= self.impatient_turns <= self.max_turns:
+            out.append("csat.impatient_turns must be in [1, csat.max_turns]")
+        if not 0.0 < self.resolve_f1 <= 1.0:
+            out.append(f"csat.resolve_f1 must be in (0, 1], got {self.resolve_f1}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            out.append("csat.max_new_tokens and csat.batch_size must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class GateCriterion:
+    metric: str  # "<file in metrics/>:<dotted key>", e.g. eval.json:finetuned.rag.unanswerable.abstention
+    op: Literal[">=", "<=", ">", "<", "=="]
+    value: float
+    why: str = ""
+
+    def problems(self) -> list[str]:
+        out = []
+        if ":" not in self.metric or not self.metric.split(":", 1)[0].endswith(".json"):
+            out.append(f"gate criterion metric {self.metric!r} must read '<file>.json:<dotted.key>'")
+        if not self.why.strip():
+            out.append(f"gate criterion {self.metric!r} needs a `why` (the release requirement it encodes)")
+        return out
+
+
+@dataclass(frozen=True)
+class GateParams:
+    criteria: tuple[GateCriterion, ...] = ()
+    report_metrics: tuple[str, ...] = ()  # other metrics/*.json shown in the release report when present
+
+    def problems(self) -> list[str]:
+        if not self.criteria:
+            return ["gate.criteria must list at least one criterion: a gate with none would release anything"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -315,6 +422,9 @@ STAGE_PARAMS: dict[str, type] = {
     "base": BaseParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
+    "csat": CsatParams,
+    "gate": GateParams,
     "serve": ServeParams,
     "stress": StressParams,
 }

@@ -1,24 +1,30 @@
 """LoRA / QLoRA supervised fine-tuning with TRL and PEFT.
 
-The same function trains the tiny default on a CPU and Llama 3.1 8B on a GPU: only the
-base checkpoint and `TrainParams` differ. Examples arrive already tokenized with the loss
-mask on assistant tokens (veritune.sft.tokenize_example), so TRL trains exactly that.
+The same function trains the tiny default on a CPU and Llama 3.1 8B on one or several GPUs:
+only the base checkpoint and `TrainParams` differ. Examples arrive already tokenized with the
+loss mask on assistant tokens (veritune.sft.tokenize_example), so TRL trains exactly that.
+On a GPU the step runs through veritune.fast_lora (fused LoRA linears, Liger kernels, TRL's
+fused LM head); on several GPUs `launch_data_parallel` reruns the stage under torchrun (DDP).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
-import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from veritune.config import TrainParams
+from veritune.fast_lora import prepare_for_training
 from veritune.modeling import load_model, load_tokenizer, resolve_quantization, save_tokenizer
 from veritune.sft import tokenize_example
 
@@ -71,15 +77,66 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir))
 
 
+def _has_dvclive() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("dvclive") is None:
+        log.warning("train: dvclive is not installed; training without the per-step curves")
+        return False
+    return True
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def launch_data_parallel(script: str, p: TrainParams) -> bool:
+    """Rerun `script` on the GPUs `train.gpus` asks for and return True once that run has
+    finished: under torchrun with one process per GPU (DDP) for two or more, in one process
+    with the other GPUs hidden for one of several (the Trainer would otherwise fall back to
+    DataParallel). Returns False, so the caller trains in-process, inside a torchrun worker
+    or when the visible GPUs are already exactly the ones to use."""
+    import torch
+
+    if "LOCAL_RANK" in os.environ:
+        return False
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = available if p.gpus == 0 else min(p.gpus, available)
+    if available < 2 and n == available:
+        return False
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(_visible_gpus()[:n])}
+    if n >= 2:
+        log.info("train: %d GPUs, data-parallel under torchrun", n)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script]
+    else:
+        log.info("train: 1 of %d GPUs (train.gpus=%d)", available, p.gpus)
+        cmd = [sys.executable, script]
+    subprocess.run(cmd, check=True, env=env)
+    return True
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
 def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
-                  adapter_dir: Path, checkpoint_dir: Path, live_dir: Path | None = None,
+                  adapter_dir: Path | None, checkpoint_dir: Path, live_dir: Path | None = None,
                   callbacks: Sequence = ()) -> dict:
     """Fine-tune a LoRA adapter on `base_dir`; save it (PEFT format) and the tokenizer to
-    `adapter_dir`. Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
+    `adapter_dir` (None: don't save, as on the non-main ranks of a data-parallel run).
+    Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
     from datasets import Dataset
-    from peft import prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before loading: the model goes to this GPU
     quantization = resolve_quantization(p.quantization)
     tokenizer = load_tokenizer(base_dir)
     train_rows, dropped_train = tokenize_examples(train_examples, tokenizer, p.max_length)
@@ -90,18 +147,10 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     if not train_rows:
         raise ValueError("no training example fits train.max_length; raise it or shorten the contexts")
 
+    # No prepare_model_for_kbit_training: its fp32 copies of norms, embeddings and head cost
+    # ~3 GiB on 8B and buy nothing, since RMSNorm and the loss accumulate in fp32 anyway.
     model = load_model(base_dir, quantization)
-    if quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     bf16 = torch.cuda.is_available()
-    resume = resumable_checkpoint(checkpoint_dir, run_fingerprint(base_dir, train_examples, p))
-    callbacks = list(callbacks)
-    if live_dir is not None:
-        from dvclive import Live
-        from transformers.integrations import DVCLiveCallback
-
-        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
-                                                        resume=resume is not None)))
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         seed=p.seed,
@@ -115,6 +164,8 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         per_device_eval_batch_size=p.batch_size,
         gradient_accumulation_steps=p.grad_accum,
         gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
         max_length=p.max_length,
         packing=p.packing,
         padding_free=p.packing,
@@ -127,8 +178,17 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         eval_steps=p.eval_steps if p.eval_steps > 0 else None,
         report_to="none",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=not is_main_process(),
     )
+    with args.main_process_first(desc="checkpoints"):  # rank 0 discards stale checkpoints first
+        resume = resumable_checkpoint(checkpoint_dir, run_fingerprint(base_dir, train_examples, p))
+    callbacks = list(callbacks)
+    if live_dir is not None and is_main_process() and _has_dvclive():
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
+                                                        resume=resume is not None)))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -138,15 +198,19 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         peft_config=lora_config(p),
         callbacks=callbacks,
     )
+    speedups = prepare_for_training(trainer.model, fused_lora=p.fused_lora, liger=p.liger,
+                                    gradient_checkpointing=False)  # the Trainer switches checkpointing on itself
+    log.info("train: %s", speedups)
     if resume:
         log.info("train: resuming from %s", resume)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
     val_loss = trainer.evaluate()["eval_loss"] if val_rows else float("nan")
-    trainer.model.save_pretrained(adapter_dir)
-    _sort_target_modules(adapter_dir / "adapter_config.json")
-    save_tokenizer(tokenizer, adapter_dir)
+    if adapter_dir is not None:
+        trainer.model.save_pretrained(adapter_dir)
+        _sort_target_modules(adapter_dir / "adapter_config.json")
+        save_tokenizer(tokenizer, adapter_dir)
     n_tokens = sum(len(r["input_ids"]) for r in train_rows)
     trainable = sum(t.numel() for t in trainer.model.parameters() if t.requires_grad)
     return {
@@ -157,6 +221,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         "steps": result.global_step,
         "train_seconds": round(seconds, 1),
         "train_tokens_per_second": round(n_tokens * p.epochs / seconds, 1) if p.max_steps <= 0 else None,
+        "gpus": world_size() if torch.cuda.is_available() else 0,
         "trainable_params": trainable,
         "quantization": quantization,
         "resumed_from": resume,
