@@ -388,6 +388,69 @@ class RagEvalParams:
         return out
 
 
+@dataclass(frozen=True)
+class ServeParams:
+    host: str = "127.0.0.1"  # loopback; any other address requires API keys
+    port: int = 8000
+    model_name: str = "veritune"  # the `model` clients ask for; `<model_name>-agent` is the agent mode
+    base_dir: str = "models/base"  # a base checkpoint, or a merged one (then adapter_dir: "")
+    adapter_dir: str = "models/adapter"  # LoRA adapter merged at load; "" serves base_dir as is
+    retrieval: bool = True  # RAG on by default; a request may turn it off with "retrieval": false
+    retrieval_k: int = 2  # passages per answer: the model was trained with build_sft.context_chunks
+    max_batch_size: int = 32  # requests decoded together: throughput vs. per-request latency
+    max_wait_ms: float = 10.0  # how long a batch waits to fill: latency at low load vs. batch size
+    max_pending: int = 512  # queued requests beyond this get 503: bounded memory and latency
+    max_input_tokens: int = 1024  # prompt tokens of a request's own messages (passages come on top)
+    max_new_tokens: int = 64  # ceiling on a request's max_tokens; the default when it gives none
+    request_timeout_s: float = 60.0  # a request waiting longer gets 504 and stops costing compute
+    max_body_bytes: int = 65536  # larger request bodies get 413 before they are parsed
+    max_messages: int = 64
+    rate_limit_per_min: int = 600  # per API key (per client address without keys); 0 turns it off
+    torch_threads: int = 0  # 0: torch's default; 1 on a busy shared CPU, where threads spin against others
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
+    graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.port < 65536:
+            out.append(f"serve.port must be in 1..65535, got {self.port}")
+        if not self.model_name or not self.model_name.replace("-", "").replace(".", "").isalnum():
+            out.append(f"serve.model_name must be letters, digits, - and ., got {self.model_name!r}")
+        for name in ("retrieval_k", "max_batch_size", "max_input_tokens", "max_new_tokens", "max_body_bytes",
+                     "max_messages"):
+            if getattr(self, name) < 1:
+                out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "max_pending", "rate_limit_per_min", "torch_threads"):
+            if getattr(self, name) < 0:
+                out.append(f"serve.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "graceful_timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"serve.{name} must be > 0, got {getattr(self, name)}")
+        return out
+
+
+@dataclass(frozen=True)
+class StressParams:
+    clients: int = 32  # concurrent simulated clients, each with its own API key
+    duration_s: float = 60.0  # how long each run sends requests; in-flight ones are then awaited
+    max_tokens: int = 24  # per request: short answers, as in evaluation
+    stream_fraction: float = 0.25  # share of requests sent with stream=true (SSE)
+    compare_unbatched: bool = True  # second run with max_batch_size 1: the one-at-a-time baseline
+    client_timeout_s: float = 120.0  # a request unanswered this long counts as lost
+    startup_timeout_s: float = 300.0  # how long to wait for /health after starting the server
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.clients < 1 or self.max_tokens < 1:
+            out.append("stress.clients and stress.max_tokens must be >= 1")
+        if self.duration_s <= 0 or self.client_timeout_s <= 0 or self.startup_timeout_s <= 0:
+            out.append("stress.duration_s, client_timeout_s and startup_timeout_s must be > 0")
+        if not 0.0 <= self.stream_fraction <= 1.0:
+            out.append(f"stress.stream_fraction must be in [0, 1], got {self.stream_fraction}")
+        return out
+
+
 # --------------------------------------------------------------------------- loading
 
 STAGE_PARAMS: dict[str, type] = {
@@ -402,6 +465,8 @@ STAGE_PARAMS: dict[str, type] = {
     "csat": CsatParams,
     "gate": GateParams,
     "rag_eval": RagEvalParams,
+    "serve": ServeParams,
+    "stress": StressParams,
 }
 
 

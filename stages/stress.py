@@ -1,0 +1,93 @@
+"""Stage `stress`: many concurrent clients against `veritune serve`, batched vs one at a time.
+
+    python stages/stress.py
+
+Starts `veritune serve` (params `serve`, `index`, `build_sft`; models/base + models/adapter,
+data/index) on a free loopback port with one API key per client and the rate limit off (this
+measures the engine, not the limiter), drives `stress.clients` concurrent clients for
+`stress.duration_s` with questions from data/split/questions_test.jsonl, and stops it with
+SIGTERM. With `stress.compare_unbatched` it repeats the same load against a server started
+with max_batch_size 1 (one request at a time). Writes metrics/stress.json (throughput,
+p50/p95/p99 latency, error rate, lost requests, exactly-one-answer check, the batched /
+one-at-a-time throughput ratio) and reports/stress/ (latency.png, server logs).
+"""
+
+import asyncio
+import logging
+import os
+import platform
+import secrets
+from pathlib import Path
+
+from veritune.config import as_dict, load_params
+from veritune.io import atomic_path, read_jsonl, write_json
+from veritune.stress import ServerProcess, drive_load, free_port, plot_latency, server_counter, summarize
+
+log = logging.getLogger("veritune.stress")
+
+
+def run_load(name: str, max_batch_size: int, p, questions: list[str], keys: list[str], log_dir: Path) -> tuple[dict, list]:
+    import httpx
+
+    args = ["--max-batch-size", str(max_batch_size), "--rate-limit-per-min", "0"]
+    with ServerProcess(free_port(), api_keys=keys, log_path=log_dir / f"server-{name}.log", extra_args=args) as server:
+        server.start(p.startup_timeout_s)
+        # Warm-up outside the measured window: first calls pay for lazy initialisation.
+        asyncio.run(drive_load(server.url, questions, keys, clients=2, duration_s=0.1, max_tokens=p.max_tokens,
+                               stream_fraction=0.5, timeout_s=p.client_timeout_s, run_name=f"{name}-warmup"))
+        before = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text
+        log.info("stress: %s run, %d clients for %g s", name, p.clients, p.duration_s)
+        records, wall_s = asyncio.run(drive_load(server.url, questions, keys, clients=p.clients,
+                                                 duration_s=p.duration_s, max_tokens=p.max_tokens,
+                                                 stream_fraction=p.stream_fraction, timeout_s=p.client_timeout_s,
+                                                 seed=p.seed, run_name=name))
+        after = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text
+        health = httpx.get(f"{server.url}/health").json()
+        exit_code = server.stop()
+    done = server_counter(after, "veritune_completions") - server_counter(before, "veritune_completions")
+    tokens = server_counter(after, "veritune_completion_tokens") - server_counter(before, "veritune_completion_tokens")
+    summary = summarize(records, wall_s, server_completions=done)
+    summary["completion_tokens_per_s"] = round(tokens / wall_s, 2)
+    summary["max_batch_size"] = max_batch_size
+    summary["mean_batch_size"] = health["mean_batch_size"]
+    summary["max_batch_size_seen"] = health["max_batch_size_seen"]
+    summary["graceful_exit_code"] = exit_code
+    log.info("stress: %s: %s", name, summary)
+    return summary, records
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = load_params("stress")
+    sp = load_params("serve")
+    ip = load_params("index")
+    load_params("build_sft")  # the server's prompt: checked here so a bad value fails before any load
+    if not Path(ip.uri).exists():
+        raise FileNotFoundError(f"no index at {ip.uri}: run `dvc repro index`")
+    questions = [q["question"] for q in read_jsonl("data/split/questions_test.jsonl")]
+    keys = [secrets.token_urlsafe(24) for _ in range(p.clients)]
+    metrics: dict = {"clients": p.clients, "duration_s": p.duration_s, "max_tokens": p.max_tokens,
+                     "stream_fraction": p.stream_fraction, "cpu": platform.processor() or platform.machine(),
+                     "cpu_count": os.cpu_count()}
+    latencies = {}
+    with atomic_path("reports/stress") as out:
+        out.mkdir()
+        runs = [("batched", sp.max_batch_size)] + ([("unbatched", 1)] if p.compare_unbatched else [])
+        for name, batch in runs:
+            metrics[name], records = run_load(name, batch, p, questions, keys, out)
+            latencies[f"{name} (max_batch_size={batch})"] = [r["latency_s"] for r in records
+                                                             if r["status"] == 200 and r["problem"] is None]
+        if p.compare_unbatched:
+            b, u = metrics["batched"]["throughput_rps"], metrics["unbatched"]["throughput_rps"]
+            metrics["throughput_ratio"] = round(b / u, 2) if u else None
+            bt, ut = metrics["batched"]["completion_tokens_per_s"], metrics["unbatched"]["completion_tokens_per_s"]
+            metrics["token_throughput_ratio"] = round(bt / ut, 2) if ut else None
+        plot_latency(latencies, out / "latency.png")
+        write_json(out / "stress_config.json", {"stress": as_dict(p), "serve": as_dict(sp)})
+    write_json("metrics/stress.json", metrics)
+    log.info("stress: batched %s req/s, one at a time %s req/s, ratio %s", metrics["batched"]["throughput_rps"],
+             metrics.get("unbatched", {}).get("throughput_rps"), metrics.get("throughput_ratio"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,699 @@
+"""`veritune serve`: the released model behind an OpenAI-compatible HTTP API.
+
+    veritune serve                       # params.yaml `serve`; http://127.0.0.1:8000
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "veritune", "messages": [{"role": "user", "content": "How do I descale the K2?"}]}'
+
+Endpoints: POST /v1/chat/completions (with "stream": true for server-sent events),
+GET /v1/models, GET /health, GET /metrics (Prometheus text format).
+
+Each answer is grounded by default: the last user message is the retrieval query, the top
+`serve.retrieval_k` chunks of the index go into the prompt exactly as in training
+(`chat.rag_messages` with the `build_sft` system prompt), and the response carries a
+`citations` list (doc_id, chunk_id, title, score). `"retrieval": false` in a request turns it
+off. Model `<model_name>-agent` runs the tool-calling agent (`veritune.agent.run_agent`) when
+that module is installed, else 501.
+
+Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
+are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval queries are
+batched the same way, so a batch's questions are embedded and searched in one call.
+
+Security: API keys come from `VERITUNE_API_KEYS` (comma-separated) or the file named by
+`VERITUNE_API_KEYS_FILE` (one per line) and are compared in constant time; without keys the
+server only binds to loopback. Each key (each client address without keys) has a token-bucket
+rate limit. Logs carry method, path, status, latency and request id, never a prompt or a key.
+Bodies over `serve.max_body_bytes` get 413 before they are parsed; bad input gets a 4xx whose
+message names the field.
+
+This process owns the Milvus Lite index directory while it runs (one process at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from veritune import chat
+from veritune.batching import BatcherStopped, Completion, GenerationRequest, MicroBatcher, QueueFull, generate_batch
+from veritune.config import ServeParams
+
+log = logging.getLogger("veritune.serve")
+
+KEYS_ENV, KEYS_FILE_ENV = "VERITUNE_API_KEYS", "VERITUNE_API_KEYS_FILE"
+# Control tokens a client could type to forge a turn (prompt injection through the template).
+_RESERVED = re.compile(r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
+                       r"finetune_right_pad_id|reserved_special_token_\d+)\|>")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+# --------------------------------------------------------------------------- request schema
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request; unknown fields are ignored, known ones are strict."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: StrictBool = False
+    temperature: Annotated[StrictFloat | StrictInt, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    user: StrictStr | None = None
+    retrieval: StrictBool | None = None  # veritune extension: None = the server's default (serve.retrieval)
+
+
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.param = param
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# --------------------------------------------------------------------------- keys and limits
+
+
+def load_api_keys(environ: dict | None = None) -> list[str]:
+    """Keys from VERITUNE_API_KEYS (comma-separated) and/or the file VERITUNE_API_KEYS_FILE names."""
+    environ = os.environ if environ is None else environ
+    keys = [k.strip() for k in environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    path = environ.get(KEYS_FILE_ENV)
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{KEYS_FILE_ENV}={path}: no such file (one API key per line)")
+        keys += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
+    if any(len(k) < 16 for k in keys):
+        raise ValueError("API keys must be at least 16 characters (e.g. `python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'`)")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def match_key(presented: str, keys: list[str]) -> int | None:
+    """Index of the key equal to `presented`; every key is compared, each in constant time."""
+    found = None
+    for i, key in enumerate(keys):
+        if hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8")):
+            found = i
+    return found
+
+
+class RateLimiter:
+    """A token bucket per client: `per_min` requests a minute, bursts up to `per_min`."""
+
+    def __init__(self, per_min: int):
+        self.per_min = per_min
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """0 if the request may go ahead (and is counted), else seconds until it may."""
+        if self.per_min <= 0:
+            return 0.0
+        rate = self.per_min / 60.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (float(self.per_min), now))
+            tokens = min(float(self.per_min), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[client] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[client] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("veritune_http_requests", "HTTP requests answered", ["method", "path", "status"],
+                                registry=r)
+        self.latency = Histogram("veritune_http_request_duration_seconds", "HTTP request latency", ["path"],
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.in_flight = Gauge("veritune_http_in_flight_requests", "requests being handled", registry=r)
+        self.batch_size = Histogram("veritune_batch_size", "requests per batch", ["stage"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_seconds = Histogram("veritune_batch_duration_seconds", "time per batch", ["stage"],
+                                       buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.completions = Counter("veritune_completions", "chat completions finished", ["finish_reason"],
+                                   registry=r)
+        self.prompt_tokens = Counter("veritune_prompt_tokens", "prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("veritune_completion_tokens", "tokens generated", registry=r)
+
+
+class Service:
+    """The loaded model and tokenizer, the retriever, and the two batchers that feed them."""
+
+    def __init__(self, params: ServeParams, model, tokenizer, retriever=None, system_prompt: str = "",
+                 api_keys: list[str] | None = None):
+        from veritune.generation import stop_token_ids
+
+        self.params, self.model, self.tokenizer, self.retriever = params, model, tokenizer, retriever
+        self.system_prompt = system_prompt
+        self.api_keys = list(api_keys or [])
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(params.rate_limit_per_min)
+        self.generator = MicroBatcher(lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
+                                      params.max_batch_size, params.max_wait_ms, params.max_pending, name="generate")
+        self.generator.on_batch = lambda n, s: self._observe("generate", n, s)
+        self.searcher = None
+        if retriever is not None:
+            self.searcher = MicroBatcher(lambda queries: retriever.search(queries, k=params.retrieval_k),
+                                         params.max_batch_size, params.max_wait_ms, params.max_pending, name="search")
+            self.searcher.on_batch = lambda n, s: self._observe("search", n, s)
+        self.started = time.time()
+        self.in_flight = 0  # HTTP requests being handled (this one included, for /health)
+
+    def _observe(self, stage: str, n: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(stage).observe(n)
+        self.metrics.batch_seconds.labels(stage).observe(seconds)
+
+    def start(self) -> "Service":
+        self.generator.start()
+        if self.searcher is not None:
+            self.searcher.start()
+        return self
+
+    def stop_batchers(self) -> None:
+        """Take no new work; finish what is queued."""
+        if self.searcher is not None:
+            self.searcher.stop()
+        self.generator.stop()
+
+    def close(self) -> None:
+        """Finish queued work, then free the index (its lock) for other processes."""
+        self.stop_batchers()
+        if self.retriever is not None:
+            self.retriever.close()
+            self.retriever = None
+
+    def agent_available(self) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("veritune.agent") is not None
+
+    # --- what the agent gets: blocking calls through the same batchers (see `agent_completion`)
+    def generate_text(self, messages: list[dict], max_new_tokens: int) -> str:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        completion = self.generator.submit(GenerationRequest(list(ids), max_new_tokens)).result(
+            self.params.request_timeout_s)
+        return self.tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+
+    def search_passages(self, query: str, k: int | None = None) -> list[dict]:
+        if self.searcher is None:
+            return []
+        hits = self.searcher.submit(query).result(self.params.request_timeout_s)
+        return [dataclasses.asdict(h) for h in hits[: k or len(hits)]]
+
+
+def load_service(params: ServeParams, index_params=None, system_prompt: str = "", api_keys: list[str] | None = None,
+                 retrieval: bool | None = None) -> Service:
+    """Load the model (adapter merged) and open the index named by `index_params`."""
+    import torch
+
+    from veritune.modeling import load_model, load_tokenizer
+
+    if params.torch_threads:
+        torch.set_num_threads(params.torch_threads)
+    for name in ("base_dir", "adapter_dir"):
+        path = getattr(params, name)
+        if path and not Path(path).is_dir():
+            raise FileNotFoundError(f"serve.{name} {path} does not exist: run `dvc repro train` (or set serve.{name})")
+    model = load_model(params.base_dir)
+    if params.adapter_dir:
+        from peft import PeftModel
+
+        # Merged once at load: the same function, no per-layer adapter cost per token.
+        model = PeftModel.from_pretrained(model, params.adapter_dir).merge_and_unload()
+    if params.dtype != "auto":
+        model = model.to(getattr(torch, params.dtype))
+    model.eval()
+    tokenizer = load_tokenizer(params.adapter_dir or params.base_dir)
+    retriever = None
+    if (params.retrieval if retrieval is None else retrieval) and index_params is not None:
+        from veritune.retrieval import Retriever
+
+        retriever = Retriever(index_params.uri, index_params.collection, index_params.embedding_model)
+    return Service(params, model, tokenizer, retriever, system_prompt, api_keys)
+
+
+# --------------------------------------------------------------------------- request guard (ASGI)
+
+
+class RequestGuard:
+    """Request id, body-size limit, access log and HTTP metrics around every request.
+
+    The body is read (up to the limit) before the app sees it, so an oversized one gets 413
+    however it is sent (Content-Length or chunked) and nothing is parsed.
+    """
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope["path"] if scope["path"] in _PATHS else "other"
+        status = {"code": 500}
+        metrics = self.service.metrics
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        async def reject(code: int, message: str) -> None:
+            response = JSONResponse(error_body(code, message), status_code=code)
+            await response(scope, receive, send_with_id)
+
+        metrics.in_flight.inc()
+        self.service.in_flight += 1
+        try:
+            limit = self.service.params.max_body_bytes
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                code = 413 if declared.isdigit() else 400
+                return await reject(code, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit}"
+                                    if code == 413 else "Content-Length must be a whole number of bytes")
+            body, more = bytearray(), True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    return await reject(413, f"request body is over the limit of {limit} bytes")
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()  # after the body: wait for the client to go away
+
+            await self.app(scope, replay, send_with_id)
+        finally:
+            metrics.in_flight.dec()
+            self.service.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
+            metrics.latency.labels(path).observe(elapsed)
+            log.info("%s %s %d %.1fms id=%s", scope["method"], path, status["code"], elapsed * 1000, request_id)
+
+
+_PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
+    """The ASGI app over a started `service`; `owns_service` closes it when the app shuts down."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        if owns_service:
+            service.close()
+
+    app = FastAPI(title="veritune", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat completions over the fine-tuned, retrieval-grounded model.")
+    p = service.params
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(error_body(400, f"request body is not valid JSON: {errors[0].get('msg')}"),
+                                status_code=400)
+        parts = []
+        for e in errors[:10]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        first = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
+        return JSONResponse(error_body(422, "; ".join(parts), param=first or None), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), getattr(exc, "param", None)),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        rid = request.scope.get("state", {}).get("request_id")
+        log.error("unhandled %s on %s id=%s", type(exc).__name__, request.url.path, rid, exc_info=exc)
+        return JSONResponse(error_body(500, f"internal error (request id {rid})"), status_code=500)
+
+    def authorize(request: Request) -> str:
+        """The client's rate-limit identity; raises 401 / 429."""
+        if service.api_keys:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            index = match_key(token.strip(), service.api_keys) if scheme.lower() == "bearer" else None
+            if index is None:
+                raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                               headers={"WWW-Authenticate": "Bearer"})
+            client = f"key-{index}"
+        else:
+            client = f"addr-{request.client.host if request.client else 'unknown'}"
+        wait = service.limiter.retry_after(client)
+        if wait > 0:
+            raise ApiError(429, f"rate limit of {p.rate_limit_per_min} requests a minute exceeded; retry in "
+                                f"{wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
+        return client
+
+    @app.get("/health")
+    async def health() -> dict:
+        sizes = service.generator.batch_sizes
+        return {"status": "ok", "model": p.model_name, "retrieval": service.searcher is not None,
+                "in_flight": service.in_flight, "pending": service.generator.pending(), "batches": len(sizes),
+                "max_batch_size_seen": max(sizes, default=0),
+                "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
+                "uptime_s": round(time.time() - service.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if service.api_keys:
+            authorize(request)
+        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        ids = [p.model_name] + ([f"{p.model_name}-agent"] if service.agent_available() else [])
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": int(service.started),
+                                            "owned_by": "veritune"} for i in ids]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        authorize(request)
+        request_id = request.scope["state"]["request_id"]
+        messages = check_messages(body, p)
+        max_new = body.max_completion_tokens or body.max_tokens or p.max_new_tokens
+        if max_new > p.max_new_tokens:
+            raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
+                           param="max_tokens")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop sequences must not be empty", param="stop")
+        if body.model == f"{p.model_name}-agent":
+            return await agent_completion(service, body, messages, max_new, request_id)
+        if body.model != p.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
+                                f"{p.model_name!r}", param="model")
+        own_ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                        return_dict=False)
+        if len(own_ids) > p.max_input_tokens:
+            raise ApiError(400, f"the messages are {len(own_ids)} tokens; the limit is {p.max_input_tokens}",
+                           param="messages")
+        use_retrieval = p.retrieval if body.retrieval is None else body.retrieval
+        hits = []
+        if use_retrieval:
+            if service.searcher is None:
+                raise ApiError(400, "retrieval is off on this server (no index loaded); send \"retrieval\": false",
+                               param="retrieval")
+            question = messages[-1]["content"]
+            hits = await wait_for(service.searcher, question, p.request_timeout_s)
+            messages = grounded(messages, [dataclasses.asdict(h) for h in hits], service.system_prompt)
+        prompt_ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                           return_dict=False)
+        if len(prompt_ids) + max_new > service.max_positions:
+            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens with passages) + max_tokens ({max_new}) exceeds "
+                                f"the model's {service.max_positions} positions", param="messages")
+        citations = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "score": round(h.score, 4)}
+                     for h in hits]
+        created = int(time.time())
+        base = {"id": f"chatcmpl-{request_id}", "created": created, "model": p.model_name}
+        gen = GenerationRequest(prompt_ids=list(prompt_ids), max_new_tokens=max_new)
+        if body.stream:
+            return StreamingResponse(stream_events(service, gen, stops, base, citations),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
+        text = service.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        text, stopped = apply_stops(text, stops)
+        finish = "stop" if stopped else completion.finish_reason
+        record_completion(service, completion, finish)
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": completion.prompt_tokens,
+                          "completion_tokens": len(completion.token_ids),
+                          "total_tokens": completion.prompt_tokens + len(completion.token_ids)},
+                "citations": citations}
+
+    return RequestGuard(app, service)
+
+
+def check_messages(body: ChatRequest, p: ServeParams) -> list[dict]:
+    """The conversation as plain dicts, or a 400 naming the message and what is wrong with it."""
+    if len(body.messages) > p.max_messages:
+        raise ApiError(400, f"{len(body.messages)} messages; the limit is {p.max_messages}", param="messages")
+    out = []
+    for i, m in enumerate(body.messages):
+        text = m.text()
+        if not text.strip():
+            raise ApiError(400, f"messages[{i}].content is empty", param=f"messages.{i}.content")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)",
+                           param=f"messages.{i}.content") from None
+        found = _RESERVED.search(text)
+        if found:
+            raise ApiError(400, f"messages[{i}].content contains the reserved control token {found.group(0)}",
+                           param=f"messages.{i}.content")
+        out.append({"role": m.role, "content": text})
+    if out[-1]["role"] != "user":
+        raise ApiError(400, f"the last message must be from the user, got {out[-1]['role']!r}", param="messages")
+    return out
+
+
+def grounded(messages: list[dict], passages: list[dict], system_prompt: str) -> list[dict]:
+    """The conversation with its last user turn replaced by the training-time RAG prompt."""
+    rag = chat.rag_messages(system_prompt, messages[-1]["content"], passages)
+    history = messages[:-1]
+    if not history or history[0]["role"] != "system":
+        history = [rag[0], *history]
+    return [*history, rag[1]]
+
+
+def apply_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def record_completion(service: Service, completion: Completion, finish: str) -> None:
+    service.metrics.completions.labels(finish).inc()
+    service.metrics.prompt_tokens.inc(completion.prompt_tokens)
+    service.metrics.completion_tokens.inc(len(completion.token_ids))
+
+
+async def wait_for(batcher: MicroBatcher, item: Any, timeout: float, gen: GenerationRequest | None = None) -> Any:
+    """Submit to a batcher and await the result: 503 when full or stopping, 504 past `timeout`."""
+    try:
+        future = batcher.submit(item)
+    except QueueFull as e:
+        raise ApiError(503, f"server busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+    except BatcherStopped:
+        raise ApiError(503, "server is shutting down", headers={"Retry-After": "5"}) from None
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"no answer within {timeout:g} s (serve.request_timeout_s)") from None
+    finally:
+        if gen is not None:
+            gen.cancelled.set()  # a no-op once finished; frees the batch slot of one given up on
+
+
+async def stream_events(service: Service, gen: GenerationRequest, stops: list[str], base: dict, citations: list):
+    """Server-sent events in OpenAI's chunk format: role, content deltas, finish, `[DONE]`."""
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    gen.on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
+    hold = max((len(s) for s in stops), default=1) - 1  # text that may be the start of a stop sequence
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        chunk = {**base, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    try:
+        future = service.generator.submit(gen)
+    except (QueueFull, BatcherStopped) as e:
+        yield f"data: {json.dumps(error_body(503, f'server busy: {e}'))}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    done = asyncio.ensure_future(asyncio.wrap_future(future))
+    deadline = loop.time() + service.params.request_timeout_s
+    yield event({"role": "assistant", "content": ""}, citations=citations)
+    ids: list[int] = []
+    sent = 0
+    finish = None
+    try:
+        while finish is None:
+            getter = asyncio.ensure_future(tokens.get())
+            await asyncio.wait({getter, done}, timeout=max(0.0, deadline - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                ids.append(getter.result())
+            else:
+                getter.cancel()
+                if not done.done():
+                    raise TimeoutError
+                while not tokens.empty():  # tokens queued before the future resolved
+                    ids.append(tokens.get_nowait())
+                finish = done.result().finish_reason
+            text = service.tokenizer.decode(ids, skip_special_tokens=True)
+            text, stopped = apply_stops(text, stops)
+            if stopped:
+                finish = "stop"
+                gen.cancelled.set()
+            # Hold back a partial UTF-8 character and a possible stop-sequence prefix.
+            ready = len(text) if finish else max(sent, len(text.rstrip("\ufffd")) - hold)
+            if ready > sent:
+                yield event({"content": text[sent:ready] if sent else text[:ready].lstrip()})
+                sent = ready
+        completion = done.result() if done.done() and not done.exception() else None
+        if completion is not None:
+            record_completion(service, completion, finish)
+        yield event({}, finish)
+    except TimeoutError:
+        gen.cancelled.set()
+        yield f"data: {json.dumps(error_body(504, 'no answer within serve.request_timeout_s'))}\n\n"
+    except Exception:  # the batch failed after the headers went out: say so in-band, then end the stream
+        log.exception("stream %s failed", base["id"])
+        yield f"data: {json.dumps(error_body(500, 'generation failed; see the server log for ' + base['id']))}\n\n"
+    finally:
+        gen.cancelled.set()  # also when the client went away mid-stream
+    yield "data: [DONE]\n\n"
+
+
+async def agent_completion(service: Service, body: ChatRequest, messages: list[dict], max_new: int, request_id: str):
+    """The agent mode, when `veritune.agent` exists. Expected interface (kept small on purpose):
+
+        run_agent(messages: list[dict], *, generate: Callable[[list[dict], int], str],
+                  search: Callable[[str, int], list[dict]], max_new_tokens: int) -> dict
+        # returns {"answer": str, "citations": [doc_id or {"doc_id": ...}, ...], "steps": [...] (optional)}
+
+    `generate(messages, max_new_tokens)` and `search(query, k)` go through the server's
+    batchers, so agent calls are batched with everything else. It runs in a worker thread.
+    """
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("veritune.agent") is None:
+        raise ApiError(501, "the agent mode is not installed in this build (no veritune.agent)", param="model")
+    agent = importlib.import_module("veritune.agent")
+    p = service.params
+    try:
+        result = await asyncio.wait_for(asyncio.to_thread(
+            agent.run_agent, messages, generate=service.generate_text, search=service.search_passages,
+            max_new_tokens=max_new), p.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the agent gave no answer within {p.request_timeout_s:g} s") from None
+    answer = result.get("answer", "") if isinstance(result, dict) else str(result)
+    cited = result.get("citations", []) if isinstance(result, dict) else []
+    citations = [c if isinstance(c, dict) else {"doc_id": str(c)} for c in cited]
+    base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": f"{p.model_name}-agent"}
+    if body.stream:
+        async def one_shot():
+            chunk = {**base, "object": "chat.completion.chunk", "citations": citations,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": answer}, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            end = {**base, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(end)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(one_shot(), media_type="text/event-stream")
+    return {**base, "object": "chat.completion", "citations": citations,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "steps": result.get("steps", []) if isinstance(result, dict) else []}
+
+
+def serve(params: ServeParams, index_params, system_prompt: str, log_level: str = "info") -> None:
+    """Load everything, then run uvicorn until SIGINT/SIGTERM (which drains in-flight requests)."""
+    import uvicorn
+
+    api_keys = load_api_keys()
+    if not api_keys and not is_loopback(params.host):
+        raise ValueError(f"refusing to serve on {params.host} without API keys: set {KEYS_ENV} or {KEYS_FILE_ENV}, "
+                         "or bind to 127.0.0.1")
+    log.info("serve: loading %s%s (auth %s)", params.base_dir,
+             f" + {params.adapter_dir}" if params.adapter_dir else "", "on" if api_keys else "off (loopback)")
+    service = load_service(params, index_params, system_prompt, api_keys).start()
+    app = create_app(service, owns_service=True)
+    config = uvicorn.Config(app, host=params.host, port=params.port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=int(params.graceful_timeout_s), lifespan="on")
+    uvicorn.Server(config).run()
