@@ -2,13 +2,16 @@
 
     python stages/build_sft.py
 
-Reads data/split/questions_{train,val}.jsonl, the index in data/index/ and params
+Reads data/split/questions_{train,val}.jsonl, data/split/doc_split.json (held-out documents
+are never shown in training prompts), the index in data/index/ and params
 `build_sft` and `index`; writes data/sft/{train,val}.jsonl (chat messages, one example per
 question) with sft_config.json, and metrics/build_sft.json.
 """
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 
 from veritune.config import as_dict, load_params
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -17,21 +20,29 @@ from veritune.sft import build_examples
 
 log = logging.getLogger("veritune.build_sft")
 
+VISIBLE_SPLITS = {"train": {"train"}, "val": {"train", "val"}}  # documents each split's prompts may show
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = load_params("build_sft")
     ip = load_params("index")
     chunks = read_jsonl("data/index/chunks.jsonl")
+    doc_split = json.loads(Path("data/split/doc_split.json").read_text(encoding="utf-8"))
     splits = {s: read_jsonl(f"data/split/questions_{s}.jsonl") for s in ("train", "val")}
     summary = {}
     with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever, atomic_path("data/sft") as out:
         out.mkdir()
         for split, questions in splits.items():
-            hits = retriever.search([q["question"] for q in questions], k=p.retrieval_pool)
-            retrieved = [[dataclasses.asdict(h) for h in row] for row in hits]
+            # Held-out documents never reach a training prompt, not even as a distractor: the
+            # test measures grounding on text the model has never read. Val examples may read
+            # val documents (their oracles), never test ones.
+            readable = {d for d, s in doc_split.items() if s in VISIBLE_SPLITS[split]}
+            hits = retriever.search([q["question"] for q in questions], k=2 * p.retrieval_pool)
+            retrieved = [[dataclasses.asdict(h) for h in row if h.doc_id in readable][: p.retrieval_pool]
+                         for row in hits]
             # Validation keeps one conversation per question so its loss stays comparable.
-            examples = build_examples(questions, retrieved, chunks, p,
+            examples = build_examples(questions, retrieved, [c for c in chunks if c["doc_id"] in readable], p,
                                       samples_per_question=p.samples_per_question if split == "train" else 1)
             write_jsonl(out / f"{split}.jsonl", examples)
             summary[split] = {
