@@ -212,6 +212,7 @@ class TrainParams:
     grad_accum: int = 1
     max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
     packing: bool = False  # padding-free packing without cross-sample attention
+    sampling: Literal["random", "group_by_length"] = "random"  # group_by_length: batches of like lengths, less padding
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     save_steps: int = 100  # checkpoints to resume from after a crash

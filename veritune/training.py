@@ -117,6 +117,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         gradient_checkpointing=p.gradient_checkpointing,
         max_length=p.max_length,
         packing=p.packing,
+        train_sampling_strategy=p.sampling,
         padding_free=p.packing,
         bf16=bf16,
         logging_steps=p.logging_steps,
