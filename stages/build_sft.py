@@ -17,6 +17,7 @@ from veritune.config import as_dict, load_params
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.retrieval import Retriever
 from veritune.sft import build_agent_examples, build_examples
+from veritune.tools import kb_search
 
 log = logging.getLogger("veritune.build_sft")
 
@@ -41,10 +42,8 @@ def main() -> None:
             # Validation stays QA-only so its loss compares across runs with and without tools.
             agent_examples = []
             if split == "train" and p.agent_samples_per_task:
-                def search(query: str) -> list[dict]:
-                    return [{"doc_id": h.doc_id, "title": h.title, "text": h.text}
-                            for h in retriever.search([query], k=p.agent_search_k)[0]]
-                agent_examples = build_agent_examples(agent_tasks, "data/agent/business.sqlite", search, p,
+                agent_examples = build_agent_examples(agent_tasks, "data/agent/business.sqlite",
+                                                      kb_search(retriever, p.agent_search_k), p,
                                                       date.fromisoformat(ap.today))
             write_jsonl(out / f"{split}.jsonl", examples + agent_examples)
             summary[split] = {

@@ -424,3 +424,10 @@ def authorised_writes(request: str) -> tuple[str, ...]:
     if re.search(r"\brefund", text):
         allowed.append("request_refund")
     return tuple(allowed)
+
+
+def kb_search(retriever, k: int) -> Callable[[str], list[dict]]:
+    """`search_kb` over a `veritune.retrieval.Retriever`: the top `k` chunks of a query."""
+    def search(query: str) -> list[dict]:
+        return [{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in retriever.search([query], k=k)[0]]
+    return search
