@@ -441,3 +441,18 @@ def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
                               tool_definitions("compact"), TODAY, trials=2)
     assert len(results) == 4 and all(r["stop"] in ("answer", "max_steps", "max_retries") for r in results)
     assert summarise(results, 2)["episodes"] == 4
+
+
+def test_cli_agent_prints_each_step_and_the_answer(tiny_checkpoint, shop, monkeypatch, capsys):
+    from veritune.cli import main
+
+    db, _ = shop
+    monkeypatch.chdir(REPO)  # settings come from params.yaml
+    before = db_fingerprint(db)
+    code = main(["agent", "Where is my order 1001?", "--base", str(tiny_checkpoint), "--adapter", "none",
+                 "--db", str(db), "--no-search", "--max-steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.splitlines()[-1].startswith("answer: ")
+    assert db_fingerprint(db) == before
+    assert main(["agent", "hi", "--db", str(db.parent / "missing.sqlite"), "--adapter", "none",
+                 "--base", str(tiny_checkpoint)]) == 2

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"
 
-STAGES = ("validate", "split", "index", "build_sft", "base", "train", "evaluate")
+STAGES = ("validate", "split", "index", "agent_db", "build_sft", "base", "train", "evaluate", "agent_eval")
+METRICS = {"evaluate": "metrics/eval.json", "agent_eval": "metrics/agent.json"}  # else metrics/<stage>.json
 N_DOCUMENTS = 40  # the first 20 products (spec sheet + guide each)
 N_GROUNDED_QUESTIONS = 80  # questions whose documents are all among those kept
 N_NO_DOCUMENT_QUESTIONS = 20  # unanswerable questions about products that do not exist
@@ -43,6 +44,7 @@ PARAM_OVERRIDES = {
     # logging_steps 1: with 3 steps the default of 10 would log no loss curve at all
     "train": {"max_steps": 3, "batch_size": 4, "save_steps": 2, "logging_steps": 1},
     "evaluate": {"max_questions": 12, "bootstrap_samples": 50, "max_new_tokens": 8},
+    "agent_eval": {"max_tasks": 2, "trials": 2, "max_new_tokens": 8, "max_steps": 2, "batch_size": 4},
 }
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: any attempt to go online fails at once
@@ -127,6 +129,8 @@ def make_project(path: Path, questions_extra: Sequence[dict] = ()) -> Path:
     documents, questions = tiny_corpus()
     write_jsonl(path / "data/raw/documents.jsonl", documents)
     write_jsonl(path / "data/raw/questions.jsonl", questions + list(questions_extra))
+    shutil.copytree(REPO / "data/raw/business", path / "data/raw/business")
+    shutil.copy2(REPO / "data/raw/agent_tasks.jsonl", path / "data/raw/agent_tasks.jsonl")
     (path / ".gitignore").write_text("__pycache__/\n*.pyc\n/models/checkpoints/\n", encoding="utf-8")
     git(path, "init", "--quiet", "--initial-branch", "main")
     git(path, "config", "user.email", "tests@example.invalid")
@@ -169,10 +173,11 @@ def test_repro_writes_every_declared_output_offline(project):
                 "models/base/config.json", "models/base/tokenizer.json", "models/base/tokenizer_config.json",
                 "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                 "reports/eval/eval.md", "reports/eval/eval_comparison.png", "reports/eval/predictions.jsonl",
-                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv"):
+                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv",
+                "data/agent/business.sqlite", "reports/agent/agent.md", "reports/agent/episodes.jsonl"):
         assert (project / out).exists(), f"{out} missing after dvc repro"
     for stage in STAGES:
-        metrics = "metrics/eval.json" if stage == "evaluate" else f"metrics/{stage}.json"
+        metrics = METRICS.get(stage, f"metrics/{stage}.json")
         assert (project / metrics).is_file(), f"{metrics} missing"
 
     # each artifact carries the config that made it
@@ -191,6 +196,8 @@ def test_repro_writes_every_declared_output_offline(project):
     for variant in ("base", "finetuned"):
         assert set(evaluation[variant]) == {"closed_book", "rag"}, evaluation.keys()
     assert evaluation["n_test_questions"] == PARAM_OVERRIDES["evaluate"]["max_questions"]
+    agent = json.loads((project / "metrics/agent.json").read_text(encoding="utf-8"))
+    assert agent["oracle"]["success"] == 1.0 and agent["base"]["episodes"] == 4, agent
 
 
 def test_second_repro_has_nothing_to_do(project):
@@ -226,7 +233,7 @@ def test_remote_round_trip_restores_a_clone(project, tmp_path):
 def test_train_param_experiment_reruns_only_train_and_evaluate(project):
     """`dvc exp run -S train.learning_rate=...` retrains and re-evaluates, nothing upstream."""
     result = dvc(project, "exp", "run", "--name", "lr-1e-3", "-S", "train.learning_rate=0.001")
-    assert running_stages(result.stdout) == {"train", "evaluate"}, result.stdout
+    assert running_stages(result.stdout) == {"train", "evaluate", "agent_eval"}, result.stdout
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     train_diff = diff.get("metrics/train.json", {})
