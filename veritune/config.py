@@ -275,7 +275,7 @@ class AgentEvalParams:
     max_tasks: int = 0  # 0: every test task; > 0 the first n (quick looks)
     max_steps: int = 8  # model turns per episode; tasks need 2-5
     max_retries: int = 2  # refused tool calls in a row before an episode is given up
-    max_seconds: float = 120.0  # wall time per episode
+    max_seconds: float = 600.0  # wall time per episode
     max_new_tokens: int = 96  # per turn: a call or an answer; longer only costs time
     batch_size: int = 32
 
