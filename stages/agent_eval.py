@@ -66,7 +66,10 @@ def main() -> None:
         search = kb_search(retriever, sp.agent_search_k)
         run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
                    today=today)
-        oracle = evaluate_policy(OraclePolicy(all_tasks), all_tasks, desc="oracle", **run)
+        # The oracle needs as many turns as the longest workflow, whatever the models get.
+        oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
+                                    max_retries=0, max_seconds=p.max_seconds)
+        oracle = evaluate_policy(OraclePolicy(all_tasks), all_tasks, desc="oracle", **{**run, "limits": oracle_limits})
         metrics["oracle"] = summarise(oracle, 1)
         if metrics["oracle"]["success"] != 1.0:
             failed = [r["task_id"] for r in oracle if not r["success"]]
