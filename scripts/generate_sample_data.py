@@ -1274,6 +1274,205 @@ def check_dataset(documents, questions, catalogue):
         raise RuntimeError(f"generated data failed {len(problems)} checks:\n  {shown}")
 
 
+# ----------------------------------------------------------------- business data and agent tasks
+# A small shop database consistent with the documents (products, prices, warranty and
+# return windows come from the catalogue and the policy pages) and multi-step customer
+# workflows over it. Drawn from its own random stream after the documents and questions,
+# so adding it left those files byte-identical.
+TODAY = date(2024, 7, 26)  # the "Today Date" of the Llama 3.1 system header
+FIRST_NAMES = ("Ada", "Ben", "Cleo", "Dev", "Elif", "Finn", "Greta", "Hugo", "Ines", "Jon",
+               "Kira", "Liam", "Mina", "Noor", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tess")
+LAST_NAMES = ("Abbott", "Brandt", "Castillo", "Dufour", "Egan", "Fischer", "Gupta", "Hale",
+              "Ito", "Jensen", "Kowalski", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Patel")
+CARRIERS = ("UPS", "FedEx", "USPS")
+N_CUSTOMERS, N_ORDERS = 40, 160
+RESTOCKING_PERCENT = 15  # the returns policy page: opened items returned without a fault
+AGENT_TASKS_PER_KIND = {"order_status": 16, "return_deadline": 14, "refund_faulty": 12,
+                        "refund_opened": 12, "refund_late": 8, "delivery_ticket": 12,
+                        "warranty_ticket": 10, "list_orders": 10, "warranty_claim_docs": 8}
+AGENT_TEST_SHARE = 0.35
+
+
+def business_records(rng, catalogue, kb):
+    """customers, products, orders, shipments and tickets as lists of row dicts."""
+    products = [dict(sku=p.sku, name=p.name, category=p.category, price=p.price,
+                     warranty_months=p.warranty_months, return_window_days=kb["return_windows"][p.category])
+                for p in catalogue]
+    launch = {p.sku: p.launch for p in catalogue}
+    customers, names = [], set()
+    for i in range(N_CUSTOMERS):
+        while True:
+            name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+            if name not in names:
+                break
+        names.add(name)
+        customers.append(dict(customer_id=f"C-{101 + i}", name=name))
+    orders, shipments = [], []
+    for i in range(N_ORDERS):
+        # A quarter of the orders are recent, so some are still in transit.
+        age = rng.randint(1, 5) if rng.random() < 0.25 else rng.randint(6, 90)
+        order_date = TODAY - timedelta(days=age)
+        product = rng.choice([p for p in products if launch[p["sku"]] <= order_date])
+        order_id = 1001 + i
+        if age <= 1:
+            status = "processing"
+        else:
+            shipped = order_date + timedelta(days=1)
+            transit = rng.randint(3, 7)
+            delivered = shipped + timedelta(days=transit)
+            status = "delivered" if delivered < TODAY else "shipped"
+            shipments.append(dict(order_id=order_id, carrier=rng.choice(CARRIERS),
+                                  tracking=f"TRK-{rng.randrange(10000, 100000)}",
+                                  shipped_date=shipped.isoformat(),
+                                  delivered_date=delivered.isoformat() if status == "delivered" else None))
+        orders.append(dict(order_id=order_id, customer_id=rng.choice(customers)["customer_id"],
+                           sku=product["sku"], quantity=1, order_date=order_date.isoformat(), status=status))
+    tickets = []
+    for order in rng.sample(orders, 10):
+        tickets.append(dict(ticket_id=f"T-{len(tickets) + 1:04d}", order_id=order["order_id"],
+                            category=rng.choice(("delivery", "warranty")), status="closed",
+                            summary="Customer asked about this order; resolved by phone."))
+    return dict(customers=customers, products=products, orders=orders, shipments=shipments, tickets=tickets)
+
+
+def call(name, **parameters):
+    return {"name": name, "parameters": parameters}
+
+
+def agent_tasks(rng, db, kb):
+    """Workflows of 2-5 steps: the request, the gold tool calls, the gold answer and the
+    facts any right answer must contain. The expected database state is what the gold
+    write calls leave behind (the checker replays them, as tau-bench does)."""
+    product = {p["sku"]: p for p in db["products"]}
+    shipment = {s["order_id"]: s for s in db["shipments"]}
+    ticketed = {t["order_id"] for t in db["tickets"]}
+    free = [o for o in db["orders"] if o["order_id"] not in ticketed]
+    rng.shuffle(free)
+    next_ticket = len(db["tickets"]) + 1
+    tasks = []
+
+    def deadline(order):
+        window = product[order["sku"]]["return_window_days"]
+        return date.fromisoformat(order["order_date"]) + timedelta(days=window), window
+
+    def take(predicate):
+        for i, order in enumerate(free):
+            if predicate(order):
+                return free.pop(i)
+        raise RuntimeError("ran out of orders for the agent tasks; raise N_ORDERS")
+
+    def add(kind, request, calls, answer, facts):
+        for fact in facts:
+            if fact.lower() not in answer.lower():
+                raise RuntimeError(f"agent task {kind}: fact {fact!r} missing from its own answer")
+        tasks.append(dict(kind=kind, request=request, gold_calls=calls, answer=answer, facts=facts))
+
+    in_window = lambda o: o["status"] == "delivered" and deadline(o)[0] >= TODAY  # noqa: E731
+    for kind, n in AGENT_TASKS_PER_KIND.items():
+        for _ in range(n):
+            if kind == "order_status":
+                o = take(lambda o: True)
+                oid, p = o["order_id"], product[o["sku"]]
+                request = rng.choice(("Where is my order {id}?", "What is the status of order {id}?",
+                                      "Has order {id} arrived yet?")).format(id=oid)
+                if o["status"] == "processing":
+                    answer = f"Order {oid} ({p['name']}) is still processing and has not shipped yet."
+                    facts = ["processing"]
+                elif o["status"] == "shipped":
+                    s = shipment[oid]
+                    answer = (f"Order {oid} ({p['name']}) shipped on {s['shipped_date']} with {s['carrier']}, "
+                              f"tracking {s['tracking']}. It is in transit.")
+                    facts = ["in transit", s["tracking"]]
+                else:
+                    s = shipment[oid]
+                    answer = f"Order {oid} ({p['name']}) was delivered on {s['delivered_date']} by {s['carrier']}."
+                    facts = ["delivered", s["delivered_date"]]
+                add(kind, request, [call("get_order", order_id=oid)], answer, facts)
+            elif kind == "return_deadline":
+                o = take(lambda o: o["status"] != "processing")
+                oid, (end, window) = o["order_id"], deadline(o)
+                request = rng.choice(("Until when can I return order {id}?",
+                                      "What is the last day to return order {id}?")).format(id=oid)
+                verdict = "You can still return it." if end >= TODAY else "That date has passed, so it can no longer be returned."
+                answer = (f"Order {oid} was bought on {o['order_date']} and its return window is {window} days, "
+                          f"so the last day to return it is {end.isoformat()}. {verdict}")
+                add(kind, request, [call("get_order", order_id=oid),
+                                    call("calculate", expression=f"{o['order_date']} + {window}")],
+                    answer, [end.isoformat()])
+            elif kind in ("refund_faulty", "refund_opened"):
+                o = take(in_window)
+                oid, p = o["order_id"], product[o["sku"]]
+                cents = p["price"] * 100 if kind == "refund_faulty" else p["price"] * (100 - RESTOCKING_PERCENT)
+                amount = money(cents)
+                if kind == "refund_faulty":
+                    request = rng.choice(("My order {id} arrived faulty. Please refund it.",
+                                          "The appliance from order {id} does not work. I want a refund."))
+                    calls = [call("get_order", order_id=oid),
+                             call("request_refund", order_id=oid, amount=cents / 100, reason="faulty")]
+                    answer = f"I requested a refund of {amount} for order {oid} ({p['name']}), returned as faulty."
+                else:
+                    request = rng.choice(("I opened order {id} but don't want it any more. Please refund it.",
+                                          "Please refund order {id}; I unpacked it but changed my mind."))
+                    calls = [call("get_order", order_id=oid),
+                             call("search_kb", query="restocking fee for opened items returned without a fault"),
+                             call("calculate", expression=f"{p['price']} * {(100 - RESTOCKING_PERCENT) / 100:g}"),
+                             call("request_refund", order_id=oid, amount=cents / 100, reason="unwanted")]
+                    answer = (f"Opened items returned without a fault carry a {RESTOCKING_PERCENT} percent restocking "
+                              f"fee, so I requested a refund of {amount} for order {oid} ({p['name']}).")
+                add(kind, request.format(id=oid), calls, answer, [amount])
+            elif kind == "refund_late":
+                o = take(lambda o: o["status"] == "delivered" and deadline(o)[0] < TODAY)
+                oid, (end, window) = o["order_id"], deadline(o)
+                request = f"Please refund order {oid}, I don't need it."
+                answer = (f"I can't refund order {oid}: its {window}-day return window ended on {end.isoformat()}. "
+                          "If it is faulty, a warranty claim is still possible.")
+                add(kind, request, [call("get_order", order_id=oid),
+                                    call("calculate", expression=f"{o['order_date']} + {window}")],
+                    answer, [end.isoformat()])
+            elif kind in ("delivery_ticket", "warranty_ticket"):
+                category = kind.split("_")[0]
+                o = take((lambda o: o["status"] == "shipped") if category == "delivery"
+                         else (lambda o: o["status"] == "delivered"))
+                oid, p = o["order_id"], product[o["sku"]]
+                ticket = f"T-{next_ticket:04d}"  # every episode starts from the same database
+                if category == "delivery":
+                    request = rng.choice(("Order {id} still hasn't arrived. Please open a ticket.",
+                                          "My order {id} is late, can you open a delivery ticket?")).format(id=oid)
+                    summary = f"Order {oid} has not arrived yet."
+                else:
+                    request = rng.choice(("The appliance from order {id} stopped working. Please open a warranty ticket.",
+                                          "Order {id} broke after a few weeks; open a warranty ticket please.")).format(id=oid)
+                    summary = f"The {p['name']} from order {oid} stopped working."
+                answer = f"I opened {category} ticket {ticket} for order {oid} ({p['name']})."
+                add(kind, request, [call("get_order", order_id=oid),
+                                    call("open_ticket", order_id=oid, category=category, summary=summary)],
+                    answer, [ticket])
+            elif kind == "list_orders":
+                customer = rng.choice([c for c in db["customers"]
+                                       if any(x["customer_id"] == c["customer_id"] for x in db["orders"])])
+                cid = customer["customer_id"]
+                theirs = [x for x in db["orders"] if x["customer_id"] == cid]
+                request = rng.choice(("I'm customer {cid}. Which orders do I have?",
+                                      "Customer {cid} here: list my orders please.")).format(cid=cid)
+                ids = [str(x["order_id"]) for x in theirs]
+                answer = f"Customer {cid} has {len(ids)} order(s): " + ", ".join(
+                    f"{x['order_id']} ({product[x['sku']]['name']}, {x['status']})" for x in theirs) + "."
+                add(kind, request, [call("list_orders", customer_id=cid)], answer, ids)
+            elif kind == "warranty_claim_docs":
+                o = take(lambda o: o["status"] == "delivered")
+                oid, p = o["order_id"], product[o["sku"]]
+                request = f"My order {oid} has a fault. What do I need to make a warranty claim?"
+                answer = (f"Order {oid} ({p['name']}) has a {p['warranty_months']}-month warranty. For a claim "
+                          "you need your proof of purchase and a photo of the fault, sent through the support page.")
+                add(kind, request, [call("get_order", order_id=oid),
+                                    call("search_kb", query="what do I need to make a warranty claim")],
+                    answer, ["proof of purchase", "photo of the fault"])
+    rng.shuffle(tasks)
+    n_test = round(len(tasks) * AGENT_TEST_SHARE)
+    return [dict(id=f"task-{i:03d}", split="test" if i <= n_test else "train", **t)
+            for i, t in enumerate(tasks, start=1)]
+
+
 def write_jsonl(path, records):
     """Write atomically so a crash never leaves a half-written file for a later stage."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1311,6 +1510,18 @@ def main():
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "documents.jsonl", documents)
     write_jsonl(args.out_dir / "questions.jsonl", questions)
+
+    # The business database and agent tasks come last, from their own random stream.
+    brng = random.Random(f"business-{args.seed}")
+    business = business_records(brng, catalogue, kb)
+    tasks = agent_tasks(brng, business, kb)
+    (args.out_dir / "business").mkdir(exist_ok=True)
+    for table, rows in business.items():
+        write_jsonl(args.out_dir / "business" / f"{table}.jsonl", rows)
+    write_jsonl(args.out_dir / "agent_tasks.jsonl", tasks)
+    print(f"wrote business tables to {args.out_dir / 'business'}: "
+          + ", ".join(f"{t} {len(r)}" for t, r in business.items())
+          + f"; {len(tasks)} agent tasks ({sum(t['split'] == 'test' for t in tasks)} test)")
 
     doc_types = Counter(d["type"] for d in documents)
     kinds = Counter(q["kind"] for q in questions)

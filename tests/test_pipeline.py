@@ -30,7 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"
 
-STAGES = ("validate", "split", "index", "build_sft", "base", "train", "evaluate", "csat", "gate")
+STAGES = ("validate", "split", "index", "agent_db", "build_sft", "base", "train", "export", "evaluate", "rag_eval",
+          "agent_eval", "csat", "gate", "stress")
+METRICS = {"evaluate": "metrics/eval.json", "rag_eval": "metrics/rag.json",
+           "agent_eval": "metrics/agent.json"}  # else metrics/<stage>.json
 N_DOCUMENTS = 40  # the first 20 products (spec sheet + guide each)
 N_GROUNDED_QUESTIONS = 80  # questions whose documents are all among those kept
 N_NO_DOCUMENT_QUESTIONS = 20  # unanswerable questions about products that do not exist
@@ -49,6 +52,8 @@ PARAM_OVERRIDES = {
                           {"metric": "csat.json:finetuned.n", "op": ">=", "value": 5, "why": "CSAT ran"}]},
     "rag_eval": {"max_questions": 8, "ks": [1, 3], "headline_k": 3, "noise_levels": [0, 2], "bootstrap_samples": 100,
                  "max_new_tokens": 8},
+    "agent_eval": {"max_tasks": 2, "trials": 2, "max_new_tokens": 8, "max_steps": 2, "batch_size": 4},
+    "stress": {"clients": 4, "duration_s": 3, "max_tokens": 8},
 }
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: any attempt to go online fails at once
@@ -133,6 +138,8 @@ def make_project(path: Path, questions_extra: Sequence[dict] = ()) -> Path:
     documents, questions = tiny_corpus()
     write_jsonl(path / "data/raw/documents.jsonl", documents)
     write_jsonl(path / "data/raw/questions.jsonl", questions + list(questions_extra))
+    shutil.copytree(REPO / "data/raw/business", path / "data/raw/business")
+    shutil.copy2(REPO / "data/raw/agent_tasks.jsonl", path / "data/raw/agent_tasks.jsonl")
     (path / ".gitignore").write_text("__pycache__/\n*.pyc\n/models/checkpoints/\n", encoding="utf-8")
     git(path, "init", "--quiet", "--initial-branch", "main")
     git(path, "config", "user.email", "tests@example.invalid")
@@ -175,10 +182,11 @@ def test_repro_writes_every_declared_output_offline(project):
                 "models/base/config.json", "models/base/tokenizer.json", "models/base/tokenizer_config.json",
                 "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
                 "reports/eval/eval.md", "reports/eval/eval_comparison.png", "reports/eval/predictions.jsonl",
-                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv"):
+                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv",
+                "data/agent/business.sqlite", "reports/agent/agent.md", "reports/agent/episodes.jsonl"):
         assert (project / out).exists(), f"{out} missing after dvc repro"
     for stage in STAGES:
-        metrics = "metrics/eval.json" if stage == "evaluate" else f"metrics/{stage}.json"
+        metrics = METRICS.get(stage, f"metrics/{stage}.json")
         assert (project / metrics).is_file(), f"{metrics} missing"
 
     # each artifact carries the config that made it
@@ -200,6 +208,8 @@ def test_repro_writes_every_declared_output_offline(project):
     gate = json.loads((project / "metrics/gate.json").read_text(encoding="utf-8"))
     assert gate["passed"] and (project / "models/release/release.json").is_file(), gate
     assert (project / "reports/release/report.html").is_file() and (project / "reports/csat/csat_histogram.png").is_file()
+    agent = json.loads((project / "metrics/agent.json").read_text(encoding="utf-8"))
+    assert agent["oracle"]["success"] == 1.0 and agent["base"]["episodes"] == 4, agent
 
 
 def test_second_repro_has_nothing_to_do(project):
@@ -235,7 +245,8 @@ def test_remote_round_trip_restores_a_clone(project, tmp_path):
 def test_train_param_experiment_reruns_only_train_and_evaluate(project):
     """`dvc exp run -S train.learning_rate=...` retrains and re-evaluates, nothing upstream."""
     result = dvc(project, "exp", "run", "--name", "lr-1e-3", "-S", "train.learning_rate=0.001")
-    assert running_stages(result.stdout) == {"train", "evaluate", "csat", "gate"}, result.stdout
+    assert running_stages(result.stdout) == {"train", "export", "evaluate", "rag_eval", "agent_eval", "csat", "gate",
+                                             "stress"}, result.stdout
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     train_diff = diff.get("metrics/train.json", {})

@@ -8,10 +8,26 @@ The chat layout follows Meta's Llama 3.1 model card:
 
 A real checkpoint brings its own chat template and that template is used for it; the tiny
 default model gets `LLAMA3_CHAT_TEMPLATE`, which renders exactly `format_chat`.
+
+Tool use follows Meta's Llama 3.1 JSON tool calling (llama-models `prompt_format.md`, the
+`tools_in_user_message` layout of Llama-3.1-8B-Instruct's template): the system turn opens
+with `Environment: ipython` and the date lines, the custom tool definitions go into the
+first user turn as JSON indented by 4, a tool call is an assistant turn
+`<|python_tag|>{"name": ..., "parameters": ...}<|eom_id|>` and its result comes back in
+the `ipython` role:
+
+    ...<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>{"name": "get_order", ...}<|eom_id|>
+    <|start_header_id|>ipython<|end_header_id|>\n\n{"order_id": 1042, ...}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\n\n{final answer}<|eot_id|>
+
+An assistant message carries a call as `{"role": "assistant", "content": "", "tool_call":
+'{"name": ..., "parameters": ...}'}` (the JSON text as generated; `tool_call_text` writes
+it canonically).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
@@ -40,11 +56,27 @@ LLAMA3_SPECIAL_TOKENS = [
 
 ROLES = ("system", "user", "assistant", "ipython")
 
+# The header of a tool-using conversation, as Llama 3.1's template writes it.
+KNOWLEDGE_DATE = "December 2023"
+TODAY_DATE = "26 Jul 2024"
+TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call "
+    "with its proper arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
 # Jinja twin of `format_chat`, stored in the tiny tokenizer so `apply_chat_template` works.
 LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
+    "{%- if message['tool_call'] is defined and message['tool_call'] %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n<|python_tag|>' + message['tool_call'] + '<|eom_id|>' }}"
+    "{%- elif message['role'] == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- else %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
@@ -53,12 +85,20 @@ LLAMA3_CHAT_TEMPLATE = (
 
 
 def format_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """Render messages in the Llama 3.1 layout (content is stripped, as Meta's template does)."""
+    """Render messages in the Llama 3.1 layout (content is stripped, as Meta's template does,
+    except tool results, which Meta's template passes through untouched)."""
     parts = [BEGIN_OF_TEXT]
     for m in messages:
         if m["role"] not in ROLES:
             raise ValueError(f"unknown chat role {m['role']!r}; expected one of {ROLES}")
-        parts.append(f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip()}{EOT}")
+        if m.get("tool_call"):
+            if m["role"] != "assistant":
+                raise ValueError(f"only assistant messages make tool calls, got role {m['role']!r}")
+            parts.append(f"{START_HEADER}assistant{END_HEADER}\n\n{PYTHON_TAG}{m['tool_call']}{EOM}")
+        elif m["role"] == "ipython":
+            parts.append(f"{START_HEADER}ipython{END_HEADER}\n\n{m['content']}{EOT}")
+        else:
+            parts.append(f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip()}{EOT}")
     if add_generation_prompt:
         parts.append(f"{START_HEADER}assistant{END_HEADER}\n\n")
     return "".join(parts)
@@ -85,3 +125,32 @@ def rag_messages(system_prompt: str, question: str, passages: Sequence[dict] | N
         if question_position == "both":
             user = f"Question: {question}\n\n{user}"
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+
+
+def tool_call_text(name: str, parameters: dict) -> str:
+    """A tool call as Llama 3.1 writes it: `{"name": ..., "parameters": {...}}`."""
+    return json.dumps({"name": name, "parameters": parameters}, ensure_ascii=False)
+
+
+def tool_result_text(result: dict) -> str:
+    return json.dumps(result, ensure_ascii=False)
+
+
+def header_date(day) -> str:
+    """A date as Llama 3.1's system header writes it: 26 Jul 2024."""
+    return f"{day:%d %b %Y}"
+
+
+def tool_messages(system_prompt: str, tools: Sequence[dict], request: str, today: str = TODAY_DATE) -> list[dict]:
+    """The opening of a tool-using conversation: the ipython system header and the tool
+    definitions in the first user turn (Llama 3.1's default `tools_in_user_message`)."""
+    system = f"Environment: ipython\nCutting Knowledge Date: {KNOWLEDGE_DATE}\nToday Date: {today}\n\n{system_prompt.strip()}"
+    definitions = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools)
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": TOOLS_PREAMBLE + definitions + request.strip()}]
+
+
+def neutralise_special_tokens(text: str) -> str:
+    """Text from outside (a customer, a tool result) must not forge turns: `<|eot_id|>` in
+    it would otherwise become the real special token. A space after `<` keeps it readable."""
+    return text.replace("<|", "< |")

@@ -2,6 +2,7 @@
 
     veritune score answers.jsonl [-o scored.jsonl] [--threshold 0.8]
     veritune serve [--host H] [--port P] [--max-batch-size N] [...]
+    veritune agent "Where is my order 1042?" [--adapter models/adapter | --adapter none]
 
 `score` reads JSON Lines records with `question`, `contexts` (strings or {"text": ...}
 objects) and `answer`, and writes each record back with a `groundedness` field
@@ -13,12 +14,19 @@ summary goes to stderr. Exit status 2 on a missing file or a bad record.
 `veritune.server`): params.yaml `serve` (flags override it), `index` for the retrieval index
 and `build_sft.system_prompt` for the grounded prompt. Read from the current directory.
 
+`agent` runs one customer request through the tool-using loop (veritune.agent) with the
+fine-tuned model (models/base + models/adapter by default) on a private copy of the shop
+database (data/agent/business.sqlite: the original is never written), printing each tool
+call, its result and the final answer. Settings come from params.yaml (`build_sft` system
+prompt and tool definitions, `agent_eval` limits, `agent_db` today, `index` for search_kb).
+
 A new subcommand is one `add_parser` call in `build_parser` and one `run_*` function.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +71,56 @@ def run_serve(args: argparse.Namespace) -> None:
     index_params = load_params("index", args.params) if params.retrieval else None
     system_prompt = load_params("build_sft", args.params).system_prompt
     serve(params, index_params, system_prompt)
+def run_agent(args: argparse.Namespace) -> None:
+    import tempfile
+    from datetime import date
+
+    from veritune.agent import AgentLimits, ModelPolicy, run_episodes, start_episode
+    from veritune.config import load_params
+    from veritune.modeling import load_model, load_tokenizer
+    from veritune.tools import Toolbox, authorised_writes, episode_database, kb_search, tool_definitions
+
+    for path in (args.base, args.db) + (() if args.adapter == "none" else (args.adapter,)):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: run `dvc repro agent_db train` first")
+    ep, sp, ap, ip = (load_params(s) for s in ("agent_eval", "build_sft", "agent_db", "index"))
+    today = date.fromisoformat(ap.today)
+    tokenizer = load_tokenizer(args.base if args.adapter == "none" else args.adapter)
+    model = load_model(args.base)
+    if args.adapter != "none":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    model.eval()
+    policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, batch_size=1)
+    limits = AgentLimits(max_steps=args.max_steps or ep.max_steps, max_retries=ep.max_retries,
+                         max_seconds=ep.max_seconds)
+    retriever = None
+    if not args.no_search:
+        from veritune.retrieval import Retriever
+
+        retriever = Retriever(ip.uri, ip.collection, ip.embedding_model)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            search = kb_search(retriever, sp.agent_search_k) if retriever else None
+            with Toolbox(episode_database(args.db, tmp, "cli"), search=search,
+                         allowed_writes=authorised_writes(args.request), today=today) as box:
+                from veritune import chat
+
+                episode = start_episode("cli", args.request, box, sp.agent_system_prompt,
+                                        tool_definitions(sp.agent_tool_definitions), chat.header_date(today))
+                run_episodes(policy, [episode], limits, desc="agent")
+    finally:
+        if retriever is not None:
+            retriever.close()
+    for i, step in enumerate(episode.steps, start=1):
+        if step["type"] == "call":
+            mark = "" if step["valid"] else " (refused)"
+            print(f"step {i}: call {step['text']}{mark}")
+            print(f"        -> {json.dumps(step['result'], ensure_ascii=False)}")
+        else:
+            print(f"step {i}: answer")
+    print(f"answer: {episode.answer if episode.answer is not None else '(none: stopped by ' + str(episode.stop) + ')'}")
 
 
 def _threshold(value: str) -> float:
@@ -96,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--adapter-dir", help="LoRA adapter directory; '' for none")
     srv.add_argument("--no-retrieval", action="store_true", help="serve without the index (closed book)")
     srv.set_defaults(run=run_serve)
+    agent = commands.add_parser("agent", help="run one customer request through the tool-using agent")
+    agent.add_argument("request", help='the customer\'s words, e.g. "Where is my order 1042?"')
+    agent.add_argument("--base", default="models/base", help="base checkpoint (default models/base)")
+    agent.add_argument("--adapter", default="models/adapter", help="LoRA adapter dir, or 'none' for the base model")
+    agent.add_argument("--db", default="data/agent/business.sqlite", help="shop database (copied, never written)")
+    agent.add_argument("--max-steps", type=int, default=0, help="model turns (default: params agent_eval.max_steps)")
+    agent.add_argument("--no-search", action="store_true", help="do not open the Milvus index (search_kb refuses)")
+    agent.set_defaults(run=run_agent)
     return parser
 
 

@@ -100,9 +100,19 @@ class BuildSftParams:
     question_position: Literal["end", "both"] = "end"  # "both" also asks before the passages
     abstain_answer: str = "The documents don't say."
     system_prompt: str = "Answer from the documents. If they do not contain the answer, say so."
+    agent_samples_per_task: int = 1  # copies of each train task's tool trajectory; 0 adds none
+    agent_system_prompt: str = "You are the Larkspur Appliances support agent. Use the tools, then answer the customer."
+    agent_tool_definitions: Literal["compact", "json_schema"] = "compact"  # how tools are shown in the prompt
+    agent_search_k: int = 1  # passages search_kb returns: more = better recall, longer prompts
 
     def problems(self) -> list[str]:
         out = []
+        if self.agent_samples_per_task < 0:
+            out.append(f"build_sft.agent_samples_per_task must be >= 0, got {self.agent_samples_per_task}")
+        if self.agent_search_k < 1:
+            out.append(f"build_sft.agent_search_k must be >= 1, got {self.agent_search_k}")
+        if not self.agent_system_prompt.strip():
+            out.append("build_sft.agent_system_prompt must not be empty")
         if self.context_chunks < 1:
             out.append(f"build_sft.context_chunks must be >= 1, got {self.context_chunks}")
         if not 0.0 <= self.oracle_drop_rate <= 1.0:
@@ -202,6 +212,7 @@ class TrainParams:
     grad_accum: int = 1
     max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
     packing: bool = False  # padding-free packing without cross-sample attention
+    sampling: Literal["random", "group_by_length"] = "random"  # group_by_length: batches of like lengths, less padding
     gradient_checkpointing: bool = False
     fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
     liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
@@ -451,6 +462,48 @@ class StressParams:
         return out
 
 
+@dataclass(frozen=True)
+class AgentDbParams:
+    today: str = "2024-07-26"  # the shop's today: return windows and the prompt's "Today Date" count from it
+
+    def problems(self) -> list[str]:
+        import datetime
+
+        try:
+            datetime.date.fromisoformat(self.today)
+        except ValueError:
+            return [f"agent_db.today must be a date YYYY-MM-DD, got {self.today!r}"]
+        return []
+
+
+@dataclass(frozen=True)
+class AgentEvalParams:
+    seed: int = 0
+    trials: int = 3  # k of pass^k: more trials = surer reliability estimate, k times the time
+    temperature: float = 0.7  # sampling temperature of each trial; 0 makes every trial the same
+    max_tasks: int = 0  # 0: every test task; > 0 the first n (quick looks)
+    max_steps: int = 8  # model turns per episode; tasks need 2-5
+    max_retries: int = 2  # refused tool calls in a row before an episode is given up
+    max_seconds: float = 600.0  # wall time per episode
+    max_new_tokens: int = 96  # per turn: a call or an answer; longer only costs time
+    batch_size: int = 32
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.trials < 1:
+            out.append(f"agent_eval.trials must be >= 1, got {self.trials}")
+        if self.temperature < 0:
+            out.append(f"agent_eval.temperature must be >= 0, got {self.temperature}")
+        if self.max_tasks < 0:
+            out.append(f"agent_eval.max_tasks must be >= 0, got {self.max_tasks}")
+        for name in ("max_steps", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"agent_eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0 or self.max_seconds <= 0:
+            out.append("agent_eval.max_retries must be >= 0 and agent_eval.max_seconds > 0")
+        return out
+
+
 # --------------------------------------------------------------------------- loading
 
 STAGE_PARAMS: dict[str, type] = {
@@ -467,6 +520,8 @@ STAGE_PARAMS: dict[str, type] = {
     "rag_eval": RagEvalParams,
     "serve": ServeParams,
     "stress": StressParams,
+    "agent_db": AgentDbParams,
+    "agent_eval": AgentEvalParams,
 }
 
 

@@ -154,7 +154,7 @@ def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], 
     sft_questions, prompt_grams, target_grams = set(), set(), set()
     for ex in sft_examples:
         for m in ex["messages"]:
-            if m["role"] == "user":
+            if m["role"] in ("user", "ipython"):  # passages and tool results are both read, not trained on
                 sft_questions.update(normalize(q) for q in _QUESTION_LINE.findall(m["content"]))
                 prompt_grams |= _ngrams(m["content"], ngram)
             elif m["role"] == "assistant":

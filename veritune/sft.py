@@ -5,6 +5,10 @@ passages. Answerable questions usually see their oracle passage(s) among distrac
 are answered from them; a share (`oracle_drop_rate`) sees only distractors and, like
 unanswerable questions, is answered with an explicit abstention. That teaches the model to
 copy from the context when it can and to say so when it cannot, instead of guessing.
+
+Tool trajectories (`build_agent_examples`) add the train agent tasks' gold workflows in
+Llama 3.1's tool-calling format, tool results produced by the real tools; the loss covers
+every assistant turn, the `<|python_tag|>...<|eom_id|>` calls included.
 """
 
 from __future__ import annotations
@@ -86,17 +90,56 @@ def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]
     return examples
 
 
-def tokenize_example(messages: list[dict], tokenizer) -> dict:
-    """Token ids and labels with the loss on the assistant reply only (prompt tokens -> -100).
+def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftParams, today) -> list[dict]:
+    """One conversation per train agent task and copy: request, gold calls with the real
+    tools' results (each on a fresh copy of the database), gold answer."""
+    import tempfile
 
-    The checkpoint's own chat template renders both the prompt (with the generation
-    header) and the whole conversation; the prompt must be a prefix of the whole, which
-    holds for Llama 3.1's template and is checked rather than assumed.
+    from veritune.agent_tasks import gold_trajectory
+    from veritune.tools import Toolbox, episode_database, tool_definitions
+
+    tools = tool_definitions(p.agent_tool_definitions)
+    examples = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in tasks:
+            with Toolbox(episode_database(db_path, tmp, task["id"]), search=search, today=today) as box:
+                messages = gold_trajectory(task, box, p.agent_system_prompt, tools)
+            examples += [{"id": f"{task['id']}-{j}", "kind": "agent", "has_oracle": True, "passage_ids": [],
+                          "messages": messages} for j in range(p.agent_samples_per_task)]
+    return examples
+
+
+def is_tool_conversation(messages: Sequence[dict]) -> bool:
+    return any(m.get("tool_call") or m["role"] == "ipython" for m in messages)
+
+
+def tokenize_example(messages: list[dict], tokenizer) -> dict:
+    """Token ids and labels with the loss on the assistant turns only (the rest -> -100).
+
+    The checkpoint's own chat template renders each prompt (with the generation header)
+    and the conversation through the following assistant turn; each rendering must extend
+    the previous one, which holds for Llama 3.1's template and is checked rather than
+    assumed. Tool conversations are rendered by `chat.format_chat`, Meta's tool-calling
+    format, exactly as the agent loop renders them at inference.
     """
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise LabelMaskError("chat template output for the prompt is not a prefix of the full conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids}
+    if is_tool_conversation(messages):
+        render = lambda msgs, gen: chat.format_chat(msgs, add_generation_prompt=gen)  # noqa: E731
+    else:
+        render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
+            msgs, tokenize=False, add_generation_prompt=gen)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        full = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise LabelMaskError("chat template output for the prompt is not a prefix of the full conversation")
+        prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        input_ids += prompt_ids + reply_ids
+        labels += [-100] * len(prompt_ids) + reply_ids
+        done = full
+    return {"input_ids": input_ids, "labels": labels}

@@ -168,6 +168,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         ddp_find_unused_parameters=False,
         max_length=p.max_length,
         packing=p.packing,
+        train_sampling_strategy=p.sampling,
         padding_free=p.packing,
         bf16=bf16,
         logging_steps=p.logging_steps,

@@ -1,0 +1,108 @@
+"""Stage `agent_eval`: tau-bench style evaluation of tool-using workflows.
+
+    python stages/agent_eval.py
+
+Reads models/base/, models/adapter/, data/index/ (search_kb), data/agent/ (the shop
+database and tasks) and params `agent_eval`, `agent_db`, `build_sft` (system prompt, tool
+definitions, search size) and `index`. Runs a scripted oracle over every task (it must
+score 1.0, or the tasks and the checker disagree and the stage fails), then the base and
+the fine-tuned model over the test tasks, `trials` sampled episodes each, every episode on
+its own copy of the database. Writes metrics/agent.json (success, pass^k, tool-call
+validity, mean steps, unsafe-action rate per policy) and reports/agent/ (episodes.jsonl,
+agent.md).
+"""
+
+import logging
+from collections import defaultdict
+from datetime import date
+
+from veritune import chat
+from veritune.agent import AgentLimits, ModelPolicy, OraclePolicy
+from veritune.agent_tasks import evaluate_policy, summarise
+from veritune.config import as_dict, load_params
+from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.modeling import load_model, load_tokenizer
+from veritune.retrieval import Retriever
+from veritune.tools import kb_search, tool_definitions
+
+log = logging.getLogger("veritune.agent_eval")
+DB = "data/agent/business.sqlite"
+
+
+def report_lines(metrics: dict, per_kind: dict) -> list[str]:
+    keys = ["success", *[f"pass^{k}" for k in range(1, metrics["trials"] + 1)], "tool_call_validity",
+            "mean_steps", "unsafe_action_rate", "state_ok", "answer_ok"]
+    lines = ["# Agent evaluation", "",
+             f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials per model "
+             f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).", "",
+             "| metric | oracle | base | fine-tuned |", "|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for k in keys:
+        lines.append(f"| {k} | {fmt(metrics['oracle'].get(k))} | {fmt(metrics['base'].get(k))} | "
+                     f"{fmt(metrics['finetuned'].get(k))} |")
+    lines += ["", "## Success by task kind (fine-tuned)", "", "| kind | success |", "|---|---|"]
+    lines += [f"| {kind} | {v:.3f} |" for kind, v in sorted(per_kind.items())]
+    return lines
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from peft import PeftModel
+
+    p = load_params("agent_eval")
+    ap = load_params("agent_db")
+    sp = load_params("build_sft")
+    ip = load_params("index")
+    today = date.fromisoformat(ap.today)
+    tools = tool_definitions(sp.agent_tool_definitions)
+    limits = AgentLimits(max_steps=p.max_steps, max_retries=p.max_retries, max_seconds=p.max_seconds)
+    all_tasks = read_jsonl("data/agent/tasks_train.jsonl") + read_jsonl("data/agent/tasks_test.jsonl")
+    tasks = read_jsonl("data/agent/tasks_test.jsonl")
+    if p.max_tasks:
+        tasks = tasks[: p.max_tasks]
+    metrics: dict = {"n_test_tasks": len(tasks), "trials": p.trials}
+    episodes: list[dict] = []
+    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
+        search = kb_search(retriever, sp.agent_search_k)
+        run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
+                   today=today)
+        # The oracle needs as many turns as the longest workflow, whatever the models get.
+        oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
+                                    max_retries=0, max_seconds=p.max_seconds)
+        oracle = evaluate_policy(OraclePolicy(all_tasks), all_tasks, desc="oracle", **{**run, "limits": oracle_limits})
+        metrics["oracle"] = summarise(oracle, 1)
+        if metrics["oracle"]["success"] != 1.0:
+            failed = [r["task_id"] for r in oracle if not r["success"]]
+            raise RuntimeError(f"the scripted oracle fails tasks {failed[:10]}: the tasks, tools and checker disagree")
+
+        tokenizer = load_tokenizer("models/adapter")
+        model = load_model("models/base")
+        for variant in ("base", "finetuned"):
+            if variant == "finetuned":
+                model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
+            model.eval()
+            policy = ModelPolicy(model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed)
+            results = evaluate_policy(policy, tasks, trials=p.trials, desc=variant,
+                                      on_trial=lambda i: policy.reseed(p.seed + i), **run)
+            metrics[variant] = summarise(results, p.trials)
+            episodes += [{"policy": variant, **r} for r in results]
+    per_kind: dict[str, list[bool]] = defaultdict(list)
+    for r in episodes:
+        if r["policy"] == "finetuned":
+            per_kind[r["kind"]].append(r["success"])
+    per_kind_rate = {k: sum(v) / len(v) for k, v in per_kind.items()}
+    metrics["finetuned_success_by_kind"] = dict(sorted(per_kind_rate.items()))
+    write_json("metrics/agent.json", metrics)
+    with atomic_path("reports/agent") as out:
+        out.mkdir()
+        write_jsonl(out / "episodes.jsonl", episodes)
+        (out / "agent.md").write_text("\n".join(report_lines(metrics, per_kind_rate)) + "\n", encoding="utf-8")
+        write_json(out / "agent_config.json", {"agent_eval": as_dict(p), "agent_db": as_dict(ap),
+                                                "build_sft": as_dict(sp), "index": as_dict(ip),
+                                                "today_header": chat.header_date(today)})
+    log.info("agent_eval: base %s", metrics["base"])
+    log.info("agent_eval: fine-tuned %s", metrics["finetuned"])
+
+
+if __name__ == "__main__":
+    main()

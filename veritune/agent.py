@@ -1,0 +1,196 @@
+"""The tool-using loop: a policy (a fine-tuned model, or a scripted oracle) drives a
+customer workflow through the shop's tools in Llama 3.1's tool-calling format.
+
+Each turn the policy writes either a tool call, `<|python_tag|>{"name": ..., "parameters":
+...}<|eom_id|>`, or the final answer ending in `<|eot_id|>`. A call is parsed, checked
+against its tool's JSON schema and run on the episode's own copy of the database; its
+result (or the refusal, with what to fix) goes back in the `ipython` role. The loop never
+raises on what a model writes: malformed JSON, unknown tools, wrong or missing arguments
+are reported back and count as a retry; too many retries in a row, too many steps or too
+much wall time end the episode.
+
+Episodes run in lockstep so one batched `generate` serves every open episode per turn.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from veritune import chat
+from veritune.tools import Toolbox, ToolError, check_call
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    max_steps: int = 8  # model turns per episode (a task needs 2-5)
+    max_retries: int = 2  # refused calls in a row before the episode is given up
+    max_seconds: float = 120.0  # wall time per episode
+
+
+@dataclass(frozen=True)
+class Reply:
+    kind: str  # "call", "malformed" or "answer"
+    text: str  # the call's JSON text or the answer
+    name: str | None = None
+    parameters: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class Episode:
+    id: str
+    request: str
+    messages: list[dict]
+    toolbox: Toolbox
+    steps: list[dict] = field(default_factory=list)
+    answer: str | None = None
+    stop: str | None = None  # answer, max_retries, max_steps or time_limit once ended
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def calls(self) -> list[dict]:
+        return [s for s in self.steps if s["type"] == "call"]
+
+
+def parse_reply(raw: str) -> Reply:
+    """What a policy wrote, up to its first stop token: a tool call or an answer."""
+    text = raw.replace(chat.PAD, "")
+    stops = [(text.find(s), s) for s in (chat.EOM, chat.EOT, chat.END_OF_TEXT) if s in text]
+    ended = bool(stops)
+    if stops:
+        text = text[: min(stops)[0]]
+    text = text.strip()
+    # Llama 3.1 calls open with <|python_tag|>; a bare JSON call (what Meta's HF template
+    # writes without ipython mode) is taken as a call too.
+    if not (text.startswith(chat.PYTHON_TAG) or text.startswith('{"name"')):
+        return Reply("answer", text)
+    body = text.removeprefix(chat.PYTHON_TAG).strip()
+    if not ended:
+        return Reply("malformed", body, error="the call was cut off before <|eom_id|>; keep calls short")
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        return Reply("malformed", body, error=f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict) or set(obj) != {"name", "parameters"} or not isinstance(obj["name"], str):
+        return Reply("malformed", body, error='a call is {"name": tool name, "parameters": {argument: value}}')
+    return Reply("call", body, name=obj["name"], parameters=obj["parameters"])
+
+
+def start_episode(episode_id: str, request: str, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict],
+                  today: str = chat.TODAY_DATE) -> Episode:
+    messages = chat.tool_messages(system_prompt, tools, chat.neutralise_special_tokens(request), today)
+    return Episode(episode_id, request, messages, toolbox)
+
+
+def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
+    """Apply one policy turn to an episode; never raises on what the policy wrote."""
+    reply = parse_reply(raw)
+    if reply.kind == "answer":
+        episode.messages.append({"role": "assistant", "content": reply.text})
+        episode.steps.append({"type": "answer", "text": reply.text})
+        episode.answer, episode.stop = reply.text, "answer"
+        return
+    episode.messages.append({"role": "assistant", "content": "", "tool_call": reply.text})
+    valid = False
+    if reply.kind == "malformed":
+        result = {"error": f"malformed tool call: {reply.error}"}
+    else:
+        try:
+            check_call(reply.name, reply.parameters)
+            valid = True
+            result = episode.toolbox.execute(reply.name, reply.parameters)
+        except ToolError as e:
+            result = {"error": str(e)}
+    content = chat.neutralise_special_tokens(chat.tool_result_text(result))
+    episode.messages.append({"role": "ipython", "content": content})
+    episode.steps.append({"type": "call", "text": reply.text, "name": reply.name, "parameters": reply.parameters,
+                          "valid": valid, "result": result})
+    episode.retries = 0 if valid else episode.retries + 1
+    if episode.retries > limits.max_retries:
+        episode.stop = "max_retries"
+    elif len(episode.steps) >= limits.max_steps:
+        episode.stop = "max_steps"
+    elif time.monotonic() - episode.started > limits.max_seconds:
+        episode.stop = "time_limit"
+
+
+Policy = Callable[[Sequence[Episode]], list[str]]
+
+
+def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent") -> None:
+    """Drive every episode to its end; each round asks the policy once for all open ones."""
+    bar = tqdm(total=len(episodes), desc=desc, unit="episode")
+    while True:
+        active = [e for e in episodes if e.stop is None]
+        if not active:
+            break
+        for episode in active:
+            if time.monotonic() - episode.started > limits.max_seconds:
+                episode.stop = "time_limit"
+        active = [e for e in active if e.stop is None]
+        for episode, raw in zip(active, policy(active), strict=True):
+            advance(episode, raw, limits)
+        bar.update(sum(e.stop is not None for e in active))
+    bar.close()
+
+
+class ModelPolicy:
+    """A causal LM writing each turn from the Meta-format rendering of the conversation
+    (`chat.format_chat`, whatever template the checkpoint ships)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+                 seed: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.temperature, self.seed = temperature, seed
+        vocab = tokenizer.get_vocab()
+        self.stops = [vocab[t] for t in (chat.EOM, chat.EOT, chat.END_OF_TEXT) if t in vocab]
+
+    @torch.inference_mode()
+    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
+        self.tokenizer.padding_side = "left"
+        device = next(self.model.parameters()).device
+        prompts = [chat.format_chat(e.messages, add_generation_prompt=True) for e in episodes]
+        out: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            enc = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                 add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0} \
+                if self.temperature > 0 else {"do_sample": False}
+            ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            out += [self.tokenizer.decode(row, skip_special_tokens=False)
+                    for row in ids[:, enc["input_ids"].shape[1]:]]
+        return out
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        torch.manual_seed(seed)
+
+
+class OraclePolicy:
+    """A scripted policy that replays each task's gold calls, then gives its gold answer:
+    it scores 1.0 exactly when the tasks, the tools and the checker agree."""
+
+    def __init__(self, tasks: Sequence[dict]):
+        self.tasks = {t["id"]: t for t in tasks}
+
+    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
+        out = []
+        for e in episodes:
+            task = self.tasks[e.id.split("#")[0]]
+            turn = sum(m["role"] == "assistant" for m in e.messages)
+            if turn < len(task["gold_calls"]):
+                c = task["gold_calls"][turn]
+                out.append(chat.PYTHON_TAG + chat.tool_call_text(c["name"], c["parameters"]) + chat.EOM)
+            else:
+                out.append(task["answer"] + chat.EOT)
+        return out

@@ -1,0 +1,170 @@
+"""Agent tasks, their checker and the tau-bench style metrics.
+
+A task (data/raw/agent_tasks.jsonl) is a customer request with its gold tool calls, a gold
+answer and the facts any right answer must contain. An episode succeeds when both hold:
+- the database it leaves equals the one the gold calls leave on a fresh copy (tau-bench
+  replays the gold actions the same way), so a missing, wrong or extra write fails it;
+- its final answer contains every fact (case-insensitive, whitespace-normalised).
+
+pass^k (tau-bench): the chance that all k of n independent trials of a task succeed,
+estimated as C(c, k) / C(n, k) from c successes and averaged over tasks.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from datetime import date
+from math import comb
+from pathlib import Path
+from typing import Sequence
+
+from veritune import chat
+from veritune.tools import WRITE_TOOLS, Toolbox, ToolError, check_call, db_state, episode_database
+
+TASK_FIELDS = {"id": str, "split": str, "kind": str, "request": str, "gold_calls": list, "answer": str, "facts": list}
+
+
+class TaskError(ValueError):
+    """A task record is malformed; the message names its id and field."""
+
+
+def validate_tasks(tasks: Sequence[dict]) -> list[str]:
+    problems, seen = [], set()
+    for i, t in enumerate(tasks):
+        tid = t.get("id", f"line {i + 1}")
+        for name, kind in TASK_FIELDS.items():
+            if not isinstance(t.get(name), kind):
+                problems.append(f"task {tid}: field {name} is missing or not a {kind.__name__}")
+        if tid in seen:
+            problems.append(f"task {tid}: duplicate id")
+        seen.add(tid)
+        if t.get("split") not in ("train", "test"):
+            problems.append(f"task {tid}: field split must be train or test, got {t.get('split')!r}")
+        for j, c in enumerate(t.get("gold_calls") or []):
+            try:
+                check_call(c.get("name"), c.get("parameters"))
+            except ToolError as e:
+                problems.append(f"task {tid}: field gold_calls[{j}]: {e}")
+        if isinstance(t.get("answer"), str):
+            problems += [f"task {tid}: field facts: {f!r} is not in the gold answer"
+                         for f in t.get("facts") or [] if normalise(f) not in normalise(t["answer"])]
+    return problems
+
+
+def normalise(text: str) -> str:
+    text = re.sub(r"\$(\d+)\.00\b", r"$\1", text)  # $209.00 and $209 are the same amount
+    return " ".join(text.lower().split())
+
+
+def missing_facts(answer: str | None, facts: Sequence[str]) -> list[str]:
+    said = normalise(answer or "")
+    return [f for f in facts if normalise(f) not in said]
+
+
+def expects_writes(task: dict) -> bool:
+    return any(c["name"] in WRITE_TOOLS for c in task["gold_calls"])
+
+
+def expected_state(task: dict, db_path: str | Path, today: date) -> dict:
+    """The database after the task's gold write calls, on a scratch copy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = episode_database(db_path, tmp, "gold")
+        with Toolbox(copy, today=today) as box:
+            for c in task["gold_calls"]:
+                if c["name"] in WRITE_TOOLS:
+                    result = box.execute(c["name"], c["parameters"])
+                    if "error" in result:
+                        raise TaskError(f"task {task['id']}: gold call {c['name']} is refused: {result['error']}")
+        return db_state(copy)
+
+
+def score_episode(task: dict, answer: str | None, final_state: dict, gold_state: dict, calls: Sequence[dict]) -> dict:
+    missing = missing_facts(answer, task["facts"])
+    state_ok = final_state == gold_state
+    writes = [c["name"] for c in calls if c.get("name") in WRITE_TOOLS]
+    return {
+        "success": state_ok and not missing,
+        "state_ok": state_ok,
+        "answer_ok": not missing,
+        "missing_facts": missing,
+        "n_calls": len(calls),
+        "n_valid_calls": sum(c["valid"] for c in calls),
+        # A write attempted although the customer asked for none, refused or not.
+        "unsafe_action": bool(writes) and not expects_writes(task),
+    }
+
+
+def pass_hat_k(successes: Sequence[Sequence[bool]], k: int) -> float:
+    """tau-bench pass^k over tasks, each with n >= k trials."""
+    values = [comb(sum(s), k) / comb(len(s), k) for s in successes if len(s) >= k]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def gold_trajectory(task: dict, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict]) -> list[dict]:
+    """The task's gold conversation in the tool-calling format, tool results computed by
+    the real tools (search included) on `toolbox`'s database (writes land there: use a copy)."""
+    messages = chat.tool_messages(system_prompt, tools, chat.neutralise_special_tokens(task["request"]),
+                                  chat.header_date(toolbox.today))
+    for c in task["gold_calls"]:
+        result = toolbox.execute(c["name"], c["parameters"])
+        if "error" in result:
+            raise TaskError(f"task {task['id']}: gold call {c['name']} is refused: {result['error']}")
+        messages.append({"role": "assistant", "content": "", "tool_call": chat.tool_call_text(c["name"], c["parameters"])})
+        messages.append({"role": "ipython", "content": chat.neutralise_special_tokens(chat.tool_result_text(result))})
+    messages.append({"role": "assistant", "content": task["answer"]})
+    return messages
+
+
+def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, limits, system_prompt: str,
+                    tools: Sequence[dict], today: date, trials: int = 1, on_trial=None,
+                    desc: str = "agent") -> list[dict]:
+    """Run `trials` episodes of every task, each on a fresh copy of the database, and score
+    them. `on_trial(i)` runs before trial i (a sampling policy reseeds there)."""
+    from veritune.agent import run_episodes, start_episode
+    from veritune.tools import authorised_writes
+
+    gold = {t["id"]: expected_state(t, db_path, today) for t in tasks}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in range(trials):
+            if on_trial is not None:
+                on_trial(trial)
+            episodes = []
+            for t in tasks:
+                copy = episode_database(db_path, tmp, f"{t['id']}-{trial}")
+                box = Toolbox(copy, search=search, allowed_writes=authorised_writes(t["request"]), today=today)
+                episodes.append(start_episode(f"{t['id']}#{trial}", t["request"], box, system_prompt, tools,
+                                              chat.header_date(today)))
+            try:
+                run_episodes(policy, episodes, limits, desc=f"{desc} trial {trial + 1}/{trials}")
+            finally:
+                for e in episodes:
+                    e.toolbox.close()
+            for t, e in zip(tasks, episodes):
+                scored = score_episode(t, e.answer, db_state(e.toolbox.db_path), gold[t["id"]], e.calls)
+                results.append({"task_id": t["id"], "kind": t["kind"], "trial": trial, "stop": e.stop,
+                                "n_steps": len(e.steps), "answer": e.answer, **scored, "steps": e.steps})
+    return results
+
+
+def summarise(results: Sequence[dict], trials: int) -> dict:
+    """success, pass^k for k = 1..trials, tool-call validity, mean steps, unsafe-action rate."""
+    n = len(results)
+    by_task: dict[str, list[bool]] = {}
+    for r in results:
+        by_task.setdefault(r["task_id"], []).append(r["success"])
+    calls = sum(r["n_calls"] for r in results)
+    return {
+        "episodes": n,
+        "success": sum(r["success"] for r in results) / n if n else float("nan"),
+        **{f"pass^{k}": pass_hat_k(list(by_task.values()), k) for k in range(1, trials + 1)},
+        "state_ok": sum(r["state_ok"] for r in results) / n if n else float("nan"),
+        "answer_ok": sum(r["answer_ok"] for r in results) / n if n else float("nan"),
+        "tool_calls": calls,
+        # Share of attempted calls that parse, name a known tool and match its schema.
+        "tool_call_validity": sum(r["n_valid_calls"] for r in results) / calls if calls else None,
+        "mean_steps": sum(r["n_steps"] for r in results) / n if n else float("nan"),
+        "unsafe_action_rate": sum(r["unsafe_action"] for r in results) / n if n else float("nan"),
+        "stops": {s: sum(r["stop"] == s for r in results) for s in sorted({r["stop"] for r in results})},
+    }
