@@ -11,7 +11,8 @@ between modes) through the same calls the `train` stage makes: veritune.modeling
 veritune.training.lora_config, veritune.fast_lora.prepare_for_training.
 
 A mode is `qlora_nf4` or `lora_bf16`, then `+flag` / `-flag` to switch one of fused_lora,
-liger, ckpt (activation checkpointing), liger_ce against the mode's default:
+liger, ckpt (activation checkpointing), liger_ce, compile (torch.compile per decoder layer)
+against the mode's default:
     qlora_nf4: fused_lora, liger, ckpt     lora_bf16: fused_lora, liger (no checkpointing: 80 GB holds it)
 The loss is the stage's: TRL's fused LM head (log-probs of the labelled tokens, in tiles,
 never the full logits) and TRL's mean over labelled tokens; `+liger_ce` swaps in Liger's
@@ -49,8 +50,8 @@ STEPS = int(os.environ.get("STEPS", 20))
 WARM = int(os.environ.get("WARM", 3))
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", 790))
 CKPT = Path(os.environ.get("CKPT", "/tmp/llama31_8b_random"))
-DEFAULTS = {"qlora_nf4": {"fused_lora": True, "liger": True, "ckpt": True, "liger_ce": False},
-            "lora_bf16": {"fused_lora": True, "liger": True, "ckpt": False, "liger_ce": False}}
+DEFAULTS = {"qlora_nf4": {"fused_lora": True, "liger": True, "ckpt": True, "liger_ce": False, "compile": False},
+            "lora_bf16": {"fused_lora": True, "liger": True, "ckpt": False, "liger_ce": False, "compile": False}}
 
 
 def llama31_8b_config():
@@ -180,7 +181,8 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
     if not flags["liger_ce"]:
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
     switched = prepare_for_training(model, fused_lora=flags["fused_lora"], liger=flags["liger"],
-                                    gradient_checkpointing=flags["ckpt"], liger_cross_entropy=flags["liger_ce"])
+                                    gradient_checkpointing=flags["ckpt"], liger_cross_entropy=flags["liger_ce"],
+                                    compile=flags["compile"])
     model.train()
     losses, seconds = train_steps(model, model.config.vocab_size, plain_loss if flags["liger_ce"] else stage_loss)
     timed = sorted(seconds[WARM:])
