@@ -249,9 +249,7 @@ class Service:
             self.retriever = None
 
     def agent_available(self) -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("veritune.agent") is not None
+        return _agent_entry_point() is not None
 
     # --- what the agent gets: blocking calls through the same batchers (see `agent_completion`)
     def generate_text(self, messages: list[dict], max_new_tokens: int) -> str:
@@ -640,6 +638,16 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
     yield "data: [DONE]\n\n"
 
 
+def _agent_entry_point():
+    """`veritune.agent.run_agent` if this build has it, else None (the agent mode answers 501)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("veritune.agent") is None:
+        return None
+    return getattr(importlib.import_module("veritune.agent"), "run_agent", None)
+
+
 async def agent_completion(service: Service, body: ChatRequest, messages: list[dict], max_new: int, request_id: str):
     """The agent mode, when `veritune.agent` exists. Expected interface (kept small on purpose):
 
@@ -650,16 +658,14 @@ async def agent_completion(service: Service, body: ChatRequest, messages: list[d
     `generate(messages, max_new_tokens)` and `search(query, k)` go through the server's
     batchers, so agent calls are batched with everything else. It runs in a worker thread.
     """
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("veritune.agent") is None:
-        raise ApiError(501, "the agent mode is not installed in this build (no veritune.agent)", param="model")
-    agent = importlib.import_module("veritune.agent")
+    run_agent = _agent_entry_point()
+    if run_agent is None:
+        raise ApiError(501, "the agent mode is not wired into this server build (no veritune.agent.run_agent)",
+                       param="model")
     p = service.params
     try:
         result = await asyncio.wait_for(asyncio.to_thread(
-            agent.run_agent, messages, generate=service.generate_text, search=service.search_passages,
+            run_agent, messages, generate=service.generate_text, search=service.search_passages,
             max_new_tokens=max_new), p.request_timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(504, f"the agent gave no answer within {p.request_timeout_s:g} s") from None
