@@ -11,8 +11,9 @@ model and the same criteria for the base), reports/release/ (report.md + PNGs, r
 self-contained) and, only when every criterion passes, models/release/ (adapter/,
 release.json, MODEL_CARD.md), built in a temporary directory and renamed into place.
 
-A blocked release still writes the decision and the report, removes any earlier
-models/release/, prints each failing criterion and exits 1, so `dvc repro` and CI stop there.
+A blocked release still writes the decision and the report, replaces models/release/ by a
+BLOCKED.md that names the failing criteria (no model, no card), prints them, and with
+`gate.fail_on_block` (CI) exits 1 so `dvc repro` stops there.
 """
 
 import logging
@@ -56,6 +57,12 @@ def main() -> None:
                  len(gate["finetuned"]), release["adapter_hash"])
     else:
         withdraw_release("models/release")
+        # The declared output holds the decision only: no model, no model card, nothing to ship.
+        with atomic_path("models/release") as out:
+            out.mkdir()
+            failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
+            (out / "BLOCKED.md").write_text("# Release blocked\n\nNo model is released. Failing criteria:\n\n"
+                                            + "".join(f"- {f}\n" for f in failing), encoding="utf-8")
     write_json("metrics/gate.json", {
         "passed": gate["passed"],
         "n_criteria": len(gate["finetuned"]),
@@ -75,7 +82,8 @@ def main() -> None:
     if not gate["passed"]:
         failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
         print("gate: RELEASE BLOCKED, failing criteria:\n  - " + "\n  - ".join(failing), file=sys.stderr)
-        sys.exit(1)
+        if p.fail_on_block:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

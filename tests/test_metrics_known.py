@@ -295,8 +295,8 @@ def test_gate_params_reject_bad_criteria():
 
 
 def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny_checkpoint):
-    """The stage itself: a failing criterion exits 1, names it, writes the decision and report,
-    and removes a release left by an earlier passing run."""
+    """The stage itself: a failing criterion exits 1 (fail_on_block), names it, writes the
+    decision and report, and replaces a release left by an earlier passing run by BLOCKED.md."""
     import shutil
 
     import yaml
@@ -314,10 +314,17 @@ def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny
     with pytest.raises(SystemExit) as exit_info:
         gate_stage.main()
     assert exit_info.value.code == 1
-    assert not (tmp_path / "models/release").exists()
+    assert sorted(p.name for p in (tmp_path / "models/release").iterdir()) == ["BLOCKED.md"], "no model, no card"
     decision = json.loads((tmp_path / "metrics/gate.json").read_text())
     assert decision["passed"] is False and decision["n_failed"] == 1
     assert "BLOCKED" in (tmp_path / "reports/release/report.md").read_text()
+
+    # fail_on_block: false lets the run complete; the decision is the same, nothing is released.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {"criteria": criteria, "fail_on_block": False},
+                                                          "csat": {}}))
+    gate_stage.main()
+    assert sorted(p.name for p in (tmp_path / "models/release").iterdir()) == ["BLOCKED.md"]
+    assert json.loads((tmp_path / "metrics/gate.json").read_text())["passed"] is False
 
     write_metrics(tmp_path / "metrics", finetuned_abstention=0.95)
     gate_stage.main()

@@ -353,6 +353,7 @@ class GateCriterion:
 class GateParams:
     criteria: tuple[GateCriterion, ...] = ()
     report_metrics: tuple[str, ...] = ()  # other metrics/*.json shown in the release report when present
+    fail_on_block: bool = True  # a blocked release exits 1 and stops `dvc repro` (CI); False: the run completes
 
     def problems(self) -> list[str]:
         if not self.criteria:
