@@ -3,9 +3,12 @@
     python stages/base.py
 
 Default (`base.model: tiny`): learns a BPE tokenizer from the training documents, builds a
-small Llama 3.1-architecture model and pretrains it briefly on those documents. Otherwise
+small Llama 3.1-architecture model and pretrains it briefly on those documents (the SFT
+train conversations teach the tokenizer the chat and tool-call format, and their tool
+prompts join the pretraining, as params `base` say). Otherwise
 copies a local checkpoint directory or fetches a pinned hub snapshot (HF_TOKEN for gated
-models). Reads data/validated/documents.jsonl, data/split/doc_split.json and params `base`;
+models). Reads data/validated/documents.jsonl, data/split/doc_split.json, data/sft/train.jsonl
+and params `base`;
 writes models/base/ (Hugging Face layout + base_config.json) and metrics/base.json.
 """
 
@@ -26,8 +29,9 @@ def main() -> None:
         if p.is_tiny:
             documents = read_jsonl("data/validated/documents.jsonl")
             doc_split = read_json("data/split/doc_split.json")
+            conversations = [e["messages"] for e in read_jsonl("data/sft/train.jsonl")]
             out.mkdir()
-            summary = build_tiny_base(documents, doc_split, p, out)
+            summary = build_tiny_base(documents, doc_split, p, out, conversations)
         else:
             materialize_checkpoint(p.model, p.revision, out)
             summary = {}

@@ -106,3 +106,45 @@ def test_nf4_needs_a_gpu():
     assert resolve_quantization("auto") == "none"
     with pytest.raises(CheckpointError, match="needs a CUDA GPU"):
         resolve_quantization("nf4")
+
+
+def test_bf16_autocast_follows_the_precision_param(monkeypatch):
+    from veritune import modeling
+
+    assert modeling.use_bf16("bf16") and not modeling.use_bf16("fp32")
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: False)
+    assert not modeling.use_bf16("auto")  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: True)
+    assert modeling.use_bf16("auto")
+
+
+def _tool_conversation(order_id: int) -> list[dict]:
+    call = {"name": "get_order", "parameters": {"order_id": order_id}}
+    return [{"role": "system", "content": "Environment: ipython\n\nYou are the support agent."},
+            {"role": "user", "content": f"Where is my order {order_id}?"},
+            {"role": "assistant", "content": "", "tool_call": call},
+            {"role": "ipython", "content": '{"status": "shipped"}'},
+            {"role": "assistant", "content": f"Order {order_id} has shipped."}]
+
+
+def test_tiny_base_learns_the_tool_format_from_the_sft_conversations(tmp_path):
+    from veritune.config import BaseParams, PretrainParams, TinyModelParams
+    from veritune.pretrain import build_tiny_base
+
+    documents = [{"id": f"d{i}", "title": f"Kettle K{i}", "text": f"The Kettle K{i} costs ${i}9 and weighs {i} kg."}
+                 for i in range(40)]
+    conversations = [_tool_conversation(1000 + i) for i in range(30)]
+    call = chat.PYTHON_TAG + chat.tool_call_text("get_order", {"order_id": 1042}) + chat.EOM
+    n_call, n_docs = {}, {}
+    for from_sft in (False, True):
+        p = BaseParams(tiny=TinyModelParams(vocab_size=800, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                            intermediate_size=64, max_position_embeddings=256),
+                       pretrain=PretrainParams(steps=0, tool_prompts=from_sft), tokenizer_from_sft=from_sft)
+        out = tmp_path / str(from_sft)
+        out.mkdir()
+        n_docs[from_sft] = build_tiny_base(documents, {d["id"]: "train" for d in documents}, p, out,
+                                           conversations)["n_pretrain_docs"]
+        n_call[from_sft] = len(load_tokenizer(out)(call, add_special_tokens=False)["input_ids"])
+    assert n_call[True] <= 0.7 * n_call[False]  # the format's pieces ('{"', 'name', '":') became tokens
+    assert (n_docs[False], n_docs[True]) == (40, 40 + 30)  # + the tool conversations' prompts

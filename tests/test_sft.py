@@ -82,3 +82,41 @@ def test_template_that_breaks_the_prefix_property_is_refused(tiny_checkpoint):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
     with pytest.raises(LabelMaskError):
         tokenize_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer)
+
+
+def test_follow_up_turns_ask_only_what_the_shown_passages_answer():
+    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
+              "kind": "single_hop"}
+    elsewhere = {"id": "q4", "question": "What does express shipping cost?", "answers": ["$12.50"],
+                 "doc_ids": ["doc-4"], "kind": "single_hop"}
+    not_in_text = {"id": "q5", "question": "How heavy is the Zephyr X5?", "answers": ["4 kg"], "doc_ids": ["doc-2"],
+                   "kind": "single_hop"}
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=4)
+    questions = [ANSWERABLE, second, elsewhere, not_in_text]
+    examples = build_examples(questions, [RETRIEVED] * 4, CHUNKS, p)
+    first = examples[0]
+    shown = {pid.split("#")[0] for pid in first["passage_ids"]}
+    assert shown == {"doc-1", "doc-2"}  # the oracle and the hardest distractor
+    roles = [m["role"] for m in first["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert first["messages"][3]["content"] == "Question: What does the Zephyr X5 cost?"
+    assert first["messages"][4]["content"] == "$509"
+    assert first["follow_up_ids"] == ["q3"]  # not q4 (passage not shown), not q5 (answer not in the text)
+
+
+def test_one_turn_per_conversation_adds_no_follow_ups():
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=1)
+    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
+              "kind": "single_hop"}
+    examples = build_examples([ANSWERABLE, second], [RETRIEVED] * 2, CHUNKS, p)
+    assert all(len(e["messages"]) == 3 and "follow_up_ids" not in e for e in examples)
+
+
+def test_follow_up_turns_are_all_supervised(tiny_checkpoint):
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    messages = chat.rag_messages("Answer.", "How much is the Aurora K3 Kettle?", CHUNKS[:2])
+    messages += [{"role": "assistant", "content": "$149"}, {"role": "user", "content": "Question: And the Zephyr X5?"},
+                 {"role": "assistant", "content": "$509"}]
+    row = tokenize_example(messages, tokenizer)
+    learnt = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+    assert "$149" in learnt and "$509" in learnt and "Zephyr" not in learnt

@@ -96,6 +96,7 @@ class BuildSftParams:
     oracle_drop_rate: float = 0.2  # RAFT: share of answerable questions shown without their oracle
     retrieval_pool: int = 10  # distractors are drawn from this many top retrieved chunks
     samples_per_question: int = 1  # training conversations per question, each with its own distractors and order
+    turns_per_conversation: int = 1  # > 1: follow-up questions on the same passages, each a supervised answer
     hard_distractor_rate: float = 1.0  # share of distractors from retrieval (look-alikes); the rest random chunks
     question_position: Literal["end", "both"] = "end"  # "both" also asks before the passages
     abstain_answer: str = "The documents don't say."
@@ -121,6 +122,8 @@ class BuildSftParams:
             out.append(f"build_sft.hard_distractor_rate must be in [0, 1], got {self.hard_distractor_rate}")
         if self.samples_per_question < 1:
             out.append(f"build_sft.samples_per_question must be >= 1, got {self.samples_per_question}")
+        if self.turns_per_conversation < 1:
+            out.append(f"build_sft.turns_per_conversation must be >= 1, got {self.turns_per_conversation}")
         if self.retrieval_pool < self.context_chunks:
             out.append("build_sft.retrieval_pool must be >= build_sft.context_chunks")
         if not self.abstain_answer.strip():
@@ -160,6 +163,7 @@ class PretrainParams:
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     repeat_prob: float = 0.5  # chance a window repeats one of its documents: teaches copying
+    tool_prompts: bool = False  # also read the system + user prompts of the SFT tool conversations
 
     def problems(self) -> list[str]:
         out = []
@@ -181,6 +185,9 @@ class BaseParams:
     seed: int = 0
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
+    # tiny only: the tokenizer also learns from the SFT train conversations (chat headers,
+    # prompts, tool definitions and calls), so the format costs few tokens
+    tokenizer_from_sft: bool = False
 
     @property
     def is_tiny(self) -> bool:
@@ -214,6 +221,7 @@ class TrainParams:
     packing: bool = False  # padding-free packing without cross-sample attention
     sampling: Literal["random", "group_by_length"] = "random"  # group_by_length: batches of like lengths, less padding
     gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
     liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
     gpus: int = 0  # data-parallel GPUs (DDP via torchrun); 0 = all visible

@@ -174,6 +174,27 @@ def resolve_quantization(quantization: str) -> str:
     return quantization
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX-512 BF16): there bf16 autocast
+    roughly doubles training throughput; elsewhere it is emulated and slower than fp32."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(precision: str = "auto") -> bool:
+    """Train in bf16 autocast? `auto`: on CUDA, and on CPUs with native bf16."""
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_available() or cpu_has_native_bf16()
+
+
 def load_model(path: str | Path, quantization: str = "none"):
     """Load a causal LM for training or inference: nf4 + double quantisation, bf16 compute
     on GPU (QLoRA); full precision on CPU."""

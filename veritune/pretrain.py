@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from veritune.config import PretrainParams
+from veritune.modeling import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
         return p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     history = []
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16())
     bar = tqdm(range(p.steps), desc="pretrain base", unit="step")
     for step in bar:
         batch = torch.tensor([make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)],
                              device=device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = _next_token_loss(model, batch)
+        with autocast:
+            loss = _next_token_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -80,22 +83,34 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
 
 
 def _next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
+    logits = model(input_ids=batch[:, :-1]).logits.float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
-def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out_dir) -> dict:
+def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out_dir,
+                    sft_conversations: Sequence[list[dict]] = ()) -> dict:
     """Tokenizer, model and pretraining of the tiny default from the training documents;
-    saved to `out_dir` in the Hugging Face layout. `p` is a BaseParams."""
+    saved to `out_dir` in the Hugging Face layout. `p` is a BaseParams.
+
+    `sft_conversations` (the SFT train set's messages) feed the tokenizer where
+    `p.tokenizer_from_sft` (a tool call then costs ~20 tokens instead of ~40, a tool prompt
+    ~350 instead of ~800) and, where `p.pretrain.tool_prompts`, the pretraining: the tool
+    conversations' system and user prompts, so the format's tokens have trained embeddings
+    before LoRA, which leaves embeddings frozen, has to use them."""
     from veritune import chat
     from veritune.config import as_dict
     from veritune.io import write_jsonl
     from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, save_tokenizer
+    from veritune.sft import is_tool_conversation
 
     # Only training documents: held-out documents must stay unseen until test time.
     texts = [f"{d['title']}\n{d['text']}" for d in documents if doc_split[d["id"]] == "train"]
-    tokenizer = build_tiny_tokenizer(texts, p.tiny.vocab_size)
+    conversations = [chat.format_chat(m) for m in sft_conversations] if p.tokenizer_from_sft else []
+    tokenizer = build_tiny_tokenizer(texts + conversations, p.tiny.vocab_size)
     model = build_tiny_model(TinyArch(**as_dict(p.tiny)), tokenizer, p.seed)
+    if p.pretrain.tool_prompts:
+        texts += [chat.format_chat(m[:2]).removeprefix(chat.BEGIN_OF_TEXT)
+                  for m in sft_conversations if is_tool_conversation(m)]
     bos, eot = tokenizer.convert_tokens_to_ids([chat.BEGIN_OF_TEXT, chat.END_OF_TEXT])
     docs = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eot] for t in texts]
     start = time.time()

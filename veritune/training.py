@@ -25,7 +25,7 @@ import torch
 
 from veritune.config import TrainParams
 from veritune.fast_lora import prepare_for_training
-from veritune.modeling import load_model, load_tokenizer, resolve_quantization, save_tokenizer
+from veritune.modeling import load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16
 from veritune.sft import tokenize_example
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     # No prepare_model_for_kbit_training: its fp32 copies of norms, embeddings and head cost
     # ~3 GiB on 8B and buy nothing, since RMSNorm and the loss accumulate in fp32 anyway.
     model = load_model(base_dir, quantization)
-    bf16 = torch.cuda.is_available()
+    bf16 = use_bf16(p.precision)
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         seed=p.seed,
@@ -171,6 +171,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         train_sampling_strategy=p.sampling,
         padding_free=p.packing,
         bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU (where it has native bf16) needs this said
         logging_steps=p.logging_steps,
         save_strategy="steps",
         save_steps=p.save_steps,
@@ -199,7 +200,10 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         peft_config=lora_config(p),
         callbacks=callbacks,
     )
-    speedups = prepare_for_training(trainer.model, fused_lora=p.fused_lora, liger=p.liger,
+    # The fused LoRA function is written for CUDA's bf16 weights; under CPU autocast the fp32
+    # weights meet bf16 activations, so the CPU keeps PEFT's own forward.
+    speedups = prepare_for_training(trainer.model, fused_lora=p.fused_lora and torch.cuda.is_available(),
+                                    liger=p.liger,
                                     gradient_checkpointing=False)  # the Trainer switches checkpointing on itself
     log.info("train: %s", speedups)
     if resume:
