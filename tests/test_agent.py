@@ -345,6 +345,54 @@ def test_step_retry_and_time_limits_stop_a_looping_model(shop, tmp_path):
         e.toolbox.close()
 
 
+def replies_in_turn(*replies):
+    """A `generate` for run_agent that writes `replies` one per turn."""
+    turns = iter(replies)
+    return lambda prompt, max_new_tokens: next(turns)
+
+
+def test_run_agent_writes_only_valid_authorised_calls(shop, tmp_path):
+    """Bad or unrequested calls never reach the database, even with writes persisted; a valid,
+    requested write lands only where `persist_writes` says, once (idempotent)."""
+    from veritune.agent import run_agent
+
+    db, _ = shop
+    live = episode_database(db, tmp_path, "live")
+    before = db_fingerprint(live)
+    request = [{"role": "user", "content": "Order 1001 is late, please open a ticket."}]
+    run = dict(max_new_tokens=32, db_path=live, system_prompt=SYSTEM, tools=tool_definitions("compact"),
+               limits=AgentLimits(max_steps=20, max_retries=20))
+    refund = _call("request_refund", {"order_id": 1001, "amount": 5, "reason": "faulty"})  # not asked for
+    bad = [BAD_REPLIES[k] for k in sorted(BAD_REPLIES)] + [refund]
+    result = run_agent(request, generate=replies_in_turn(*bad, "Sorry." + chat.EOT), persist_writes=True, **run)
+    assert result["stop"] == "answer" and len(result["steps"]) == len(bad) + 1
+    assert all("error" in s["result"] for s in result["steps"][:-1])
+    assert "explicit request" in result["steps"][-2]["result"]["error"]
+    assert db_fingerprint(live) == before
+
+    ticket = _call("open_ticket", {"order_id": 1001, "category": "delivery", "summary": "Late parcel"})
+    copied = run_agent(request, generate=replies_in_turn(ticket, "Ticket opened." + chat.EOT), **run)
+    assert copied["steps"][0]["result"]["status"] == "open" and db_fingerprint(live) == before
+    written = run_agent(request, generate=replies_in_turn(ticket, ticket, "Ticket opened." + chat.EOT),
+                        persist_writes=True, **run)
+    first, again = written["steps"][0]["result"], written["steps"][1]["result"]
+    assert again == {**first, "already_open": True} and db_fingerprint(live) != before
+    assert written["answer"] == "Ticket opened." and written["citations"] == []
+
+
+def test_run_agent_reports_the_limit_that_ended_it(shop, tmp_path):
+    from veritune.agent import STOPPED, run_agent
+
+    db, _ = shop
+    result = run_agent([{"role": "user", "content": "Where is my order 1001?"}],
+                       generate=replies_in_turn(*[_call("nope", {})] * 3), max_new_tokens=8, db_path=db,
+                       limits=AgentLimits(max_retries=2))
+    assert result["stop"] == "max_retries" and result["answer"] == STOPPED["max_retries"]
+    with pytest.raises(FileNotFoundError, match="dvc repro agent_db"):
+        run_agent([{"role": "user", "content": "hi"}], generate=replies_in_turn(), max_new_tokens=8,
+                  db_path=tmp_path / "missing.sqlite")
+
+
 def test_parse_reply_reads_calls_and_answers():
     assert parse_reply(_call("get_order", {"order_id": 1})).name == "get_order"
     assert parse_reply("Your order shipped." + chat.EOT + chat.PAD * 3).text == "Your order shipped."

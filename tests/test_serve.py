@@ -5,6 +5,7 @@ and property-based fuzzing of the OpenAPI spec."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import threading
@@ -22,7 +23,7 @@ from veritune.config import ServeParams
 from veritune.generation import generate, stop_token_ids
 from veritune.modeling import load_model, load_tokenizer
 from veritune.retrieval import Retriever, build_index, chunk_document, load_embedder
-from veritune.server import RateLimiter, Service, create_app, load_api_keys, match_key
+from veritune.server import AgentSettings, RateLimiter, Service, create_app, load_api_keys, match_key
 from veritune.stress import ServerProcess, check_stream, free_port
 
 DOCS = [
@@ -77,11 +78,11 @@ def make_app(loaded):
     """A started Service over the shared model and index, and its ASGI app; stopped afterwards."""
     services = []
 
-    def make(keys=(), **overrides):
+    def make(keys=(), agent=AgentSettings(), **overrides):
         params = ServeParams(**{"max_new_tokens": 16, "max_input_tokens": 200, "max_body_bytes": 4096,
                                 "max_wait_ms": 20.0, "rate_limit_per_min": 0, **overrides})
         model, tokenizer, retriever = loaded
-        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys)).start()
+        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent).start()
         services.append(service)
         return service, create_app(service)
 
@@ -317,17 +318,129 @@ def test_concurrent_requests_are_decoded_in_one_batch(make_app):
         [r.json()["choices"][0]["message"]["content"] for r in responses[:4]]
 
 
-def test_agent_mode_without_an_agent_entry_point_is_501(make_app):
-    """Until veritune.agent offers `run_agent`, the agent model is neither listed nor a crash."""
+# --------------------------------------------------------------------------- agent mode
+
+
+@pytest.fixture(scope="module")
+def shop_db(tmp_path_factory) -> Path:
+    """The shop database built from the committed raw tables."""
+    from veritune.io import read_jsonl
+    from veritune.tools import TABLES, build_database
+
+    path = tmp_path_factory.mktemp("shop") / "business.sqlite"
+    build_database({t: read_jsonl(REPO / "data" / "raw" / "business" / f"{t}.jsonl") for t in TABLES}, path)
+    return path
+
+
+def scripted(*replies):
+    """A `generate` that writes `replies` in turn (the last one repeats) and keeps the prompts."""
+    prompts: list[str] = []
+
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        prompts.append(prompt)
+        return replies[min(len(prompts), len(replies)) - 1]
+    generate.prompts = prompts
+    return generate
+
+
+def tool_call(name: str, parameters: dict) -> str:
+    from veritune import chat as fmt
+
+    return fmt.PYTHON_TAG + fmt.tool_call_text(name, parameters) + fmt.EOM
+
+
+def test_agent_mode_is_501_without_the_agent_and_503_without_its_database(make_app, shop_db, monkeypatch, tmp_path):
     from veritune import server
 
-    if server._agent_entry_point() is not None:
-        pytest.skip("veritune.agent.run_agent exists")
-    _, app = make_app()
-    models = [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
-    assert "veritune-agent" not in models
+    _, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
+    assert "veritune-agent" in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
+    monkeypatch.setattr(server, "_agent_entry_point", lambda: None)  # a build whose veritune.agent fails to import
+    assert "veritune-agent" not in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
     r = call(app, "POST", "/v1/chat/completions", json=chat(model="veritune-agent"))
     assert r.status_code == 501 and "agent" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    _, app = make_app(agent=AgentSettings(db_path=str(tmp_path / "missing.sqlite")))
+    assert "veritune-agent" not in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
+    r = call(app, "POST", "/v1/chat/completions", json=chat(model="veritune-agent"))
+    assert r.status_code == 503 and "dvc repro agent_db" in r.json()["error"]["message"]
+
+
+def test_raw_generation_keeps_the_call_tokens_the_agent_parses(make_app, loaded):
+    """`generate_raw` decodes as `ModelPolicy` does (special tokens kept) and appends the stop
+    token the engine stopped on, so a call ends in <|eom_id|> and parses as a call."""
+    from veritune import chat as fmt
+    from veritune.agent import ModelPolicy, parse_reply, start_episode
+    from veritune.tools import tool_definitions
+
+    model, tokenizer, _ = loaded
+    service, _ = make_app()
+    episode = start_episode("e", "Where is my order 1001?", None, "You are a support agent.",
+                            tool_definitions("compact"))
+    prompt = fmt.format_chat(episode.messages, add_generation_prompt=True)
+    assert service.generate_raw(prompt, 6) == ModelPolicy(model, tokenizer, 6, batch_size=1)([episode])[0]
+
+    call_ids = tokenizer(tool_call("get_order", {"order_id": 1001}), add_special_tokens=False)["input_ids"]
+    *body, eom = call_ids
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    [stopped] = generate_batch(model, [GenerationRequest(ids, 4)], stop_ids=list(range(len(tokenizer))),
+                               pad_id=tokenizer.pad_token_id)
+    assert stopped.finish_reason == "stop" and stopped.stop_token_id is not None and stopped.token_ids == []
+    service.generator.stop()
+    service.generator = MicroBatcher(lambda reqs: [dataclasses.replace(stopped, token_ids=body, stop_token_id=eom)
+                                                   for _ in reqs], 1, 0).start()
+    raw = service.generate_raw(prompt, 32)
+    assert raw.endswith(fmt.EOM) and parse_reply(raw).kind == "call" and parse_reply(raw).name == "get_order"
+
+
+def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
+    """A scripted model through `run_agent` (search_kb on the real index via the server's
+    batcher), then the same through the HTTP API."""
+    from veritune.agent import run_agent
+
+    replies = (tool_call("search_kb", {"query": "reset the Nimbus R7 router"}),
+               tool_call("get_order", {"order_id": 1001}),
+               "Hold the pinhole button for ten seconds.<|eot_id|>")
+    service, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
+    generate = scripted(*replies)
+    result = run_agent([{"role": "user", "content": "How do I reset my router from order 1001?"}],
+                       generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db)
+    assert result["stop"] == "answer" and result["answer"] == "Hold the pinhole button for ten seconds."
+    assert result["citations"] == ["router"]
+    assert [(s["type"], s.get("name"), s.get("valid")) for s in result["steps"]] == \
+        [("call", "search_kb", True), ("call", "get_order", True), ("answer", None, None)]
+    assert result["steps"][1]["result"]["order_id"] == 1001
+    # Each turn's prompt is the previous one plus the call and its result.
+    assert generate.prompts[1].startswith(generate.prompts[0]) and '"doc_id": "router"' in generate.prompts[1]
+
+    service.generate_raw = scripted(*replies)
+    r = call(app, "POST", "/v1/chat/completions", json=chat("How do I reset my router from order 1001?",
+                                                           model="veritune-agent"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "veritune-agent"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hold the pinhole button for ten seconds."}
+    assert body["choices"][0]["finish_reason"] == "stop" and body["stop_reason"] == "answer"
+    assert body["citations"] == [{"doc_id": "router"}] and len(body["steps"]) == 3
+
+
+def test_agent_mode_with_the_real_tiny_model_ends_within_its_limits(make_app, shop_db):
+    """The untrained model writes noise: still a well-formed completion, never a 5xx."""
+    service, app = make_app(agent=AgentSettings(db_path=str(shop_db), max_steps=3))
+    for stream in (False, True):
+        r = call(app, "POST", "/v1/chat/completions", json=chat("Where is my order 1001?", model="veritune-agent",
+                                                               max_tokens=8, stream=stream))
+        assert r.status_code == 200, r.text
+        if stream:
+            lines = sse_lines(r)
+            assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["stop_reason"] in (
+                "answer", "max_steps", "max_retries")
+            continue
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+        assert body["stop_reason"] in ("answer", "max_steps", "max_retries") and 1 <= len(body["steps"]) <= 3
+        assert isinstance(body["choices"][0]["message"]["content"], str)
+        assert body["choices"][0]["finish_reason"] == ("stop" if body["stop_reason"] == "answer" else "length")
+    assert max(service.generator.batch_sizes) >= 1  # the model turns went through the batcher
 
 
 def test_openapi_fuzzing_finds_no_server_errors(make_app):

@@ -10,20 +10,27 @@ are reported back and count as a retry; too many retries in a row, too many step
 much wall time end the episode.
 
 Episodes run in lockstep so one batched `generate` serves every open episode per turn.
+`run_agent` drives one customer request through the same loop for the server's agent mode.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from veritune import chat
-from veritune.tools import Toolbox, ToolError, check_call
+from veritune.config import BuildSftParams
+from veritune.tools import TODAY, Toolbox, ToolError, authorised_writes, check_call, episode_database, tool_definitions
+
+DB = "data/agent/business.sqlite"  # the shop database `agent_db` builds
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,16 @@ def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
 Policy = Callable[[Sequence[Episode]], list[str]]
 
 
-def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent") -> None:
+def episode_prompt(episode: Episode) -> str:
+    """The text a policy continues: the conversation so far in Meta's layout, then the
+    assistant header."""
+    return chat.format_chat(episode.messages, add_generation_prompt=True)
+
+
+def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent",
+                 progress: bool = True) -> None:
     """Drive every episode to its end; each round asks the policy once for all open ones."""
-    bar = tqdm(total=len(episodes), desc=desc, unit="episode")
+    bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress)
     while True:
         active = [e for e in episodes if e.stop is None]
         if not active:
@@ -157,7 +171,7 @@ class ModelPolicy:
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
         self.tokenizer.padding_side = "left"
         device = next(self.model.parameters()).device
-        prompts = [chat.format_chat(e.messages, add_generation_prompt=True) for e in episodes]
+        prompts = [episode_prompt(e) for e in episodes]
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             enc = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
@@ -194,3 +208,53 @@ class OraclePolicy:
             else:
                 out.append(task["answer"] + chat.EOT)
         return out
+
+
+# Stands in for the answer when an episode ends without one; the stop reason says which limit.
+STOPPED = {
+    "max_steps": "Sorry, I could not finish this request within the allowed number of steps.",
+    "max_retries": "Sorry, I could not finish this request: my tool calls were refused too many times in a row.",
+    "time_limit": "Sorry, I could not finish this request in the time allowed.",
+}
+
+
+def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
+              search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path = DB,
+              system_prompt: str = BuildSftParams.agent_system_prompt, tools: Sequence[dict] | None = None,
+              today: date = TODAY, limits: AgentLimits = AgentLimits(), persist_writes: bool = False) -> dict:
+    """One customer request through the tool-using loop (`start_episode`, `run_episodes`).
+
+    The request is the last user message; earlier turns and any system message are left out,
+    because the episode opens with the agent's own system prompt and tool definitions (the
+    layout the model was trained on), and writes are authorised by this request's words alone
+    (`authorised_writes`). `generate(prompt_text, max_new_tokens)` continues `episode_prompt`
+    and returns the reply with its special tokens (`<|python_tag|>`, `<|eom_id|>`, `<|eot_id|>`).
+    `search(query)` backs `search_kb` ({"doc_id", "title", "text"} passages; None: refused).
+    `tools` defaults to the `build_sft.agent_tool_definitions` default style.
+
+    The episode works on a private copy of `db_path`, so writes are guarded, reported and then
+    discarded; with `persist_writes` they land in `db_path` itself (a live shop database).
+
+    Returns {"answer", "citations" (doc ids of the search_kb results seen, in order), "steps"
+    (Episode.steps: each call with its parameters, validity and result or refusal, then the
+    answer), "stop" ("answer", "max_steps", "max_retries" or "time_limit")}; without an
+    answer, "answer" says which limit ended the episode.
+    """
+    request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+    if not request or not request.strip():
+        raise ValueError("run_agent needs a user message: the customer's request")
+    if not Path(db_path).is_file():
+        raise FileNotFoundError(f"shop database {db_path} not found: run `dvc repro agent_db`")
+    tools = tool_definitions(BuildSftParams.agent_tool_definitions) if tools is None else tools
+
+    def policy(episodes: Sequence[Episode]) -> list[str]:
+        return [generate(episode_prompt(e), max_new_tokens) for e in episodes]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(db_path) if persist_writes else episode_database(db_path, tmp, "request")
+        with Toolbox(path, search=search, allowed_writes=authorised_writes(request), today=today) as box:
+            episode = start_episode("request", request, box, system_prompt, tools, chat.header_date(today))
+            run_episodes(policy, [episode], limits, progress=False)
+    seen = [r["doc_id"] for s in episode.calls if s["name"] == "search_kb" for r in s["result"].get("results", [])]
+    answer = episode.answer if episode.stop == "answer" else STOPPED[episode.stop]
+    return {"answer": answer, "citations": list(dict.fromkeys(seen)), "steps": episode.steps, "stop": episode.stop}

@@ -53,6 +53,7 @@ class Completion:
     finish_reason: str  # "stop" (a stop token), "length" (max_new_tokens) or "cancelled"
     prompt_tokens: int
     batch_size: int  # how many requests shared this request's forward passes
+    stop_token_id: int | None = None  # the stop token that ended it (finish_reason "stop")
 
 
 class BatcherStopped(RuntimeError):
@@ -186,6 +187,7 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
+    stopped_by: list[int | None] = [None] * n
     live = list(range(n))  # request index of each row still in the batch
     cache = DynamicCache(config=model.config)  # filled in place by each forward
     # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
@@ -203,7 +205,7 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
             if r.cancelled.is_set():
                 reasons[i] = "cancelled"
             elif is_stop[row]:
-                reasons[i] = "stop"
+                reasons[i], stopped_by[i] = "stop", tokens[row]
             else:
                 generated[i].append(tokens[row])
                 if r.on_token is not None:
@@ -223,4 +225,5 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
         position_ids = position_ids[:, -1:] + 1
     return [Completion(token_ids=generated[i], finish_reason=reasons[i] or "length",
-                       prompt_tokens=len(r.prompt_ids), batch_size=n) for i, r in enumerate(requests)]
+                       prompt_tokens=len(r.prompt_ids), batch_size=n, stop_token_id=stopped_by[i])
+            for i, r in enumerate(requests)]

@@ -12,7 +12,9 @@ summary goes to stderr. Exit status 2 on a missing file or a bad record.
 
 `serve` runs the OpenAI-compatible HTTP API over the released model (see
 `veritune.server`): params.yaml `serve` (flags override it), `index` for the retrieval index
-and `build_sft.system_prompt` for the grounded prompt. Read from the current directory.
+and `build_sft.system_prompt` for the grounded prompt; the agent mode takes its prompt and
+limits from `build_sft`, `agent_db` and `agent_eval` as `veritune agent` does. Read from the
+current directory.
 
 `agent` runs one customer request through the tool-using loop (veritune.agent) with the
 fine-tuned model (models/base + models/adapter by default) on a private copy of the shop
@@ -54,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> None:
     import logging
 
     from veritune.config import ParamsError, load_params
-    from veritune.server import serve
+    from veritune.server import agent_settings, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     params = load_params("serve", args.params)
@@ -70,7 +72,7 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ParamsError("serve settings have problems:\n  - " + "\n  - ".join(problems))
     index_params = load_params("index", args.params) if params.retrieval else None
     system_prompt = load_params("build_sft", args.params).system_prompt
-    serve(params, index_params, system_prompt)
+    serve(params, index_params, system_prompt, agent=agent_settings(args.params))
 def run_agent(args: argparse.Namespace) -> None:
     import tempfile
     from datetime import date

@@ -11,8 +11,16 @@ Each answer is grounded by default: the last user message is the retrieval query
 `serve.retrieval_k` chunks of the index go into the prompt exactly as in training
 (`chat.rag_messages` with the `build_sft` system prompt), and the response carries a
 `citations` list (doc_id, chunk_id, title, score). `"retrieval": false` in a request turns it
-off. Model `<model_name>-agent` runs the tool-calling agent (`veritune.agent.run_agent`) when
-that module is installed, else 501.
+off.
+
+Model `<model_name>-agent` runs the customer's last message through the tool-using agent
+(`veritune.agent.run_agent`, the loop `agent_eval` measures) over the shop database
+`AGENT_DB`: its model turns go through the same batcher as chat requests, `search_kb`
+through the index. The answer comes with `citations` (the documents search_kb returned),
+`steps` (each tool call with its result or refusal) and `stop_reason`. Write tools stay
+guarded as in `agent_eval` (asked for in the request, schema-checked, idempotent) and act on
+a per-request copy of the database unless `AgentSettings.persist_writes`. Listed in
+/v1/models only when `veritune.agent` imports and the database exists (else 501 / 503).
 
 Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
 are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval queries are
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import json
@@ -54,7 +63,7 @@ from starlette.exceptions import HTTPException
 
 from veritune import chat
 from veritune.batching import BatcherStopped, Completion, GenerationRequest, MicroBatcher, QueueFull, generate_batch
-from veritune.config import ServeParams
+from veritune.config import PARAMS_FILE, AgentDbParams, AgentEvalParams, BuildSftParams, ServeParams, load_params
 
 log = logging.getLogger("veritune.serve")
 
@@ -63,6 +72,7 @@ KEYS_ENV, KEYS_FILE_ENV = "VERITUNE_API_KEYS", "VERITUNE_API_KEYS_FILE"
 _RESERVED = re.compile(r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
                        r"finetune_right_pad_id|reserved_special_token_\d+)\|>")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+AGENT_DB = "data/agent/business.sqlite"  # the shop database of the agent mode (built by `agent_db`)
 
 
 # --------------------------------------------------------------------------- request schema
@@ -199,15 +209,39 @@ class Metrics:
         self.completion_tokens = Counter("veritune_completion_tokens", "tokens generated", registry=r)
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    """What the agent mode runs with; `agent_settings` reads them from params.yaml."""
+
+    db_path: str = AGENT_DB
+    system_prompt: str = BuildSftParams.agent_system_prompt
+    tool_definitions: str = BuildSftParams.agent_tool_definitions  # "compact" or "json_schema"
+    search_k: int = BuildSftParams.agent_search_k  # passages per search_kb call (at most serve.retrieval_k)
+    today: str = AgentDbParams.today
+    max_steps: int = AgentEvalParams.max_steps
+    max_retries: int = AgentEvalParams.max_retries
+    max_seconds: float = AgentEvalParams.max_seconds  # capped by serve.request_timeout_s
+    persist_writes: bool = False  # False: writes act on a per-request copy; True: on db_path itself
+
+
+def agent_settings(params_file: str | Path = PARAMS_FILE, db_path: str = AGENT_DB) -> AgentSettings:
+    """The agent's prompt and limits as `agent_eval` runs it: `build_sft` (system prompt, tool
+    definitions, search size), `agent_db` (today) and `agent_eval` (steps, retries, seconds)."""
+    sp, ap, ep = (load_params(s, params_file) for s in ("build_sft", "agent_db", "agent_eval"))
+    return AgentSettings(db_path=db_path, system_prompt=sp.agent_system_prompt,
+                         tool_definitions=sp.agent_tool_definitions, search_k=sp.agent_search_k, today=ap.today,
+                         max_steps=ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds)
+
+
 class Service:
     """The loaded model and tokenizer, the retriever, and the two batchers that feed them."""
 
     def __init__(self, params: ServeParams, model, tokenizer, retriever=None, system_prompt: str = "",
-                 api_keys: list[str] | None = None):
+                 api_keys: list[str] | None = None, agent: AgentSettings = AgentSettings()):
         from veritune.generation import stop_token_ids
 
         self.params, self.model, self.tokenizer, self.retriever = params, model, tokenizer, retriever
-        self.system_prompt = system_prompt
+        self.system_prompt, self.agent = system_prompt, agent
         self.api_keys = list(api_keys or [])
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
@@ -249,24 +283,32 @@ class Service:
             self.retriever = None
 
     def agent_available(self) -> bool:
-        return _agent_entry_point() is not None
+        return _agent_entry_point() is not None and Path(self.agent.db_path).is_file()
 
     # --- what the agent gets: blocking calls through the same batchers (see `agent_completion`)
-    def generate_text(self, messages: list[dict], max_new_tokens: int) -> str:
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-        completion = self.generator.submit(GenerationRequest(list(ids), max_new_tokens)).result(
-            self.params.request_timeout_s)
-        return self.tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    def generate_raw(self, prompt_text: str, max_new_tokens: int) -> str:
+        """The model's continuation of an already rendered prompt (`agent.episode_prompt`),
+        tokenized as `ModelPolicy` does, special tokens kept and the stop token it wrote
+        appended, so that `agent.parse_reply` sees `<|python_tag|>...<|eom_id|>`."""
+        ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        gen = GenerationRequest(list(ids), max_new_tokens)
+        try:
+            completion = self.generator.submit(gen).result(self.params.request_timeout_s)
+        finally:
+            gen.cancelled.set()  # a no-op once finished; frees the batch slot of one given up on
+        self.metrics.prompt_tokens.inc(completion.prompt_tokens)
+        self.metrics.completion_tokens.inc(len(completion.token_ids))
+        stop = [completion.stop_token_id] if completion.stop_token_id is not None else []
+        return self.tokenizer.decode(completion.token_ids + stop, skip_special_tokens=False)
 
-    def search_passages(self, query: str, k: int | None = None) -> list[dict]:
-        if self.searcher is None:
-            return []
+    def kb_search(self, query: str) -> list[dict]:
+        """`search_kb` for the agent: the top `agent.search_k` passages as the tool returns them."""
         hits = self.searcher.submit(query).result(self.params.request_timeout_s)
-        return [dataclasses.asdict(h) for h in hits[: k or len(hits)]]
+        return [{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in hits[: self.agent.search_k]]
 
 
 def load_service(params: ServeParams, index_params=None, system_prompt: str = "", api_keys: list[str] | None = None,
-                 retrieval: bool | None = None) -> Service:
+                 retrieval: bool | None = None, agent: AgentSettings = AgentSettings()) -> Service:
     """Load the model (adapter merged) and open the index named by `index_params`."""
     import torch
 
@@ -293,7 +335,7 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
         from veritune.retrieval import Retriever
 
         retriever = Retriever(index_params.uri, index_params.collection, index_params.embedding_model)
-    return Service(params, model, tokenizer, retriever, system_prompt, api_keys)
+    return Service(params, model, tokenizer, retriever, system_prompt, api_keys, agent)
 
 
 # --------------------------------------------------------------------------- request guard (ASGI)
@@ -638,57 +680,69 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
     yield "data: [DONE]\n\n"
 
 
+@functools.cache
 def _agent_entry_point():
-    """`veritune.agent.run_agent` if this build has it, else None (the agent mode answers 501)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("veritune.agent") is None:
+    """`veritune.agent.run_agent`, or None when this build cannot import it (the agent mode answers 501)."""
+    try:
+        from veritune.agent import run_agent
+    except ImportError as e:
+        log.warning("agent mode off: %s", e)
         return None
-    return getattr(importlib.import_module("veritune.agent"), "run_agent", None)
+    return run_agent
 
 
 async def agent_completion(service: Service, body: ChatRequest, messages: list[dict], max_new: int, request_id: str):
-    """The agent mode, when `veritune.agent` exists. Expected interface (kept small on purpose):
-
-        run_agent(messages: list[dict], *, generate: Callable[[list[dict], int], str],
-                  search: Callable[[str, int], list[dict]], max_new_tokens: int) -> dict
-        # returns {"answer": str, "citations": [doc_id or {"doc_id": ...}, ...], "steps": [...] (optional)}
-
-    `generate(messages, max_new_tokens)` and `search(query, k)` go through the server's
-    batchers, so agent calls are batched with everything else. It runs in a worker thread.
-    """
+    """The agent mode: `run_agent` on the conversation (its last user message is the request) in a
+    worker thread; `max_new` bounds each model turn. Model turns go through the generation
+    batcher (`Service.generate_raw`), search_kb through the search batcher (`Service.kb_search`)."""
     run_agent = _agent_entry_point()
     if run_agent is None:
-        raise ApiError(501, "the agent mode is not wired into this server build (no veritune.agent.run_agent)",
+        raise ApiError(501, "the agent mode is not available in this server build (veritune.agent does not import)",
                        param="model")
-    p = service.params
+    p, a = service.params, service.agent
+    if not Path(a.db_path).is_file():
+        raise ApiError(503, f"the agent's shop database {a.db_path} does not exist: run `dvc repro agent_db`",
+                       param="model")
+    from datetime import date
+
+    from veritune.agent import AgentLimits
+    from veritune.tools import tool_definitions
+
+    # The episode ends itself before the request times out.
+    limits = AgentLimits(a.max_steps, a.max_retries, min(a.max_seconds, p.request_timeout_s))
     try:
         result = await asyncio.wait_for(asyncio.to_thread(
-            run_agent, messages, generate=service.generate_text, search=service.search_passages,
-            max_new_tokens=max_new), p.request_timeout_s)
-    except asyncio.TimeoutError:
+            run_agent, messages, generate=service.generate_raw,
+            search=service.kb_search if service.searcher is not None else None, max_new_tokens=max_new,
+            db_path=a.db_path, system_prompt=a.system_prompt, tools=tool_definitions(a.tool_definitions),
+            today=date.fromisoformat(a.today), limits=limits, persist_writes=a.persist_writes), p.request_timeout_s)
+    except TimeoutError:  # the request's own deadline, or one model turn waiting past it
         raise ApiError(504, f"the agent gave no answer within {p.request_timeout_s:g} s") from None
-    answer = result.get("answer", "") if isinstance(result, dict) else str(result)
-    cited = result.get("citations", []) if isinstance(result, dict) else []
-    citations = [c if isinstance(c, dict) else {"doc_id": str(c)} for c in cited]
+    except QueueFull as e:
+        raise ApiError(503, f"server busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+    except BatcherStopped:
+        raise ApiError(503, "server is shutting down", headers={"Retry-After": "5"}) from None
+    answer, stop = result["answer"], result["stop"]
+    citations = [{"doc_id": doc_id} for doc_id in result["citations"]]
+    finish = "stop" if stop == "answer" else "length"
     base = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": f"{p.model_name}-agent"}
     if body.stream:
         async def one_shot():
             chunk = {**base, "object": "chat.completion.chunk", "citations": citations,
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": answer}, "finish_reason": None}]}
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            end = {**base, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            end = {**base, "object": "chat.completion.chunk", "stop_reason": stop,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
             yield f"data: {json.dumps(end)}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(one_shot(), media_type="text/event-stream")
     return {**base, "object": "chat.completion", "citations": citations,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "steps": result.get("steps", []) if isinstance(result, dict) else []}
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
+            "steps": result["steps"], "stop_reason": stop}
 
 
-def serve(params: ServeParams, index_params, system_prompt: str, log_level: str = "info") -> None:
+def serve(params: ServeParams, index_params, system_prompt: str, log_level: str = "info",
+          agent: AgentSettings = AgentSettings()) -> None:
     """Load everything, then run uvicorn until SIGINT/SIGTERM (which drains in-flight requests)."""
     import uvicorn
 
@@ -698,7 +752,7 @@ def serve(params: ServeParams, index_params, system_prompt: str, log_level: str 
                          "or bind to 127.0.0.1")
     log.info("serve: loading %s%s (auth %s)", params.base_dir,
              f" + {params.adapter_dir}" if params.adapter_dir else "", "on" if api_keys else "off (loopback)")
-    service = load_service(params, index_params, system_prompt, api_keys).start()
+    service = load_service(params, index_params, system_prompt, api_keys, agent=agent).start()
     app = create_app(service, owns_service=True)
     config = uvicorn.Config(app, host=params.host, port=params.port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=int(params.graceful_timeout_s), lifespan="on")
