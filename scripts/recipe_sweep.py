@@ -88,7 +88,7 @@ DEFAULT = dict(
     pt_steps=200, pt_bs=8, pt_len=256, pt_lr=3e-3, pt_repeat=0.5, pt_warm=30,
     lora=1, r=32, alpha=64, lr=2e-3, sft_steps=270, bs=16, warm=0.03,
     ctx=2, samples=2, drop=0.1, agent=0, multiturn=0, evals="", seed=0,
-    eval_n=0, tok_fmt=0, pt_fmt=0, tok_ws=0, curr=0.0, cf=0.0, pt_cf=0, cf_kinds="single_hop",
+    eval_n=0, base="", sft="", tok_fmt=0, pt_fmt=0, tok_ws=0, curr=0.0, cf=0.0, pt_cf=0, cf_kinds="single_hop",
 )
 
 DIGITS = re.compile(r"\d+")
@@ -271,7 +271,7 @@ def prepare():
     sp = load_params("build_sft"); ap = load_params("agent_db")
     tools = tool_definitions(sp.agent_tool_definitions)
     tasks = read_jsonl("data/agent/tasks_test.jsonl")
-    json.dump({"prompts": [chat.tool_messages(sp.agent_system_prompt, tools, chat.neutralise_special_tokens(t["request"]), date.fromisoformat(ap.today)) for t in tasks],
+    json.dump({"prompts": [chat.tool_messages(sp.agent_system_prompt, tools, chat.neutralise_special_tokens(t["request"]), chat.header_date(date.fromisoformat(ap.today))) for t in tasks],
                "gold": [t["gold_calls"][0] if t["gold_calls"] else None for t in tasks], "tools": list(TOOL_NAMES)},
               open(out / "agent_test.json", "w"))
 
@@ -286,11 +286,17 @@ def main():
     if cfg["tok_fmt"]:
         # the conversations' format (chat headers, prompts, tool definitions and calls) joins the documents
         corpus += [chat.format_chat(m) for m in sft_examples(cfg)] + [chat.format_chat(e["messages"]) for e in AGENT]
-    tok = (build_ws_tokenizer if cfg["tok_ws"] else build_tiny_tokenizer)(corpus, cfg["vocab"])
-    model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096), tok, cfg["seed"])
-    pt_loss, pt_tok = pretrain(model, tok, cfg)
+    if cfg["base"]:  # a built base (models/base): no tokenizer, model or pretraining here
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(cfg["base"])
+        model = AutoModelForCausalLM.from_pretrained(cfg["base"])
+        pt_loss, pt_tok = float("nan"), 0
+    else:
+        tok = (build_ws_tokenizer if cfg["tok_ws"] else build_tiny_tokenizer)(corpus, cfg["vocab"])
+        model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096), tok, cfg["seed"])
+        pt_loss, pt_tok = pretrain(model, tok, cfg)
     t_pt = time.time() - t0
-    msgs = sft_examples(cfg)
+    msgs = sft_examples(cfg) if not cfg["sft"] else [json.loads(x)["messages"] for x in open(cfg["sft"])]
     rows = [tokenize_example(m, tok) for m in msgs]
     rows = [r for r in rows if len(r["input_ids"]) <= 2048]
     rows1 = [tokenize_example(m, tok) for m in sft_examples(cfg, 1)] if cfg["curr"] > 0 else None

@@ -72,7 +72,7 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ParamsError("serve settings have problems:\n  - " + "\n  - ".join(problems))
     index_params = load_params("index", args.params) if params.retrieval else None
     system_prompt = load_params("build_sft", args.params).system_prompt
-    serve(params, index_params, system_prompt, agent=agent_settings(args.params))
+    serve(params, index_params, system_prompt, agent=agent_settings(args.params, db_path=params.agent_db))
 def run_agent(args: argparse.Namespace) -> None:
     import tempfile
     from datetime import date

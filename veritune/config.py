@@ -429,6 +429,7 @@ class ServeParams:
     torch_threads: int = 0  # 0: torch's default; 1 on a busy shared CPU, where threads spin against others
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
     graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
+    agent_db: str = "data/agent/business.sqlite"  # the agent mode's shop database; each request works on a private copy
 
     def problems(self) -> list[str]:
         out = []
