@@ -123,3 +123,30 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
     assert ("torch.distributed.run" in cmd and f"--nproc_per_node={n}" in cmd) == (kind == "torchrun")
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a torchrun worker: train in-process
     assert not training.launch_data_parallel("stages/train.py", TrainParams(gpus=gpus))
+
+
+def test_length_buckets_cover_every_example_once_and_interleave_lengths():
+    from veritune.training import LengthBucketSampler
+
+    lengths = [700 + i % 50 if i % 10 == 0 else 300 + i % 80 for i in range(1000)]  # 10% long (tool trajectories)
+    sampler = LengthBucketSampler(lengths, batch_size=8, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(1000)) and sorted(second) == list(range(1000))
+    assert first != second  # a new order each epoch
+    batches = [first[i : i + 8] for i in range(0, 1000 - 1000 % 8, 8)]
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert sorted(spread)[len(spread) // 2] < 40  # like lengths share a batch: little padding
+    long = [all(lengths[i] >= 700 for i in b) for b in batches]
+    assert sum(long) >= 8  # the long examples pad together...
+    runs, run = [], 0
+    for is_long in long:
+        run = run + 1 if is_long else 0
+        runs.append(run)
+    assert max(runs) <= 4  # ...but not in one stretch of consecutive steps
+
+
+def test_same_seed_same_batches():
+    from veritune.training import LengthBucketSampler
+
+    lengths = list(range(100, 400))
+    assert list(LengthBucketSampler(lengths, 8, seed=3)) == list(LengthBucketSampler(lengths, 8, seed=3))

@@ -219,7 +219,9 @@ class TrainParams:
     grad_accum: int = 1
     max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
     packing: bool = False  # padding-free packing without cross-sample attention
-    sampling: Literal["random", "group_by_length"] = "random"  # group_by_length: batches of like lengths, less padding
+    # bucketed: batches of like lengths in random order; group_by_length: transformers' (runs of
+    # like batches, longest first); random: no grouping (most padding)
+    sampling: Literal["random", "group_by_length", "bucketed"] = "random"
     gradient_checkpointing: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 import os
 import shutil
 import subprocess
@@ -126,6 +127,57 @@ def _visible_gpus() -> list[str]:
     return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
 
 
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar length, in random order.
+
+    Each epoch: shuffle, cut into windows of `window` batches, sort each window by length and
+    cut it into batches, then shuffle the batches (leftovers of each window go last). Padding
+    stays as low as with transformers' group_by_length, whose megabatches run from the longest
+    batch down: there all batches of one kind of example (the long tool trajectories) come in a
+    run, followed by dozens of steps of the other kind, and the tiny default never learnt the
+    tool-call format (0 valid calls vs 0.97 with these batches, same data and steps).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 32):
+        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        full, rest = [], []
+        span = self.batch_size * self.window
+        for start in range(0, len(order), span):
+            window = sorted(order[start : start + span], key=self.lengths.__getitem__)
+            cut = len(window) - len(window) % self.batch_size
+            full += [window[i : i + self.batch_size] for i in range(0, cut, self.batch_size)]
+            rest += window[cut:]
+        rng.shuffle(full)
+        return iter([i for batch in full for i in batch] + rest)
+
+
+def _bucketed_trainer():
+    from trl import SFTTrainer
+
+    class BucketedSFTTrainer(SFTTrainer):
+        """SFTTrainer with `LengthBucketSampler` batches (`train.sampling: bucketed`)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return LengthBucketSampler([len(ids) for ids in dataset["input_ids"]],
+                                       self.args.per_device_train_batch_size, self.args.seed)
+
+    return BucketedSFTTrainer
+
+
 def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
                   adapter_dir: Path | None, checkpoint_dir: Path, live_dir: Path | None = None,
                   callbacks: Sequence = ()) -> dict:
@@ -134,6 +186,8 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+
+    BucketedSFTTrainer = _bucketed_trainer()
 
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before loading: the model goes to this GPU
@@ -168,7 +222,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         ddp_find_unused_parameters=False,
         max_length=p.max_length,
         packing=p.packing,
-        train_sampling_strategy=p.sampling,
+        train_sampling_strategy="random" if p.sampling == "bucketed" else p.sampling,
         padding_free=p.packing,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU (where it has native bf16) needs this said
@@ -191,7 +245,7 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
 
         callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
                                                         resume=resume is not None)))
-    trainer = SFTTrainer(
+    trainer = (BucketedSFTTrainer if p.sampling == "bucketed" else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
