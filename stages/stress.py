@@ -61,7 +61,10 @@ def main() -> None:
     p = load_params("stress")
     sp = load_params("serve")
     ip = load_params("index")
-    load_params("build_sft")  # the server's prompt: checked here so a bad value fails before any load
+    # What the server reads besides `serve` and `index` (its prompt; the agent mode's prompt,
+    # date and limits): checked here so a bad value fails before any load.
+    for section in ("build_sft", "agent_db", "agent_eval"):
+        load_params(section)
     if not Path(ip.uri).exists():
         raise FileNotFoundError(f"no index at {ip.uri}: run `dvc repro index`")
     questions = [q["question"] for q in read_jsonl("data/split/questions_test.jsonl")]
