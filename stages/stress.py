@@ -63,8 +63,9 @@ def main() -> None:
     ip = load_params("index")
     # What the server reads besides `serve` and `index` (its prompt; the agent mode's prompt,
     # date and limits): checked here so a bad value fails before any load.
-    for section in ("build_sft", "agent_db", "agent_eval"):
-        load_params(section)
+    load_params("build_sft")
+    load_params("agent_db")
+    load_params("agent_eval")
     if not Path(ip.uri).exists():
         raise FileNotFoundError(f"no index at {ip.uri}: run `dvc repro index`")
     questions = [q["question"] for q in read_jsonl("data/split/questions_test.jsonl")]
