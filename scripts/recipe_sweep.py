@@ -37,26 +37,6 @@ if sys.argv[1:2] != ["prepare"]:
     AGENT_TEST = json.load(open(CACHE / "agent_test.json"))
 
 
-def build_ws_tokenizer(texts, vocab_size):
-    """Whitespace as its own token: a word is the same token at the start of an answer and
-    inside a passage."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=chat.LLAMA3_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chat.BEGIN_OF_TEXT, eos_token=chat.EOT, pad_token=chat.PAD,
-        additional_special_tokens=[t for t in chat.LLAMA3_SPECIAL_TOKENS if t not in (chat.BEGIN_OF_TEXT, chat.EOT, chat.PAD)])
-    fast.chat_template = chat.LLAMA3_CHAT_TEMPLATE
-    fast.model_max_length = 1 << 20
-    return fast
-
-
 @torch.inference_mode()
 def agent_eval(model, tok):
     tok.padding_side = "left"
@@ -292,7 +272,7 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(cfg["base"])
         pt_loss, pt_tok = float("nan"), 0
     else:
-        tok = (build_ws_tokenizer if cfg["tok_ws"] else build_tiny_tokenizer)(corpus, cfg["vocab"])
+        tok = build_tiny_tokenizer(corpus, cfg["vocab"], isolate_whitespace=bool(cfg["tok_ws"]))
         model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096), tok, cfg["seed"])
         pt_loss, pt_tok = pretrain(model, tok, cfg)
     t_pt = time.time() - t0

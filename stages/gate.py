@@ -50,6 +50,7 @@ def main() -> None:
         for png in sorted((Path("reports") / Path(name).stem).glob("*.png")):
             images[f"{Path(name).stem}/{png.name}"] = png
 
+    failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
     if gate["passed"]:
         release = build_release("models/release", "models/adapter", "models/base", gate,
                                 evaluation.get("headline", {}), (csat or {}).get("finetuned"))
@@ -60,7 +61,6 @@ def main() -> None:
         # The declared output holds the decision only: no model, no model card, nothing to ship.
         with atomic_path("models/release") as out:
             out.mkdir()
-            failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
             (out / "BLOCKED.md").write_text("# Release blocked\n\nNo model is released. Failing criteria:\n\n"
                                             + "".join(f"- {f}\n" for f in failing), encoding="utf-8")
     write_json("metrics/gate.json", {
@@ -80,7 +80,6 @@ def main() -> None:
         blocks = release_blocks(gate, evaluation, csat, rubric_text(cp.rubric), extras, images, retrieval)
         write_release_report(blocks, out)
     if not gate["passed"]:
-        failing = [describe_failure(r) for r in gate["finetuned"] if not r["passed"]]
         print("gate: RELEASE BLOCKED, failing criteria:\n  - " + "\n  - ".join(failing), file=sys.stderr)
         if p.fail_on_block:
             sys.exit(1)

@@ -34,19 +34,23 @@ class TinyArch:
     max_position_embeddings: int
 
 
-def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False):
     """A byte-level BPE over `texts` with the Llama 3.1 special tokens and chat template.
 
     Digits are split one by one (as Llama 3 splits numbers into short groups) so any number
     can be copied token by token; byte-level fallback means no text is ever unknown.
+    `isolate_whitespace` makes spaces tokens of their own, so a word is the same token at the
+    start of an answer and inside a passage (measured worse on the tiny default:
+    bench/README.md, recipe sweep `K_ws`).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    steps = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    if isolate_whitespace:
+        steps.insert(0, pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
