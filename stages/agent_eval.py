@@ -20,6 +20,7 @@ from veritune import chat
 from veritune.agent import AgentLimits, ModelPolicy, OraclePolicy
 from veritune.agent_tasks import evaluate_policy, summarise
 from veritune.config import as_dict, load_params
+from veritune.constrained import ToolCallGrammar
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.modeling import load_model, load_tokenizer
 from veritune.retrieval import Retriever
@@ -32,14 +33,21 @@ DB = "data/agent/business.sqlite"
 def report_lines(metrics: dict, per_kind: dict) -> list[str]:
     keys = ["success", *[f"pass^{k}" for k in range(1, metrics["trials"] + 1)], "tool_call_validity",
             "mean_steps", "unsafe_action_rate", "state_ok", "answer_ok"]
+    columns = [("oracle", "oracle"), ("base", "base"), ("finetuned", "fine-tuned")]
+    if "finetuned_unconstrained" in metrics:
+        columns.append(("finetuned_unconstrained", "fine-tuned, free decoding"))
+    constrained = metrics["finetuned"].get("constrained_calls")
     lines = ["# Agent evaluation", "",
              f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials per model "
-             f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).", "",
-             "| metric | oracle | base | fine-tuned |", "|---|---|---|---|"]
+             f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).",
+             "Tool calls are decoded under the tools' JSON-schema grammar (`agent_eval.constrained_calls`): "
+             "the model picks the tool and every value, the grammar keeps the call well formed."
+             if constrained else "Tool calls are decoded freely (`agent_eval.constrained_calls: false`).", "",
+             "| metric | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for k in keys:
-        lines.append(f"| {k} | {fmt(metrics['oracle'].get(k))} | {fmt(metrics['base'].get(k))} | "
-                     f"{fmt(metrics['finetuned'].get(k))} |")
+        lines.append(f"| {k} | " + " | ".join(fmt(metrics[name].get(k)) for name, _ in columns) + " |")
     lines += ["", "## Success by task kind (fine-tuned)", "", "| kind | success |", "|---|---|"]
     lines += [f"| {kind} | {v:.3f} |" for kind, v in sorted(per_kind.items())]
     return lines
@@ -77,14 +85,22 @@ def main() -> None:
 
         tokenizer = load_tokenizer("models/adapter")
         model = load_model("models/base")
-        for variant in ("base", "finetuned"):
+        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=p.max_string_chars) \
+            if p.constrained_calls else None
+        # (name, constrained?): both models decode as configured; the fine-tuned one also freely
+        # when asked, so the report shows what the grammar adds and what the weights do alone.
+        variants = [("base", grammar), ("finetuned", grammar)]
+        if grammar is not None and p.compare_unconstrained:
+            variants.append(("finetuned_unconstrained", None))
+        for variant, variant_grammar in variants:
             if variant == "finetuned":
                 model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
             model.eval()
-            policy = ModelPolicy(model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed)
+            policy = ModelPolicy(model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed,
+                                 grammar=variant_grammar)
             results = evaluate_policy(policy, tasks, trials=p.trials, desc=variant,
                                       on_trial=lambda i: policy.reseed(p.seed + i), **run)
-            metrics[variant] = summarise(results, p.trials)
+            metrics[variant] = {**summarise(results, p.trials), "constrained_calls": variant_grammar is not None}
             episodes += [{"policy": variant, **r} for r in results]
     per_kind: dict[str, list[bool]] = defaultdict(list)
     for r in episodes:

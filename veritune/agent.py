@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessorList
 from tqdm.auto import tqdm
 
 from veritune import chat
 from veritune.config import BuildSftParams
+from veritune.constrained import ConstrainedCalls, ToolCallGrammar
 from veritune.tools import TODAY, Toolbox, ToolError, authorised_writes, check_call, episode_database, tool_definitions
 
 DB = "data/agent/business.sqlite"  # the shop database `agent_db` builds
@@ -160,10 +162,11 @@ class ModelPolicy:
     (`chat.format_chat`, whatever template the checkpoint ships)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, grammar: "ToolCallGrammar | None" = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
+        self.grammar = grammar  # constrained tool calls (veritune.constrained); None: free decoding
         vocab = tokenizer.get_vocab()
         self.stops = [vocab[t] for t in (chat.EOM, chat.EOT, chat.END_OF_TEXT) if t in vocab]
 
@@ -179,6 +182,8 @@ class ModelPolicy:
             enc = {k: v.to(device) for k, v in enc.items()}
             sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0} \
                 if self.temperature > 0 else {"do_sample": False}
+            if self.grammar is not None:
+                sampling["logits_processor"] = LogitsProcessorList([ConstrainedCalls(self.grammar, enc["input_ids"].shape[0])])
             ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
                                       pad_token_id=self.tokenizer.pad_token_id, **sampling)
             out += [self.tokenizer.decode(row, skip_special_tokens=False)

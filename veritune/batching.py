@@ -45,6 +45,9 @@ class GenerationRequest:
     max_new_tokens: int
     on_token: Callable[[int], None] | None = None  # called from the worker thread after each new token
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Allowed next tokens (`mask()`, None: any) and the token picked (`consume`), e.g. a
+    # `veritune.constrained.ToolCallConstraint`; called from the worker thread.
+    constraint: Any = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,16 @@ class MicroBatcher:
             fut.set_result(result)
 
 
+def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf in place (`allowed`: a bool mask over token
+    ids; ids past its end are disallowed, entries past the logits' end ignored)."""
+    n = logits.shape[-1]
+    keep = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    m = min(n, allowed.shape[0])
+    keep[:m] = allowed[:m].to(logits.device)
+    logits.masked_fill_(~keep, float("-inf"))
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of `rows`, padded on the left so every row ends at the last column."""
     width = max(len(r) for r in rows)
@@ -196,12 +209,20 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
         # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        next_ids = out.logits[:, -1, :].argmax(dim=-1)
+        logits = out.logits[:, -1, :]
+        for row, i in enumerate(live):
+            constraint = requests[i].constraint
+            allowed = constraint.mask() if constraint is not None else None
+            if allowed is not None:
+                apply_mask(logits[row], allowed)
+        next_ids = logits.argmax(dim=-1)
         is_stop = torch.isin(next_ids, stops).tolist()
         tokens = next_ids.tolist()
         keep = []
         for row, i in enumerate(live):
             r = requests[i]
+            if r.constraint is not None:
+                r.constraint.consume(tokens[row])
             if r.cancelled.is_set():
                 reasons[i] = "cancelled"
             elif is_stop[row]:

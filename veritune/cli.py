@@ -94,7 +94,12 @@ def run_agent(args: argparse.Namespace) -> None:
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     model.eval()
-    policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, batch_size=1)
+    grammar = None
+    if ep.constrained_calls and not args.free_calls:
+        from veritune.constrained import ToolCallGrammar
+
+        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=ep.max_string_chars)
+    policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, batch_size=1, grammar=grammar)
     limits = AgentLimits(max_steps=args.max_steps or ep.max_steps, max_retries=ep.max_retries,
                          max_seconds=ep.max_seconds)
     retriever = None
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--adapter", default="models/adapter", help="LoRA adapter dir, or 'none' for the base model")
     agent.add_argument("--db", default="data/agent/business.sqlite", help="shop database (copied, never written)")
     agent.add_argument("--max-steps", type=int, default=0, help="model turns (default: params agent_eval.max_steps)")
+    agent.add_argument("--free-calls", action="store_true",
+                       help="decode tool calls freely (default: params agent_eval.constrained_calls)")
     agent.add_argument("--no-search", action="store_true", help="do not open the Milvus index (search_kb refuses)")
     agent.set_defaults(run=run_agent)
     return parser

@@ -499,11 +499,16 @@ class AgentEvalParams:
     max_seconds: float = 600.0  # wall time per episode
     max_new_tokens: int = 96  # per turn: a call or an answer; longer only costs time
     batch_size: int = 32
+    constrained_calls: bool = True  # decode calls under the tools' JSON-schema grammar (veritune.constrained)
+    compare_unconstrained: bool = True  # also measure the fine-tuned model decoding freely
+    max_string_chars: int = 120  # constrained calls: cap on a free-text argument (summary, query)
 
     def problems(self) -> list[str]:
         out = []
         if self.trials < 1:
             out.append(f"agent_eval.trials must be >= 1, got {self.trials}")
+        if self.max_string_chars < 1:
+            out.append(f"agent_eval.max_string_chars must be >= 1, got {self.max_string_chars}")
         if self.temperature < 0:
             out.append(f"agent_eval.temperature must be >= 0, got {self.temperature}")
         if self.max_tasks < 0:

@@ -221,6 +221,8 @@ class AgentSettings:
     max_steps: int = AgentEvalParams.max_steps
     max_retries: int = AgentEvalParams.max_retries
     max_seconds: float = AgentEvalParams.max_seconds  # capped by serve.request_timeout_s
+    constrained_calls: bool = AgentEvalParams.constrained_calls  # tool calls under the tools' JSON-schema grammar
+    max_string_chars: int = AgentEvalParams.max_string_chars  # constrained calls: longest free-text argument
     persist_writes: bool = False  # False: writes act on a per-request copy; True: on db_path itself
 
 
@@ -230,7 +232,8 @@ def agent_settings(params_file: str | Path = PARAMS_FILE, db_path: str = AGENT_D
     sp, ap, ep = (load_params(s, params_file) for s in ("build_sft", "agent_db", "agent_eval"))
     return AgentSettings(db_path=db_path, system_prompt=sp.agent_system_prompt,
                          tool_definitions=sp.agent_tool_definitions, search_k=sp.agent_search_k, today=ap.today,
-                         max_steps=ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds)
+                         max_steps=ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds,
+                         constrained_calls=ep.constrained_calls, max_string_chars=ep.max_string_chars)
 
 
 class Service:
@@ -256,6 +259,7 @@ class Service:
             self.searcher = MicroBatcher(lambda queries: retriever.search(queries, k=params.retrieval_k),
                                          params.max_batch_size, params.max_wait_ms, params.max_pending, name="search")
             self.searcher.on_batch = lambda n, s: self._observe("search", n, s)
+        self._grammar, self._grammar_lock = None, threading.Lock()
         self.started = time.time()
         self.in_flight = 0  # HTTP requests being handled (this one included, for /health)
 
@@ -291,7 +295,9 @@ class Service:
         tokenized as `ModelPolicy` does, special tokens kept and the stop token it wrote
         appended, so that `agent.parse_reply` sees `<|python_tag|>...<|eom_id|>`."""
         ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        gen = GenerationRequest(list(ids), max_new_tokens)
+        grammar = self.call_grammar()
+        gen = GenerationRequest(list(ids), max_new_tokens,
+                                constraint=grammar.constraint() if grammar is not None else None)
         try:
             completion = self.generator.submit(gen).result(self.params.request_timeout_s)
         finally:
@@ -300,6 +306,19 @@ class Service:
         self.metrics.completion_tokens.inc(len(completion.token_ids))
         stop = [completion.stop_token_id] if completion.stop_token_id is not None else []
         return self.tokenizer.decode(completion.token_ids + stop, skip_special_tokens=False)
+
+    def call_grammar(self):
+        """The tool-call grammar (`veritune.constrained`) when the agent mode constrains calls;
+        compiled on first use (it reads the whole vocabulary), then shared by every request."""
+        if not self.agent.constrained_calls:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                from veritune.constrained import ToolCallGrammar
+
+                self._grammar = ToolCallGrammar(self.tokenizer, self.model.config.vocab_size,
+                                                max_string_chars=self.agent.max_string_chars)
+        return self._grammar
 
     def kb_search(self, query: str) -> list[dict]:
         """`search_kb` for the agent: the top `agent.search_k` passages as the tool returns them."""
