@@ -150,3 +150,61 @@ def test_same_seed_same_batches():
 
     lengths = list(range(100, 400))
     assert list(LengthBucketSampler(lengths, 8, seed=3)) == list(LengthBucketSampler(lengths, 8, seed=3))
+
+
+def test_label_position_loss_equals_trls_fused_head(tiny_checkpoint):
+    """Same loss and the same gradients as TRL's fused LM head, on a padded batch with
+    prompt tokens masked out (fp32)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from veritune.training import label_position_loss
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer.padding_side = "right"
+    texts = ["Product 3 retails for $103.", "Returns are accepted within 30 days of delivery, says the policy."]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    labels[:, :3] = -100  # a prompt: no loss there
+    inputs = {**enc, "labels": labels}
+
+    results = []
+    for fused in (True, False):
+        model = load_model(tiny_checkpoint)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        if fused:
+            out = model(**inputs, fused_lm_head=True)
+            loss = -out.log_probs.sum() / out.label_mask.sum()
+        else:
+            loss, stats = label_position_loss(model, inputs)
+            assert int(stats["n"]) == int((labels[:, 1:] != -100).sum())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fused_loss, fused_grads), (loss, grads) = results
+    assert torch.allclose(loss, fused_loss, atol=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], fused_grads[name], atol=1e-5, rtol=1e-4), name
+    # A count of items from gradient accumulation divides instead of this batch's own count.
+    halved, _ = label_position_loss(load_model(tiny_checkpoint), inputs, num_items_in_batch=2 * int(stats["n"]))
+    assert torch.allclose(halved, loss / 2, atol=1e-6)
+
+
+def test_both_loss_heads_train_alike(tiny_checkpoint, tmp_path):
+    """The trainer's loss through either head: the same batches give the same losses."""
+    import dataclasses
+
+    losses = {}
+    for head in ("fused", "label_positions"):
+        params = dataclasses.replace(PARAMS, loss_head=head, precision="fp32", max_steps=3, save_steps=100)
+        seen = []
+
+        class Record(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    seen.append(logs["loss"])
+
+        _train(tiny_checkpoint, tmp_path, head, params, callbacks=[Record()])
+        losses[head] = seen
+    assert len(losses["fused"]) == 3
+    assert losses["label_positions"] == pytest.approx(losses["fused"], rel=1e-3)

@@ -226,6 +226,9 @@ class TrainParams:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
     liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
+    # auto: TRL's fused, chunked LM head on CUDA (never builds the logits), cross-entropy over
+    # the label positions' logits elsewhere; fused / label_positions force one
+    loss_head: Literal["auto", "fused", "label_positions"] = "auto"
     gpus: int = 0  # data-parallel GPUs (DDP via torchrun); 0 = all visible
     logging_steps: int = 10
     save_steps: int = 100  # checkpoints to resume from after a crash
