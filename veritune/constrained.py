@@ -112,13 +112,9 @@ class ToolCallConstraint:
 
     def mask(self) -> torch.Tensor | None:
         if self.state == "start" and self.require_call:
-            allowed = torch.zeros(self.grammar.vocab_size, dtype=torch.bool)
-            allowed[self.grammar.python_tag] = True
-            return allowed
+            return self._only(self.grammar.python_tag)
         if self.state == "close":  # the call is complete: only <|eom_id|> may follow
-            allowed = torch.zeros(self.grammar.vocab_size, dtype=torch.bool)
-            allowed[self.grammar.eom] = True
-            return allowed
+            return self._only(self.grammar.eom)
         if self.state != "call":
             return None
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
@@ -142,9 +138,10 @@ class ToolCallConstraint:
         elif self.state == "close":
             self.state = "done"
 
-    @property
-    def in_call(self) -> bool:
-        return self.state == "call"
+    def _only(self, token_id: int) -> torch.Tensor:
+        allowed = torch.zeros(self.grammar.vocab_size, dtype=torch.bool)
+        allowed[token_id] = True
+        return allowed
 
 
 class ConstrainedCalls(LogitsProcessor):
