@@ -69,6 +69,7 @@ DEFAULT = dict(
     lora=1, r=32, alpha=64, lr=2e-3, sft_steps=270, bs=16, warm=0.03,
     ctx=2, samples=2, drop=0.1, agent=0, multiturn=0, evals="", seed=0,
     eval_n=0, base="", sft="", tok_fmt=0, pt_fmt=0, tok_ws=0, curr=0.0, cf=0.0, pt_cf=0, cf_kinds="single_hop",
+    theta=500000.0, pt_lookup=0.0, lk_q=4, lk_cue=3, lk_ans=4,
 )
 
 DIGITS = re.compile(r"\d+")
@@ -105,6 +106,25 @@ def autocast():
     return torch.autocast(DEV, dtype=torch.bfloat16)
 
 
+def lookup_window(docs, cfg, marks, rng):
+    """Two or three documents, then cloze queries on them: a few tokens from one of them (the
+    cue) and the tokens that follow it there, which only a look back at the cue can predict."""
+    q_mark, a_mark = marks
+    cue, ans, n = cfg["lk_cue"], cfg["lk_ans"], cfg["pt_len"]
+    w = []
+    while len(w) <= n:
+        shown = [docs[rng.randrange(len(docs))] for _ in range(rng.choice((2, 3)))]
+        for d in shown:
+            w.extend(d)
+        for _ in range(cfg["lk_q"]):
+            d = rng.choice(shown)
+            if len(d) < cue + ans + 2:
+                continue
+            i = rng.randrange(1, len(d) - cue - ans)
+            w.extend(q_mark + d[i:i + cue] + a_mark + d[i + cue:i + cue + ans])
+    return w[: n + 1]
+
+
 def pretrain(model, tok, cfg):
     bos, eot = tok.convert_tokens_to_ids([chat.BEGIN_OF_TEXT, chat.END_OF_TEXT])
     rng = random.Random(cfg["seed"])
@@ -116,12 +136,14 @@ def pretrain(model, tok, cfg):
                      for _ in range(cfg["pt_cf"])] for t in texts]
     else:
         variants = [[[bos] + tok(t, add_special_tokens=False)["input_ids"] + [eot]] for t in texts]
+    marks = (tok("\nQ:", add_special_tokens=False)["input_ids"], tok(" A:", add_special_tokens=False)["input_ids"])
     model.to(DEV).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["pt_lr"], betas=(0.9, 0.95), weight_decay=0.1)
     ntok = 0
     for step in range(cfg["pt_steps"]):
         docs = [rng.choice(v) for v in variants]  # one variant of each document per step: a repeat copies it
-        batch = torch.tensor([make_window(docs, cfg["pt_len"], cfg["pt_repeat"], rng) for _ in range(cfg["pt_bs"])], device=DEV)
+        batch = torch.tensor([lookup_window(docs, cfg, marks, rng) if rng.random() < cfg["pt_lookup"] else
+                              make_window(docs, cfg["pt_len"], cfg["pt_repeat"], rng) for _ in range(cfg["pt_bs"])], device=DEV)
         for g in opt.param_groups:
             g["lr"] = cosine(step, cfg["pt_steps"], cfg["pt_warm"], cfg["pt_lr"])
         with autocast():
@@ -273,7 +295,7 @@ def main():
         pt_loss, pt_tok = float("nan"), 0
     else:
         tok = build_tiny_tokenizer(corpus, cfg["vocab"], isolate_whitespace=bool(cfg["tok_ws"]))
-        model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096), tok, cfg["seed"])
+        model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096, cfg["theta"]), tok, cfg["seed"])
         pt_loss, pt_tok = pretrain(model, tok, cfg)
     t_pt = time.time() - t0
     msgs = sft_examples(cfg) if not cfg["sft"] else [json.loads(x)["messages"] for x in open(cfg["sft"])]

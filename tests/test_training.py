@@ -208,3 +208,58 @@ def test_both_loss_heads_train_alike(tiny_checkpoint, tmp_path):
         losses[head] = seen
     assert len(losses["fused"]) == 3
     assert losses["label_positions"] == pytest.approx(losses["fused"], rel=1e-3)
+
+
+def test_padding_mask_dropped_only_where_causal_attention_makes_it_redundant(tiny_checkpoint):
+    """Right padding: the loss without the mask is the loss of each row on its own. Left
+    padding: the mask is kept, and the loss still matches each row on its own."""
+    from veritune.training import is_right_padded, label_position_loss
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    texts = ["Product 3 retails for $103.", "Returns are accepted within 30 days of delivery, says the policy."]
+    model = load_model(tiny_checkpoint)
+    alone = []
+    for text in texts:
+        ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        loss, stats = label_position_loss(model, {"input_ids": ids, "labels": ids})
+        alone.append(loss * stats["n"])
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        assert is_right_padded(enc["attention_mask"]) == (side == "right")
+        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        # A row's first token has nothing before it to be predicted from, alone or padded.
+        labels = enc["input_ids"].masked_fill((enc["attention_mask"] == 0) | (position_ids == 0), -100)
+        inputs = {**enc, "labels": labels, **({"position_ids": position_ids} if side == "left" else {})}
+        loss, stats = label_position_loss(model, inputs)
+        assert torch.allclose(loss * stats["n"], sum(alone), atol=1e-4), side
+
+
+def test_fp32_attention_under_bf16_autocast(tiny_checkpoint):
+    """The CPU training attention: float32 SDPA inside a bf16 autocast region, the same
+    function as float32 SDPA outside it, and the model's loss moves only by bf16 rounding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from veritune.modeling import FP32_ATTENTION, sdpa_fp32_attention, use_fp32_attention
+    from veritune.training import label_position_loss
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q = torch.randn(2, 4, 16, 8)
+    k, v = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa_fp32_attention(module, q, k, v, None)
+    ref, _ = sdpa_attention_forward(module, q, k, v.float(), None)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    ids = tokenizer(["Returns are accepted within 30 days of delivery."], return_tensors="pt",
+                    add_special_tokens=False)["input_ids"]
+    model = load_model(tiny_checkpoint)
+    exact, _ = label_position_loss(model, {"input_ids": ids, "labels": ids})
+    use_fp32_attention(model)
+    assert model.config._attn_implementation == FP32_ATTENTION
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = label_position_loss(model, {"input_ids": ids, "labels": ids})
+    assert torch.allclose(mixed, exact, rtol=2e-2)

@@ -32,6 +32,7 @@ class TinyArch:
     num_kv_heads: int
     intermediate_size: int
     max_position_embeddings: int
+    rope_theta: float = 500000.0
 
 
 def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False):
@@ -87,7 +88,7 @@ def build_tiny_model(arch: TinyArch, tokenizer, seed: int):
         rms_norm_eps=1e-5,
         rope_parameters={
             "rope_type": "llama3",
-            "rope_theta": 500000.0,
+            "rope_theta": arch.rope_theta,
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
@@ -197,6 +198,28 @@ def use_bf16(precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
     return torch.cuda.is_available() or cpu_has_native_bf16()
+
+
+FP32_ATTENTION = "veritune_sdpa_fp32"
+
+
+def sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
+    """PyTorch SDPA run in float32 even inside a bf16 autocast region. On a CPU the flash
+    kernel is faster in float32 than in bf16 for the tiny model's short training sequences
+    (head dim 32; fwd+bwd at 8 x 380 tokens: 39 ms vs 64 ms), and float32 is the more exact
+    of the two; the projections around it stay in bf16."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+def use_fp32_attention(model) -> None:
+    """Switch `model` to `sdpa_fp32_attention` (registered with transformers once)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FP32_ATTENTION, sdpa_fp32_attention)
+    model.set_attn_implementation(FP32_ATTENTION)
 
 
 def load_model(path: str | Path, quantization: str = "none"):

@@ -26,7 +26,8 @@ import torch
 
 from veritune.config import TrainParams
 from veritune.fast_lora import prepare_for_training
-from veritune.modeling import load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16
+from veritune.modeling import (load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16,
+                               use_fp32_attention)
 from veritune.sft import tokenize_example
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,11 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return iter([i for batch in full for i in batch] + rest)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros: real tokens first, padding (if any) after them."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def label_position_loss(causal_lm, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, dict]:
     """The SFT loss as TRL's fused LM head defines it (summed negative log-likelihood of each
     next token whose label is not -100, over `num_items_in_batch` or the number of such
@@ -172,6 +178,10 @@ def label_position_loss(causal_lm, inputs: dict, num_items_in_batch=None) -> tup
     passes per tile (entropy, top-1, rescaling); on a CPU this is a third of the work."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    if "attention_mask" in kwargs and is_right_padded(kwargs["attention_mask"]):
+        # Under causal attention no real token sees the padding after it, so the mask changes
+        # nothing the loss reads; without it SDPA takes its causal kernel (~25% of a CPU step).
+        del kwargs["attention_mask"]
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1]
     targets = inputs["labels"][:, 1:]
     mask = targets != -100
@@ -301,6 +311,9 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     speedups = prepare_for_training(trainer.model, fused_lora=p.fused_lora and torch.cuda.is_available(),
                                     liger=p.liger,
                                     gradient_checkpointing=False)  # the Trainer switches checkpointing on itself
+    if not torch.cuda.is_available() and bf16:
+        use_fp32_attention(trainer.model)
+        speedups["attention"] = "sdpa in float32 under bf16 autocast"
     log.info("train: %s", speedups)
     if resume:
         log.info("train: resuming from %s", resume)
