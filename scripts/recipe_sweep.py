@@ -69,7 +69,7 @@ DEFAULT = dict(
     lora=1, r=32, alpha=64, lr=2e-3, sft_steps=270, bs=16, warm=0.03,
     ctx=2, samples=2, drop=0.1, agent=0, multiturn=0, evals="", seed=0,
     eval_n=0, base="", sft="", tok_fmt=0, pt_fmt=0, tok_ws=0, curr=0.0, cf=0.0, pt_cf=0, cf_kinds="single_hop",
-    theta=500000.0, pt_lookup=0.0, lk_q=4, lk_cue=3, lk_ans=4,
+    theta=500000.0, pt_lookup=0.0, lk_q=4, lk_cue=3, lk_ans=4, quote=0, gen=24,
 )
 
 DIGITS = re.compile(r"\d+")
@@ -176,10 +176,38 @@ def sft_examples(cfg, ctx=None):
                     m["content"] = DIGITS.sub(sub, m["content"])
                 n += 1
         print("counterfactual examples:", n, "of", len(ex), flush=True)
+    if cfg["quote"]:
+        n = sum(quote_then_answer(e["messages"]) for e in ex)
+        print("answers with a quoted sentence:", n, flush=True)
     msgs = [e["messages"] for e in ex]
     if cfg["agent"]:
         msgs += [e["messages"] for e in AGENT] * cfg["agent"]
     return msgs
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def quote_then_answer(messages):
+    """Rewrite each answer as the passage sentence that states it, then the answer: copying a
+    sentence is induction all the way, and the value follows the very words it follows in the
+    passage. Returns how many answers were rewritten."""
+    sentences = [x.strip() for x in SENTENCE_END.split(messages[1]["content"]) if x.strip()]
+    abstain = BuildSftParams().abstain_answer
+    n = 0
+    for m in messages[2:]:
+        if m["role"] != "assistant" or m["content"] == abstain:
+            continue
+        ans = m["content"]
+        hit = next((x for x in sentences if ans in x), None) or next((x for x in sentences if ans.lower() in x.lower()), None)
+        if hit:
+            m["content"] = f'Quote: "{hit}"\nAnswer: {ans}'
+            n += 1
+    return n
+
+
+def final_answer(reply):
+    return reply.rsplit("Answer:", 1)[1].strip() if "Answer:" in reply else reply
 
 
 def batches(rows, bs, rng):
@@ -215,8 +243,9 @@ def evaluate(model, tok, cfg, n=0):
     convs_o = [chat.rag_messages(BuildSftParams().system_prompt, qs[i]["question"], orc[i]) for i in idx if qs[i]["answers"]]
     model.eval()
     with autocast():
-        pred = generate(model, tok, convs, 24, 64, desc="eval")
-        pred_o = generate(model, tok, convs_o, 24, 64, desc="eval-oracle")
+        raw = generate(model, tok, convs, cfg["gen"], 64, desc="eval")
+        pred = [final_answer(x) for x in raw]
+        pred_o = [final_answer(x) for x in generate(model, tok, convs_o, cfg["gen"], 64, desc="eval-oracle")]
     model.train()
     g = defaultdict(list)
     for i, pr in zip(idx, pred):
@@ -232,7 +261,7 @@ def evaluate(model, tok, cfg, n=0):
     for i, pr in zip(ans, pred_o):
         g["oracle_f1_" + qs[i]["doc_status"]].append(token_f1(pr, qs[i]["answers"]))
     res = {k: round(sum(v) / len(v), 3) for k, v in sorted(g.items())}
-    ex = [(qs[i]["question"][:60], qs[i]["answers"][:1], pr) for i, pr in list(zip(idx, pred))[:6]]
+    ex = [(qs[i]["question"][:60], qs[i]["answers"][:1], pr) for i, pr in list(zip(idx, raw))[:8]]
     return res, ex
 
 
