@@ -75,6 +75,29 @@ def test_grounded_and_unsupported_answers():
     assert invented["score"] < 0.8
 
 
+@pytest.mark.parametrize(("question", "contexts", "answer", "label"), [
+    # differences and sums of like quantities, two or three of them
+    ("Price difference?", ["The A costs $219.", "The B costs $149."], "$70", "grounded"),
+    ("Price difference?", ["The A costs $219.", "The B costs $149."], "$80", "unsupported"),
+    ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$467", "grounded"),
+    ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$468", "unsupported"),
+    ("Weight difference?", ["The A weighs 3.6 kg.", "The B is sold at $2."], "1.6 kg", "unsupported"),  # kg - $
+    # a rate times an amount, a percentage off, a period after a date
+    ("Points for the A?", ["Members earn 3 points for every $1 spent.", "The A costs $139."], "417 points", "grounded"),
+    ("Points for the A?", ["Members earn 3 points for every $1 spent.", "The A costs $139."], "418 points", "unsupported"),
+    ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.15", "grounded"),
+    ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.00", "unsupported"),
+    ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-28", "grounded"),
+    ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-29", "unsupported"),
+    ("Bought on 2026-03-09: return by?", ["Returns within 60 days."], "2026-05-08", "grounded"),
+    ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 months", "grounded"),
+    ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "36 months", "unsupported"),
+])
+def test_numbers_and_dates_one_arithmetic_step_from_the_sources(question, contexts, answer, label):
+    """Multi-hop answers computed from stated quantities are supported; near misses are not."""
+    assert score_groundedness(question, contexts, answer)["label"] == label
+
+
 def test_question_counts_as_evidence_and_empty_answer_scores_one():
     assert score_groundedness("Is the Brio X5 Kettle red?", [], "The Brio X5 Kettle")["label"] == "grounded"
     assert score_groundedness(QUESTION, CONTEXTS, "...") == {

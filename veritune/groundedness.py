@@ -17,8 +17,10 @@ From the shell: `veritune score answers.jsonl` (see `veritune/cli.py`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any, Iterable, Sequence
 
 from veritune.scoring import is_abstention
@@ -211,6 +213,8 @@ class Evidence:
         self.lower_words: set[str] = set()
         self.stems: set[str] = set()
         self.joined: list[str] = []
+        self.quantities: list[tuple[float, str | None]] = []  # in order, for arithmetic
+        self.full_dates: list[date] = []
         for source in sources:
             dates, rest = _dates(source)
             self.dates.update(key for _, key in dates)
@@ -220,10 +224,63 @@ class Evidence:
             numbers, _ = _numbers(_CODE.sub(" ", rest))
             for _, values, unit in numbers:
                 self.numbers.update((v, unit) for v in values)
+                self.quantities += [(v, unit) for v in values]
+            for _, (y, m, d) in dates:
+                if y is not None and d is not None:
+                    try:
+                        self.full_dates.append(date(y, m, d))
+                    except ValueError:
+                        pass
             tokens = _tokens(source)
             self.joined.append(" " + " ".join(tokens) + " ")
             self.stems.update(stem(t) for t in tokens)
             self.lower_words.update(w for w in re.findall(r"\b[a-z][a-z]*\b", source))
+
+    @functools.cached_property
+    def derived_numbers(self) -> set[tuple[float, str | None]]:
+        """Quantities one arithmetic step away from stated ones, units kept consistent: sums
+        of two or three like quantities and differences of two (years also counted in months),
+        a quantity times a rate or a count (the result in either factor's unit), and a
+        quantity less, plus or times a percentage."""
+        out: set[tuple[float, str | None]] = set()
+        qs = list(dict.fromkeys(self.quantities + [(v * 12, "month") for v, u in self.quantities if u == "year"]))
+        for i, (a, ua) in enumerate(qs):
+            for j, (b, ub) in enumerate(qs):
+                if i == j:
+                    continue
+                if ub == "%" and ua != "%":
+                    for v in (a * (1 - b / 100), a * (1 + b / 100), a * b / 100):
+                        out.add((round(v, 2), ua))
+                    continue
+                if ua == ub:
+                    out.add((round(a + b, 2), ua))
+                    out.add((round(abs(a - b), 2), ua))
+                    if ua is not None and ua != "%":  # "what do these three cost together?"
+                        out.update((round(a + b + c, 2), ua) for k, (c, uc) in enumerate(qs)
+                                   if k > j > i and uc == ua)
+                if ua != "%" and ub != "%":
+                    out.add((round(a * b, 2), ua))
+                    out.add((round(a * b, 2), ub))
+        return out
+
+    @functools.cached_property
+    def derived_dates(self) -> set[tuple[int, int, int]]:
+        """Dates a stated period after or before a stated date (a purchase date plus a
+        warranty or a return window)."""
+        out = set()
+        periods = [(int(v), u) for v, u in self.quantities if u in _PERIOD_UNITS and v == int(v) and 0 < v <= 3650]
+        for start in self.full_dates:
+            for n, unit in periods:
+                for sign in (1, -1):
+                    moved = _shift(start, sign * n, unit)
+                    if moved is not None:
+                        out.add((moved.year, moved.month, moved.day))
+        return out
+
+    def _derived(self, value: float, unit: str | None) -> bool:
+        value = round(value, 2)
+        return (value, unit) in self.derived_numbers or (
+            unit is None and any(v == value for v, _ in self.derived_numbers))
 
     def has_sequence(self, tokens: list[str]) -> bool:
         needle = " " + " ".join(tokens) + " "
@@ -235,8 +292,10 @@ class Evidence:
             if not parsed:
                 return False
             year, month, day = parsed[0][1]
-            return any(m == month and (day is None or d == day) and (year is None or y in (None, year))
-                       for y, m, d in self.dates)
+            if any(m == month and (day is None or d == day) and (year is None or y in (None, year))
+                   for y, m, d in self.dates):
+                return True
+            return year is not None and day is not None and (year, month, day) in self.derived_dates
         if claim.kind == "code":
             return _code_key(claim.text) in self.codes
         if claim.kind == "number":
@@ -245,7 +304,8 @@ class Evidence:
                 return False
             _, values, unit = parsed[0]
             return all((v, unit) in self.numbers or (v, None) in self.numbers
-                       or (unit is None and any(n == v for n, _ in self.numbers)) for v in values)
+                       or (unit is None and any(n == v for n, _ in self.numbers))
+                       or self._derived(v, unit) for v in values)
         if claim.kind == "entity":
             tokens = _tokens(claim.text)
             if self.has_sequence(tokens):
@@ -257,6 +317,21 @@ class Evidence:
         if claim.kind == "term":
             return stem(claim.text) in self.stems
         raise ValueError(f"unknown claim kind {claim.kind!r}; expected one of {KINDS}")
+
+
+_PERIOD_UNITS = {"day": "day", "week": "week", "month": "month", "year": "year"}
+
+
+def _shift(start: date, n: int, unit: str) -> date | None:
+    try:
+        if unit == "day":
+            return start + timedelta(days=n)
+        if unit == "week":
+            return start + timedelta(weeks=n)
+        months = start.year * 12 + start.month - 1 + (n if unit == "month" else 12 * n)
+        return date(months // 12, months % 12 + 1, start.day)
+    except (ValueError, OverflowError):
+        return None  # 31 January + 1 month: no such day, no claim derived
 
 
 def _code_key(code: str) -> str:
