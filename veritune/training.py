@@ -180,7 +180,7 @@ def label_position_loss(causal_lm, inputs: dict, num_items_in_batch=None) -> tup
     kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
     if "attention_mask" in kwargs and is_right_padded(kwargs["attention_mask"]):
         # Under causal attention no real token sees the padding after it, so the mask changes
-        # nothing the loss reads; without it SDPA takes its causal kernel (~25% of a CPU step).
+        # nothing the loss reads; without it SDPA takes its causal kernel (a CPU step 1.11x faster).
         del kwargs["attention_mask"]
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1]
     targets = inputs["labels"][:, 1:]
