@@ -53,8 +53,7 @@ def main() -> None:
     start = time.time()
     for split in ("val", "test"):
         questions = [q for q in read_jsonl(REPO / f"data/split/questions_{split}.jsonl") if q["doc_ids"]]
-        with Retriever(str(REPO / ip.uri) if not ip.uri.startswith("http") else ip.uri, ip.collection,
-                       ip.embedding_model, mode="hybrid") as retriever:
+        with Retriever(ip.uri, ip.collection, ip.embedding_model, mode="hybrid") as retriever:
             hybrid = retriever.search([q["question"] for q in questions], k=CANDIDATES)
             embedder = retriever.embedder
         chunks = {h.chunk_id: h for row in hybrid for h in row}

@@ -319,7 +319,7 @@ class Evidence:
         raise ValueError(f"unknown claim kind {claim.kind!r}; expected one of {KINDS}")
 
 
-_PERIOD_UNITS = {"day": "day", "week": "week", "month": "month", "year": "year"}
+_PERIOD_UNITS = frozenset({"day", "week", "month", "year"})
 
 
 def _shift(start: date, n: int, unit: str) -> date | None:
