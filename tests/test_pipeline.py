@@ -40,7 +40,7 @@ N_NO_DOCUMENT_QUESTIONS = 20  # unanswerable questions about products that do no
 
 # Small enough that each stage is dominated by its imports; every split stays non-empty.
 PARAM_OVERRIDES = {
-    "base": {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+    "base": {"model": "tiny", "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
                       "intermediate_size": 128, "vocab_size": 600},
              "pretrain": {"steps": 3, "batch_size": 2, "seq_len": 64}},
     # logging_steps 1: with 3 steps the default of 10 would log no loss curve at all

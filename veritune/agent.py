@@ -1,10 +1,12 @@
 """The tool-using loop: a policy (a fine-tuned model, or a scripted oracle) drives a
-customer workflow through the shop's tools in Llama 3.1's tool-calling format.
+customer workflow through the shop's tools in the checkpoint's tool-calling format
+(`chat.ChatFormat`: Llama 3.1's or ChatML's).
 
-Each turn the policy writes either a tool call, `<|python_tag|>{"name": ..., "parameters":
-...}<|eom_id|>`, or the final answer ending in `<|eot_id|>`. A call is parsed, checked
+Each turn the policy writes either a tool call (Llama 3.1: `<|python_tag|>{"name": ...,
+"parameters": ...}<|eom_id|>`; ChatML: `<tool_call>\n{"name": ..., "arguments": ...}\n
+</tool_call><|im_end|>`) or the final answer ending the turn. A call is parsed, checked
 against its tool's JSON schema and run on the episode's own copy of the database; its
-result (or the refusal, with what to fix) goes back in the `ipython` role. The loop never
+result (or the refusal, with what to fix) goes back in the format's tool role. The loop never
 raises on what a model writes: malformed JSON, unknown tools, wrong or missing arguments
 are reported back and count as a retry; too many retries in a row, too many steps or too
 much wall time end the episode.
@@ -62,45 +64,51 @@ class Episode:
     stop: str | None = None  # answer, max_retries, max_steps or time_limit once ended
     retries: int = 0
     started: float = field(default_factory=time.monotonic)
+    fmt: chat.ChatFormat = chat.LLAMA3  # the chat format the policy writes
 
     @property
     def calls(self) -> list[dict]:
         return [s for s in self.steps if s["type"] == "call"]
 
 
-def parse_reply(raw: str) -> Reply:
+def parse_reply(raw: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Reply:
     """What a policy wrote, up to its first stop token: a tool call or an answer."""
-    text = raw.replace(chat.PAD, "")
-    stops = [(text.find(s), s) for s in (chat.EOM, chat.EOT, chat.END_OF_TEXT) if s in text]
+    text = raw.replace(chat.PAD, "") if fmt is chat.LLAMA3 else raw
+    stops = [(text.find(s), s) for s in fmt.stop_tokens if s in text]
     ended = bool(stops)
     if stops:
         text = text[: min(stops)[0]]
     text = text.strip()
-    # Llama 3.1 calls open with <|python_tag|>; a bare JSON call (what Meta's HF template
-    # writes without ipython mode) is taken as a call too.
-    if not (text.startswith(chat.PYTHON_TAG) or text.startswith('{"name"')):
+    # Llama 3.1 calls open with <|python_tag|>, ChatML calls with <tool_call>; a bare JSON
+    # call (what Meta's HF template writes without ipython mode) is taken as a call too.
+    opener = fmt.call_open.strip()
+    if not (text.startswith(opener) or text.startswith('{"name"')):
         return Reply("answer", text)
-    body = text.removeprefix(chat.PYTHON_TAG).strip()
+    body = text.removeprefix(opener).strip()
+    if fmt is chat.CHATML:
+        closer = fmt.call_close.strip()
+        ended = closer in body
+        body = body.split(closer)[0].strip()
     if not ended:
-        return Reply("malformed", body, error="the call was cut off before <|eom_id|>; keep calls short")
+        return Reply("malformed", body, error=f"the call was cut off before {fmt.call_close.strip()}; keep calls short")
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return Reply("malformed", body, error=f"not valid JSON ({e.msg} at column {e.colno})")
-    if not isinstance(obj, dict) or set(obj) != {"name", "parameters"} or not isinstance(obj["name"], str):
-        return Reply("malformed", body, error='a call is {"name": tool name, "parameters": {argument: value}}')
-    return Reply("call", body, name=obj["name"], parameters=obj["parameters"])
+    if not isinstance(obj, dict) or set(obj) != {"name", fmt.args_key} or not isinstance(obj["name"], str):
+        return Reply("malformed", body, error=f'a call is {{"name": tool name, "{fmt.args_key}": {{argument: value}}}}')
+    return Reply("call", body, name=obj["name"], parameters=obj[fmt.args_key])
 
 
 def start_episode(episode_id: str, request: str, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict],
-                  today: str = chat.TODAY_DATE) -> Episode:
-    messages = chat.tool_messages(system_prompt, tools, chat.neutralise_special_tokens(request), today)
-    return Episode(episode_id, request, messages, toolbox)
+                  today: str = chat.TODAY_DATE, fmt: chat.ChatFormat = chat.LLAMA3) -> Episode:
+    messages = fmt.tool_messages(system_prompt, tools, fmt.neutralise(request), today)
+    return Episode(episode_id, request, messages, toolbox, fmt=fmt)
 
 
 def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
     """Apply one policy turn to an episode; never raises on what the policy wrote."""
-    reply = parse_reply(raw)
+    reply = parse_reply(raw, episode.fmt)
     if reply.kind == "answer":
         episode.messages.append({"role": "assistant", "content": reply.text})
         episode.steps.append({"type": "answer", "text": reply.text})
@@ -117,8 +125,8 @@ def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
             result = episode.toolbox.execute(reply.name, reply.parameters)
         except ToolError as e:
             result = {"error": str(e)}
-    content = chat.neutralise_special_tokens(chat.tool_result_text(result))
-    episode.messages.append({"role": "ipython", "content": content})
+    content = episode.fmt.neutralise(chat.tool_result_text(result))
+    episode.messages.append({"role": episode.fmt.tool_role, "content": content})
     episode.steps.append({"type": "call", "text": reply.text, "name": reply.name, "parameters": reply.parameters,
                           "valid": valid, "result": result})
     episode.retries = 0 if valid else episode.retries + 1
@@ -134,9 +142,9 @@ Policy = Callable[[Sequence[Episode]], list[str]]
 
 
 def episode_prompt(episode: Episode) -> str:
-    """The text a policy continues: the conversation so far in Meta's layout, then the
-    assistant header."""
-    return chat.format_chat(episode.messages, add_generation_prompt=True)
+    """The text a policy continues: the conversation so far in the format's tool layout, then
+    the assistant header."""
+    return episode.fmt.render(episode.messages, add_generation_prompt=True)
 
 
 def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent",
@@ -158,8 +166,8 @@ def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimit
 
 
 class ModelPolicy:
-    """A causal LM writing each turn from the Meta-format rendering of the conversation
-    (`chat.format_chat`, whatever template the checkpoint ships)."""
+    """A causal LM writing each turn from the rendering of the conversation in its own chat
+    format's tool layout (`chat.ChatFormat.render`)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
                  seed: int = 0, grammar: "ToolCallGrammar | None" = None):
@@ -167,8 +175,8 @@ class ModelPolicy:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
         self.grammar = grammar  # constrained tool calls (veritune.constrained); None: free decoding
-        vocab = tokenizer.get_vocab()
-        self.stops = [vocab[t] for t in (chat.EOM, chat.EOT, chat.END_OF_TEXT) if t in vocab]
+        self.fmt = chat.chat_format(tokenizer)
+        self.stops = chat.stop_token_ids(tokenizer)
 
     @torch.inference_mode()
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
@@ -209,9 +217,9 @@ class OraclePolicy:
             turn = sum(m["role"] == "assistant" for m in e.messages)
             if turn < len(task["gold_calls"]):
                 c = task["gold_calls"][turn]
-                out.append(chat.PYTHON_TAG + chat.tool_call_text(c["name"], c["parameters"]) + chat.EOM)
+                out.append(e.fmt.written_call(e.fmt.call_text(c["name"], c["parameters"])))
             else:
-                out.append(task["answer"] + chat.EOT)
+                out.append(task["answer"] + e.fmt.end_of_turn)
         return out
 
 
@@ -226,14 +234,16 @@ STOPPED = {
 def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
               search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path = DB,
               system_prompt: str = BuildSftParams.agent_system_prompt, tools: Sequence[dict] | None = None,
-              today: date = TODAY, limits: AgentLimits = AgentLimits(), persist_writes: bool = False) -> dict:
+              today: date = TODAY, limits: AgentLimits = AgentLimits(), persist_writes: bool = False,
+              fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
     """One customer request through the tool-using loop (`start_episode`, `run_episodes`).
 
     The request is the last user message; earlier turns and any system message are left out,
     because the episode opens with the agent's own system prompt and tool definitions (the
     layout the model was trained on), and writes are authorised by this request's words alone
     (`authorised_writes`). `generate(prompt_text, max_new_tokens)` continues `episode_prompt`
-    and returns the reply with its special tokens (`<|python_tag|>`, `<|eom_id|>`, `<|eot_id|>`).
+    and returns the reply with its special tokens (`fmt`'s: `<|python_tag|>`, `<|eom_id|>`,
+    `<|eot_id|>` for Llama 3.1; `<tool_call>`, `<|im_end|>` for ChatML).
     `search(query)` backs `search_kb` ({"doc_id", "title", "text"} passages; None: refused).
     `tools` defaults to the `build_sft.agent_tool_definitions` default style.
 
@@ -258,7 +268,7 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(db_path) if persist_writes else episode_database(db_path, tmp, "request")
         with Toolbox(path, search=search, allowed_writes=authorised_writes(request), today=today) as box:
-            episode = start_episode("request", request, box, system_prompt, tools, chat.header_date(today))
+            episode = start_episode("request", request, box, system_prompt, tools, chat.header_date(today), fmt)
             run_episodes(policy, [episode], limits, progress=False)
     seen = [r["doc_id"] for s in episode.calls if s["name"] == "search_kb" for r in s["result"].get("results", [])]
     answer = episode.answer if episode.stop == "answer" else STOPPED[episode.stop]

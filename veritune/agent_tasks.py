@@ -101,24 +101,25 @@ def pass_hat_k(successes: Sequence[Sequence[bool]], k: int) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def gold_trajectory(task: dict, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict]) -> list[dict]:
-    """The task's gold conversation in the tool-calling format, tool results computed by
-    the real tools (search included) on `toolbox`'s database (writes land there: use a copy)."""
-    messages = chat.tool_messages(system_prompt, tools, chat.neutralise_special_tokens(task["request"]),
-                                  chat.header_date(toolbox.today))
+def gold_trajectory(task: dict, toolbox: Toolbox, system_prompt: str) -> list[dict]:
+    """The task's gold conversation, format-neutral (`chat.formatted_messages` lays it out for
+    a checkpoint): system prompt, request, each gold call and its result computed by the real
+    tools (search included) on `toolbox`'s database (writes land there: use a copy), answer."""
+    messages = [{"role": "system", "content": system_prompt},
+                {"role": "user", "content": chat.neutralise_special_tokens(task["request"])}]
     for c in task["gold_calls"]:
         result = toolbox.execute(c["name"], c["parameters"])
         if "error" in result:
             raise TaskError(f"task {task['id']}: gold call {c['name']} is refused: {result['error']}")
-        messages.append({"role": "assistant", "content": "", "tool_call": chat.tool_call_text(c["name"], c["parameters"])})
-        messages.append({"role": "ipython", "content": chat.neutralise_special_tokens(chat.tool_result_text(result))})
+        messages.append({"role": "assistant", "content": "", "tool_call": {"name": c["name"], "arguments": c["parameters"]}})
+        messages.append({"role": "tool", "content": chat.neutralise_special_tokens(chat.tool_result_text(result))})
     messages.append({"role": "assistant", "content": task["answer"]})
     return messages
 
 
 def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, limits, system_prompt: str,
                     tools: Sequence[dict], today: date, trials: int = 1, on_trial=None,
-                    desc: str = "agent") -> list[dict]:
+                    desc: str = "agent", fmt: chat.ChatFormat = chat.LLAMA3) -> list[dict]:
     """Run `trials` episodes of every task, each on a fresh copy of the database, and score
     them. `on_trial(i)` runs before trial i (a sampling policy reseeds there)."""
     from veritune.agent import run_episodes, start_episode
@@ -135,7 +136,7 @@ def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, 
                 copy = episode_database(db_path, tmp, f"{t['id']}-{trial}")
                 box = Toolbox(copy, search=search, allowed_writes=authorised_writes(t["request"]), today=today)
                 episodes.append(start_episode(f"{t['id']}#{trial}", t["request"], box, system_prompt, tools,
-                                              chat.header_date(today)))
+                                              chat.header_date(today), fmt))
             try:
                 run_episodes(policy, episodes, limits, desc=f"{desc} trial {trial + 1}/{trials}")
             finally:

@@ -115,7 +115,8 @@ def run_agent(args: argparse.Namespace) -> None:
                 from veritune import chat
 
                 episode = start_episode("cli", args.request, box, sp.agent_system_prompt,
-                                        tool_definitions(sp.agent_tool_definitions), chat.header_date(today))
+                                        tool_definitions(sp.agent_tool_definitions), chat.header_date(today),
+                                        chat.chat_format(tokenizer))
                 run_episodes(policy, [episode], limits, desc="agent")
     finally:
         if retriever is not None:

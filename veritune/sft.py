@@ -6,9 +6,10 @@ are answered from them; a share (`oracle_drop_rate`) sees only distractors and, 
 unanswerable questions, is answered with an explicit abstention. That teaches the model to
 copy from the context when it can and to say so when it cannot, instead of guessing.
 
-Tool trajectories (`build_agent_examples`) add the train agent tasks' gold workflows in
-Llama 3.1's tool-calling format, tool results produced by the real tools; the loss covers
-every assistant turn, the `<|python_tag|>...<|eom_id|>` calls included.
+Tool trajectories (`build_agent_examples`) add the train agent tasks' gold workflows,
+format-neutral (tools, calls and results laid out in the base checkpoint's own tool-calling
+format at tokenization), tool results produced by the real tools; the loss covers every
+assistant turn, the calls included.
 """
 
 from __future__ import annotations
@@ -127,38 +128,37 @@ def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftPara
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
             with Toolbox(episode_database(db_path, tmp, task["id"]), search=search, today=today) as box:
-                messages = gold_trajectory(task, box, p.agent_system_prompt, tools)
+                messages = gold_trajectory(task, box, p.agent_system_prompt)
             examples += [{"id": f"{task['id']}-{j}", "kind": "agent", "has_oracle": True, "passage_ids": [],
-                          "messages": messages} for j in range(p.agent_samples_per_task)]
+                          "messages": messages, "tools": tools, "today": chat.header_date(today)}
+                         for j in range(p.agent_samples_per_task)]
     return examples
 
 
 def is_tool_conversation(messages: Sequence[dict]) -> bool:
-    return any(m.get("tool_call") or m["role"] == "ipython" for m in messages)
+    return any(m.get("tool_call") or m["role"] in ("ipython", "tool") for m in messages)
 
 
-def tokenize_example(messages: list[dict], tokenizer) -> dict:
+def tokenize_example(messages: list[dict], tokenizer, tools: Sequence[dict] | None = None,
+                     today: str = chat.TODAY_DATE) -> dict:
     """Token ids and labels with the loss on the assistant turns only (the rest -> -100).
 
-    The checkpoint's own chat template renders each prompt (with the generation header)
-    and the conversation through the following assistant turn; each rendering must extend
-    the previous one, which holds for Llama 3.1's template and is checked rather than
-    assumed. Tool conversations are rendered by `chat.format_chat`, Meta's tool-calling
-    format, exactly as the agent loop renders them at inference.
+    Format-neutral messages (and `tools` for a tool conversation) are first laid out in the
+    checkpoint's own chat format (`chat.formatted_messages`). The checkpoint's chat template
+    renders each prompt (with the generation header) and the conversation through the
+    following assistant turn (`chat.render_conversation`: tool conversations in the format's
+    tool layout, exactly as the agent loop renders them at inference); each rendering must
+    extend the previous one, which is checked rather than assumed.
     """
-    if is_tool_conversation(messages):
-        render = lambda msgs, gen: chat.format_chat(msgs, add_generation_prompt=gen)  # noqa: E731
-    else:
-        render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
-            msgs, tokenize=False, add_generation_prompt=gen)
+    messages = chat.formatted_messages(chat.chat_format(tokenizer), messages, tools, today)
     input_ids: list[int] = []
     labels: list[int] = []
     done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
+        prompt = chat.render_conversation(tokenizer, messages[:i], True)
+        full = chat.render_conversation(tokenizer, messages[: i + 1], False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise LabelMaskError("chat template output for the prompt is not a prefix of the full conversation")
         prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]

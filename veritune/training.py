@@ -28,6 +28,7 @@ from veritune.config import TrainParams
 from veritune.fast_lora import prepare_for_training
 from veritune.modeling import (load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16,
                                use_fp32_attention)
+from veritune.chat import TODAY_DATE
 from veritune.sft import tokenize_example
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def tokenize_examples(examples: Sequence[dict], tokenizer, max_length: int) -> t
     since cutting them would cut the answer or the passage that holds it."""
     kept, dropped = [], []
     for ex in examples:
-        tokens = tokenize_example(ex["messages"], tokenizer)
+        tokens = tokenize_example(ex["messages"], tokenizer, ex.get("tools"), ex.get("today", TODAY_DATE))
         if len(tokens["input_ids"]) > max_length:
             dropped.append(ex["id"])
         else:
