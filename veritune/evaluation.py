@@ -104,12 +104,19 @@ def summarize(questions: Sequence[dict], scores: Sequence[dict], bootstrap_sampl
 def score_all(predictions: Sequence[str], questions: Sequence[dict],
               passages: Sequence[list[dict]] | None = None) -> list[dict]:
     """Per-question scores; with the passages the model read, also whether the answer makes
-    claims that neither they nor the question support (veritune.groundedness)."""
-    scores = [score_answer(p, q) for p, q in zip(predictions, questions, strict=True)]
-    if passages is not None:
-        for s, p, q, ps in zip(scores, predictions, questions, passages, strict=True):
-            g = score_groundedness(q["question"], [c["text"] for c in ps], p)
+    claims that neither they nor the question support (veritune.groundedness). A reply counts
+    as an abstention only if it declines and asserts nothing unsupported (`abstains`), so a
+    hedge around an invented fact is scored as the answer it is."""
+    if passages is not None and len(passages) != len(predictions):
+        raise ValueError(f"{len(passages)} passage lists for {len(predictions)} predictions")
+    scores = []
+    for i, (p, q) in enumerate(zip(predictions, questions, strict=True)):
+        contexts = [c["text"] for c in passages[i]] if passages is not None else []
+        g = score_groundedness(q.get("question", ""), contexts, p)
+        s = score_answer(p, q, abstained=g["label"] == "abstained")
+        if passages is not None:
             s["unsupported"] = float(g["label"] == "unsupported")
+        scores.append(s)
     return scores
 
 
