@@ -386,7 +386,7 @@ _ASKS = {
 # "3 points for every $1", "$2 per kg", "Every 100 points can be redeemed for a $5 reward".
 _RATE_FORWARD = re.compile(rf"(?P<n>(?:\$\s?)?{_NUM}(?:[ \t]?(?:%|[A-Za-z]+))?)\s+(?:for\s+(?:every|each)|per|every|each|an?)"
                            rf"\s+(?P<d>(?:\$\s?)?(?:{_NUM}[ \t]?)?[A-Za-z]+|\$\s?{_NUM})")
-_RATE_BACKWARD = re.compile(rf"\bevery\s+(?P<d>(?:\$\s?)?{_NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
+_RATE_BACKWARD = re.compile(rf"\b(?i:every)\s+(?P<d>(?:\$\s?)?{_NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
                             rf"(?P<n>\$\s?{_NUM}|{_NUM}[ \t]?[A-Za-z]+)")
 _COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 
@@ -471,23 +471,21 @@ def _hedge_claims(answer: str) -> list[Claim]:
 def score_groundedness(question: str, contexts: list[str], answer: str, threshold: float = 0.8) -> dict:
     """Weighted share of the answer's claims found in the contexts or the question.
 
-    A reply that declines ("The documents don't say.") is `abstained` only if it asserts
-    nothing the sources do not back: "The documents do not say, but it costs $999." is
-    scored on its claims outside the refusal, and an unsupported one makes it an unsupported
-    answer -- never an abstention, which would count it as honest in every metric."""
+    A reply that declines ("The documents don't say.") is scored on its claims outside the
+    refusal: it is `abstained` only if they reach the threshold (it restates the question or
+    the passages), else "The documents do not say, but it costs $999." would count as an
+    honest refusal in every metric; it is an unsupported answer."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     evidence = Evidence([question, *contexts], question=question)
-    if is_abstention(answer):
-        claims = _hedge_claims(answer)
-        if all(evidence.supports(c) for c in claims):
-            return {"score": 1.0, "label": "abstained", "unsupported_claims": [], "n_claims": 0}
-    else:
-        claims = extract_claims(answer)
+    hedged = is_abstention(answer)
+    claims = _hedge_claims(answer) if hedged else extract_claims(answer)
     unsupported = [c for c in claims if not evidence.supports(c)]
     total = sum(WEIGHTS[c.kind] for c in claims)
     missing = sum(WEIGHTS[c.kind] for c in unsupported)
     score = 1.0 if total == 0 else (total - missing) / total
+    if hedged and score >= threshold:
+        return {"score": 1.0, "label": "abstained", "unsupported_claims": [], "n_claims": 0}
     return {
         "score": round(score, 6),
         "label": "grounded" if score >= threshold else "unsupported",
@@ -497,8 +495,8 @@ def score_groundedness(question: str, contexts: list[str], answer: str, threshol
 
 
 def abstains(question: str, contexts: Sequence[str], answer: str) -> bool:
-    """Whether `answer` is an abstention: it declines and asserts nothing beyond `contexts`
-    and `question`. The one test of abstention for every metric (evaluate, rag_eval, csat)."""
+    """Whether `answer` is an abstention: it declines, and what else it says is backed by
+    `contexts` and `question` (see `score_groundedness`). The one test of abstention for every metric (evaluate, rag_eval, csat)."""
     return score_groundedness(question, list(contexts), answer)["label"] == "abstained"
 
 
