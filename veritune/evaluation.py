@@ -201,3 +201,11 @@ def leakage_violations(result: dict, heldout_context: str) -> tuple[list[str], l
                    f"(e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index")
         (problems if heldout_context == "fail" else warnings).append(message)
     return problems, warnings
+
+
+def leakage_passed(result: dict) -> bool:
+    """`leakage.passed` in metrics/eval.json, which the gate requires: false whenever any test
+    question or held-out document reached the SFT data, also where the policy only warned
+    (`heldout_docs_in_sft_context: warn` lets the stage run on, not the release pass)."""
+    return not any(result[k] for k in ("test_questions_in_sft", "heldout_docs_in_sft_targets",
+                                       "heldout_docs_in_sft_context"))
