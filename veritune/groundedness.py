@@ -164,6 +164,13 @@ def _numbers(text: str) -> tuple[list[tuple[str, tuple[float, ...], str | None]]
     return [f[:3] for f in found], text
 
 
+def tokens(text: str) -> list[str]:
+    """Whole word and number tokens as claims are matched on: lower case, thousands separators
+    dropped, a decimal kept with its number ("$1,299.50" -> "1299.50"); the agent's answer
+    facts are matched on the same tokens (veritune.agent_tasks)."""
+    return _tokens(text)
+
+
 def _tokens(text: str) -> list[str]:
     text = text.lower().replace("\u2019", "'")
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
