@@ -24,7 +24,7 @@ from veritune.io import atomic_path, read_json, read_jsonl, write_json, write_js
 from veritune.judge import judge_answers, load_judge, summarize_judge
 from veritune.modeling import load_model, load_tokenizer
 from veritune.report import write_eval_report
-from veritune.retrieval import Retriever
+from veritune.retrieval import open_retriever
 
 log = logging.getLogger("veritune.evaluate")
 
@@ -52,7 +52,7 @@ def main() -> None:
     leakage["passed"] = leakage_passed(leakage)  # false after a warned-only leak: the gate must see it
     if p.max_questions and len(questions) > p.max_questions:
         questions = random.Random(0).sample(questions, p.max_questions)
-    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
+    with open_retriever(ip) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
     contexts = {"closed_book": None, "rag": [[dataclasses.asdict(h) for h in row] for row in hits]}
     contexts["oracle"] = oracle_passages(questions, documents, contexts["rag"])
