@@ -23,7 +23,7 @@ from veritune.config import as_dict, load_params
 from veritune.constrained import ToolCallGrammar
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.modeling import load_model, load_tokenizer
-from veritune.retrieval import Retriever
+from veritune.retrieval import open_retriever
 from veritune.tools import kb_search, tool_definitions
 
 log = logging.getLogger("veritune.agent_eval")
@@ -71,7 +71,7 @@ def main() -> None:
     metrics: dict = {"n_test_tasks": len(tasks), "trials": p.trials}
     episodes: list[dict] = []
     tokenizer = load_tokenizer("models/adapter")
-    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
+    with open_retriever(ip) as retriever:
         search = kb_search(retriever, sp.agent_search_k)
         # Episodes in the checkpoint's own tool-calling format (Llama 3.1's or ChatML's).
         run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from veritune.config import as_dict, load_params
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.retrieval import Retriever
+from veritune.retrieval import open_retriever
 from veritune.sft import build_agent_examples, build_examples
 from veritune.tools import kb_search
 
@@ -37,7 +37,7 @@ def main() -> None:
     doc_split = json.loads(Path("data/split/doc_split.json").read_text(encoding="utf-8"))
     splits = {s: read_jsonl(f"data/split/questions_{s}.jsonl") for s in ("train", "val")}
     summary = {}
-    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever, atomic_path("data/sft") as out:
+    with open_retriever(ip) as retriever, atomic_path("data/sft") as out:
         out.mkdir()
         for split, questions in splits.items():
             # Held-out documents never reach a training prompt, not even as a distractor: the

@@ -19,7 +19,7 @@ from veritune.csat import csat_score, make_customers, plot_histogram, simulate, 
 from veritune.generation import generate
 from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.modeling import load_model, load_tokenizer
-from veritune.retrieval import Retriever
+from veritune.retrieval import open_retriever
 
 log = logging.getLogger("veritune.csat")
 
@@ -36,7 +36,7 @@ def main() -> None:
     model = load_model("models/base")
     metrics: dict = {}
     records: list[dict] = []
-    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
+    with open_retriever(ip) as retriever:
         for variant in ("base", "finetuned"):
             if variant == "finetuned":
                 model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()

@@ -17,14 +17,14 @@ import logging
 import random
 
 from veritune.config import as_dict, load_params
-from veritune.evaluation import (MODES, headline, leakage_check, leakage_violations, oracle_passages, prompts_for,
-                                 score_all, summarize)
+from veritune.evaluation import (MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_passages,
+                                 prompts_for, score_all, summarize)
 from veritune.generation import generate
 from veritune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from veritune.judge import judge_answers, load_judge, summarize_judge
 from veritune.modeling import load_model, load_tokenizer
 from veritune.report import write_eval_report
-from veritune.retrieval import Retriever
+from veritune.retrieval import open_retriever
 
 log = logging.getLogger("veritune.evaluate")
 
@@ -49,10 +49,10 @@ def main() -> None:
         raise SystemExit("evaluate: test data leaked into data/sft; scores would overstate the model:\n  - "
                          + "\n  - ".join(problems))
     examples = leakage.pop("examples")
-    leakage["passed"] = True
+    leakage["passed"] = leakage_passed(leakage)  # false after a warned-only leak: the gate must see it
     if p.max_questions and len(questions) > p.max_questions:
         questions = random.Random(0).sample(questions, p.max_questions)
-    with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
+    with open_retriever(ip) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
     contexts = {"closed_book": None, "rag": [[dataclasses.asdict(h) for h in row] for row in hits]}
     contexts["oracle"] = oracle_passages(questions, documents, contexts["rag"])

@@ -468,6 +468,30 @@ def test_pass_hat_k_and_facts():
     assert missing_facts("Delivered  on 2024-05-16", ["delivered", "2024-05-17"]) == ["2024-05-17"]
 
 
+@pytest.mark.parametrize(("answer", "fact", "stated"), [
+    ("Your order was delivered on 2024-05-16.", "delivered", True),
+    ("Your order was not delivered.", "delivered", False),
+    ("It hasn't been delivered yet.", "delivered", False),
+    ("It has not yet been delivered.", "delivered", False),
+    ("It was not lost: it was delivered.", "delivered", True),  # one un-negated mention suffices
+    ("The refund is $129.", "$129", True),
+    ("The refund is $129.00.", "$129", True),
+    ("The refund is $1290.", "$129", False),
+    ("The refund is $1,290.", "$129", False),
+    ("You have 45 days to return it.", "45 days", True),
+    ("You have 145 days to return it.", "45 days", False),
+    ("Ticket T-0011 is open; tracking number TRK-84971.", "TRK-84971", True),
+    ("Tracking number TRK-849712.", "TRK-84971", False),
+    ("Order 11030 ships today.", "1103", False),
+    ("It is in transit.", "in transit", True),
+    ("It is in the transit hub.", "in transit", False),
+])
+def test_answer_facts_are_whole_tokens_and_not_negated(answer, fact, stated):
+    """A fact is stated only as whole tokens or numbers, and not under a negation (issue 14:
+    "not delivered", "$1290" and "145 days" satisfied "delivered", "$129" and "45 days")."""
+    assert (missing_facts(answer, [fact]) == []) is stated
+
+
 def test_tool_trajectory_loss_covers_exactly_the_assistant_turns(tiny_checkpoint):
     tokenizer = load_tokenizer(tiny_checkpoint)
     tokens = tokenize_example(CONVERSATION, tokenizer)

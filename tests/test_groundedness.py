@@ -98,6 +98,92 @@ def test_numbers_and_dates_one_arithmetic_step_from_the_sources(question, contex
     assert score_groundedness(question, contexts, answer)["label"] == label
 
 
+KETTLE = "The X1 Kettle costs $219. Warranty: 2 years. Ships in 3 days. Holds 1.5 litres."
+TOASTER = "The Z9 Toaster costs $149 and holds 2 slices."
+RETURNS = "Returns are accepted within 60 days of purchase."
+OTHER_WARRANTY = "The Q7 Blender has a warranty of 24 months."
+BOUGHT = "I bought the X1 Kettle on 2024-01-28. What is the last day to return it?"
+
+# The labelled near-miss set: for every derivation rule a correct answer and wrong twins (wrong
+# unit, irrelevant operand, off by one step); then hedged claims and invented entities.
+NEAR_MISSES = [
+    # the products of unrelated stated numbers (issue 14): 219 x 3 days, 1.5 x 2 years, 2 x 3
+    ("How much does the X1 Kettle cost?", [KETTLE], "It costs $657.", "unsupported"),
+    ("How much does the X1 Kettle hold?", [KETTLE], "It holds 3 litres.", "unsupported"),
+    ("How long is the X1 Kettle's warranty?", [KETTLE], "6 years.", "unsupported"),
+    ("", [KETTLE], "It costs $657.", "unsupported"),  # no question: still only unit-consistent steps
+    # sum of two like quantities
+    ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$368", "grounded"),
+    ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "368 litres", "unsupported"),
+    ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$222", "unsupported"),  # + 3 days
+    ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$587", "unsupported"),  # + 219 again
+    ("How much does the X1 Kettle cost?", [KETTLE, TOASTER], "$368", "unsupported"),  # no total asked for
+    # sum of three
+    ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$467", "grounded"),
+    ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "467 days", "unsupported"),
+    ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$371", "unsupported"),
+    ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$566", "unsupported"),
+    # difference of two
+    ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$70", "grounded"),
+    ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "70 litres", "unsupported"),
+    ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$216", "unsupported"),  # - 3 days
+    ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$71", "unsupported"),
+    ("How much does the Z9 Toaster cost?", [KETTLE, TOASTER], "$70", "unsupported"),  # no difference asked for
+    # like periods summed across units (years counted in months)
+    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 months", "grounded"),
+    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 years", "unsupported"),
+    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "26 months", "unsupported"),
+    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "72 months", "unsupported"),
+    # a quantity times a rate per that quantity's unit
+    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "657 points", "grounded"),
+    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "$657", "unsupported"),
+    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "9 points", "unsupported"),
+    ("How many dollars of reward does the X1 Kettle earn?",
+     ["Members earn 3 points for every $1 spent.", "Every 100 points can be redeemed for a $5 reward.", KETTLE],
+     "$32.85", "unsupported"),  # 657 points -> $: two steps, not one
+    ("What reward do 300 points buy?", ["Every 100 points can be redeemed for a $5 reward."], "$15", "grounded"),
+    # a percentage off a price
+    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "$186.15", "grounded"),
+    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "186.15 litres", "unsupported"),
+    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "1.28 litres", "unsupported"),
+    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "$158.23", "unsupported"),
+    # a count the question states times a price
+    ("What do two X1 Kettles cost?", [KETTLE], "$438", "grounded"),
+    ("What do two X1 Kettles cost?", [KETTLE], "438 litres", "unsupported"),
+    ("What do two X1 Kettles cost?", [KETTLE], "$221", "unsupported"),
+    ("What do two X1 Kettles cost?", [KETTLE], "$657", "unsupported"),
+    # a date plus a period
+    (BOUGHT, [RETURNS, OTHER_WARRANTY], "2024-03-28", "grounded"),
+    (BOUGHT, [RETURNS, OTHER_WARRANTY], "2025-03-23", "unsupported"),  # 60 weeks
+    (BOUGHT, [RETURNS, OTHER_WARRANTY], "2026-01-28", "unsupported"),  # the other product's warranty
+    (BOUGHT, [RETURNS, OTHER_WARRANTY], "2024-03-29", "unsupported"),
+    # hedged claims: a refusal around an invented fact is an unsupported answer
+    ("How much is the X1 Kettle?", [KETTLE], "The documents do not say, but it costs $999.", "unsupported"),
+    ("How much is the X1 Kettle?", [KETTLE], "I cannot find that in the documents; it probably ships in 5 days.",
+     "unsupported"),
+    ("Is the Z9 dishwasher safe?", [KETTLE], "The documents don't say, though it is made in Portugal.", "unsupported"),
+    ("How much is the Z9 Toaster?", [KETTLE], "The documents don't say.", "abstained"),
+    ("How much is the Z9 Toaster?", [KETTLE], "Sorry, the documents don't mention the Z9 Toaster's price. "
+     "Anything else I can help with?", "abstained"),
+    ("How much is the Z9 Toaster?", [KETTLE], "The documents don't say; they only cover the X1 Kettle at $219.",
+     "abstained"),
+    # invented entities
+    ("What colours does the X1 Kettle come in?", [KETTLE], "The X1 Kettle comes in Midnight Blue.", "unsupported"),
+    ("How much is the X1 Kettle?", [KETTLE], "The Aurora X1 Kettle costs $219.", "unsupported"),
+    ("Who makes the X1 Kettle?", [KETTLE], "Larkspur Appliances makes the X1 Kettle.", "unsupported"),
+    ("How much is the X1 Kettle?", [KETTLE], "The X1 Kettle costs $219.", "grounded"),
+]
+
+
+@pytest.mark.parametrize(("question", "contexts", "answer", "label"), NEAR_MISSES,
+                         ids=[f"{i}:{a[:30]}" for i, (_, _, a, _) in enumerate(NEAR_MISSES)])
+def test_near_miss_set_is_labelled_right(question, contexts, answer, label):
+    """Right answers one unit-consistent step from the sources are grounded; their twins with
+    a wrong unit, an irrelevant operand or one step off are not, and neither is a hedge
+    around an invented fact or an invented name."""
+    assert score_groundedness(question, contexts, answer)["label"] == label
+
+
 def test_question_counts_as_evidence_and_empty_answer_scores_one():
     assert score_groundedness("Is the Brio X5 Kettle red?", [], "The Brio X5 Kettle")["label"] == "grounded"
     assert score_groundedness(QUESTION, CONTEXTS, "...") == {

@@ -11,11 +11,13 @@ import pytest
 from tests.conftest import REPO
 from veritune.config import CsatRubric, GateCriterion, parse_params
 from veritune.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
-from veritune.evaluation import headline, leakage_check, leakage_violations, oracle_passages, score_all, summarize
+from veritune.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_passages, score_all,
+                                 summarize)
 from veritune.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
 from veritune.io import read_jsonl
 
 ABSTAIN = "The documents don't say."
+HEDGE = "The documents don't say, but it costs $999."  # a refusal around an invented price
 WORDS = ["blue", "quartz", "Monday", "lantern", "Orion", "seventeen", "velvet", "77", "Q9", "harbour"]
 
 
@@ -39,6 +41,8 @@ def answerer(how: str, rng: random.Random):
             return question["answers"][0] if question["answers"] else ABSTAIN
         if how == "abstain":
             return ABSTAIN
+        if how == "hedge":
+            return HEDGE
         return " ".join(rng.choice(WORDS) for _ in range(4))
     return answer
 
@@ -85,6 +89,15 @@ def test_random_answerer_scores_near_zero(sample):
     assert s["answerable"]["numeric_match"] < 0.05
     assert s["unanswerable"]["abstention"] == 0.0
     assert s["all"]["unsupported_rate"] > 0.9  # invented words are in no passage
+
+
+def test_hedged_invention_is_an_unsupported_answer_not_an_abstention(sample):
+    """"The documents don't say, but it costs $999." declines in words and invents a price:
+    every metric counts it as the unsupported answer it is (issue 14)."""
+    _, s = run("hedge", *sample)
+    assert s["unanswerable"]["abstention"] == 0.0 and s["unanswerable_false_premise"]["abstention"] == 0.0
+    assert s["answerable"]["abstention"] == 0.0  # not a (wrong) refusal either: it answered
+    assert s["all"]["unsupported_rate"] == 1.0 and s["all"]["unsupported_rate_when_answering"] == 1.0
 
 
 def test_headline_is_flat_with_n_and_interval(sample):
@@ -158,6 +171,8 @@ def csat_answerer(how: str):
                 reply = goal["answers"][0] if goal and goal["answers"] else ABSTAIN
             elif how == "abstain":
                 reply = ABSTAIN
+            elif how == "hedge":
+                reply = HEDGE
             else:
                 reply = " ".join(rng.choice(WORDS) for _ in range(4))
             context = goal["answers"][0] if goal and goal["answers"] else "Larkspur sells appliances."
@@ -209,6 +224,12 @@ def test_csat_random_answerer_scores_near_one(sample):
     _, _, _, s = simulate_with("random", sample[0])
     assert s["resolution_rate"] == 0.0
     assert s["csat_mean"] < 1.2 and s["misled_rate"] > 0.9
+
+
+def test_csat_hedged_invention_misleads_the_customer(sample):
+    _, convs, scored, s = simulate_with("hedge", sample[0])
+    assert s["misled_rate"] == 1.0 and s["csat_mean"] == 1.0
+    assert not any(t["abstained"] for v in convs for t in v["turns"])
 
 
 def test_csat_rubric_charges_extra_turns_and_unsupported_claims():
@@ -352,3 +373,62 @@ def test_shipped_gate_passes_gold_answers_and_blocks_random_ones(sample, tmp_pat
     assert all(verdicts["oracle"].values()), verdicts["oracle"]
     assert not verdicts["random"]["eval.json:headline.finetuned_rag_unsupported_answerable_ci95_high"]
     assert not verdicts["random"]["eval.json:headline.finetuned_rag_abstention_unanswerable_ci95_low"]
+
+
+def _warned_leak() -> dict:
+    """A held-out document shown as an SFT passage: `heldout_docs_in_sft_context: warn` lets
+    evaluate run on, but the leak happened."""
+    doc_text = ("The Aurora K3 Kettle is a kettle from Larkspur Appliances and it is sold at a list price of "
+                "one hundred and forty nine dollars in every store that stocks it across the country.")
+    result = leakage_check([{"id": "q1", "question": "What colour is the Zephyr X5?"}], [{"id": "doc-h", "text": doc_text}],
+                           [_sft("Tell me about kettles", doc_text, "It is a kettle.")], 13, 0.5)
+    problems, warnings = leakage_violations(result, "warn")
+    assert not problems and warnings, "the stage only warns here"
+    return result
+
+
+def test_leakage_passed_is_false_whenever_a_leak_was_found():
+    assert leakage_passed(_warned_leak()) is False
+    clean = leakage_check([{"id": "q1", "question": "What colour is the Zephyr X5?"}], [],
+                          [_sft("What does the Juniper T6 cost?", "The Juniper T6 costs $79.", "$79")], 13, 0.5)
+    assert leakage_passed(clean) is True
+
+
+# Which known-bad input must fail each criterion of params.yaml's gate (keyed by metric).
+KNOWN_BAD = {
+    "eval.json:headline.finetuned_rag_abstention_unanswerable_ci95_low": "hedge",
+    "eval.json:headline.finetuned_rag_abstention_false_premise": "hedge",
+    "eval.json:headline.finetuned_rag_unsupported_answerable_ci95_high": "random",
+    "eval.json:headline.finetuned_rag_wrong_refusal_answerable": "abstain",
+    "eval.json:leakage.passed": "leaked",
+    "csat.json:finetuned.misled_rate": "hedge",
+    "csat.json:finetuned.csat_ci95_low": "random",
+}
+
+
+def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_path):
+    """No criterion of params.yaml's gate is one that cannot fail: each is run on metrics
+    computed from a known-bad answerer (random words, always refusing, refusing around an
+    invented price) or a known leak, and must fail there, while the gold answerer passes."""
+    import yaml
+
+    from veritune.io import write_json
+
+    criteria = parse_params("gate", yaml.safe_load((REPO / "params.yaml").read_text())["gate"]).criteria
+    unknown = [c.metric for c in criteria if c.metric not in KNOWN_BAD]
+    assert not unknown, f"gate criteria without a known-bad input in this test: {unknown}"
+    questions, passages = sample
+    failed: dict[str, set] = {}
+    for how in ("oracle", "random", "abstain", "hedge", "leaked"):
+        answerer_how = "oracle" if how == "leaked" else how
+        scores, _ = run(answerer_how, questions, passages)
+        leakage = _warned_leak() if how == "leaked" else leakage_check([], [], [], 13, 0.5)
+        metrics = tmp_path / how
+        metrics.mkdir()
+        write_json(metrics / "eval.json", {"headline": headline({"finetuned": {"rag": scores}}, questions, 200),
+                                           "leakage": {"passed": leakage_passed(leakage)}})
+        write_json(metrics / "csat.json", {"finetuned": simulate_with(answerer_how, questions)[3]})
+        failed[how] = {row["metric"] for row in check_criteria(criteria, metrics) if not row["passed"]}
+    assert not failed["oracle"], failed["oracle"]
+    for metric, how in KNOWN_BAD.items():
+        assert metric in failed[how], (metric, how, failed[how])

@@ -14,6 +14,7 @@ from veritune.retrieval import (
     build_index,
     chunk_document,
     load_embedder,
+    open_retriever,
     retrieval_metrics,
 )
 
@@ -131,6 +132,32 @@ def test_search_puts_the_right_document_first(lite_index):
         assert len(hits) == 3
         assert hits[0].score >= hits[1].score >= hits[2].score
         assert -1.0 <= hits[2].score <= 1.0 + 1e-5
+
+
+def test_every_consumer_retrieves_in_the_one_params_mode(lite_index):
+    """build_sft, evaluate, csat, serve and the agent's search open the index through
+    `open_retriever`, which searches in `index.retrieval_mode`: hybrid, what rag_eval measured
+    best, unless params say otherwise (issue 14: they all searched dense)."""
+    import ast
+    from pathlib import Path
+
+    from veritune.config import IndexParams, load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    assert IndexParams().retrieval_mode == load_params("index", repo / "params.yaml").retrieval_mode == "hybrid"
+    for path in ("stages/build_sft.py", "stages/evaluate.py", "stages/csat.py", "stages/agent_eval.py",
+                 "veritune/server.py", "veritune/cli.py"):
+        calls = {node.func.id for node in ast.walk(ast.parse((repo / path).read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert "open_retriever" in calls and "Retriever" not in calls, path
+
+    queries = [q for q, _ in QUESTIONS]
+    with Retriever(lite_index, "chunks", "all-MiniLM-L6-v2", mode="hybrid") as hybrid:
+        expected = hybrid.search(queries, k=3)
+    with open_retriever(IndexParams(uri=lite_index, collection="chunks")) as retriever:
+        assert retriever.mode == "hybrid" and retriever.search(queries, k=3) == expected
+    with open_retriever(IndexParams(uri=lite_index, collection="chunks", retrieval_mode="dense")) as retriever:
+        assert retriever.mode == "dense"
 
 
 def test_retriever_reopens_after_close_and_frees_the_db(lite_index):

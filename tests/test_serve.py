@@ -158,6 +158,46 @@ def test_microbatcher_groups_waiting_items_and_drains_on_stop():
         batcher.submit(1)
 
 
+def test_submit_racing_stop_resolves_or_fails_at_once():
+    """Submitters hammer a batcher while it stops: every accepted future resolves (it was
+    queued before the final drain) and every later submit raises BatcherStopped at once;
+    none is left waiting. A tiny GIL switch interval makes threads interleave between
+    `submit`'s check and its enqueue, which is where the unlocked version lost requests."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(40):
+            batcher = MicroBatcher(lambda items: list(items), max_batch_size=8, max_wait_ms=0).start()
+            accepted: list = []
+            refused = threading.Event()
+            go = threading.Barrier(5)
+
+            def submitter():
+                go.wait()
+                while True:
+                    try:
+                        accepted.append(batcher.submit(1))
+                    except BatcherStopped:
+                        refused.set()
+                        return
+
+            threads = [threading.Thread(target=submitter) for _ in range(4)]
+            for t in threads:
+                t.start()
+            go.wait()
+            time.sleep(0.002)
+            batcher.stop(timeout=10)
+            for t in threads:
+                t.join(10)
+            assert refused.is_set() and not any(t.is_alive() for t in threads)
+            assert all(f.done() for f in accepted), f"{sum(not f.done() for f in accepted)} futures never resolved"
+            assert sum(batcher.batch_sizes) == len(accepted)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
     batcher = MicroBatcher(lambda items: [1 / x for x in items], max_batch_size=1, max_wait_ms=0).start()
     bad, good = batcher.submit(0), batcher.submit(4)

@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from veritune import chat
 from veritune.config import TrainParams
 from veritune.modeling import load_model, load_tokenizer
+from veritune.sft import tokenize_example
 from veritune.training import train_adapter
 
 EXAMPLES = [
@@ -52,6 +53,10 @@ def test_lora_trains_adapter_only_and_saves_peft_format(tiny_checkpoint, tmp_pat
     targeted = {k.split(".")[-3] for k in weights}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted
     assert summary["steps"] == 4 and summary["n_dropped_examples"] == 0
+    # max_steps > 0 (the default's setting) still reports throughput: 4 steps x 4 examples' tokens
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    assert summary["train_tokens"] == sum(len(tokenize_example(e["messages"], tokenizer)["input_ids"]) for e in EXAMPLES)
+    assert summary["train_tokens_per_second"] > 0
 
     from peft import PeftModel
 

@@ -4,7 +4,8 @@ A task (data/raw/agent_tasks.jsonl) is a customer request with its gold tool cal
 answer and the facts any right answer must contain. An episode succeeds when both hold:
 - the database it leaves equals the one the gold calls leave on a fresh copy (tau-bench
   replays the gold actions the same way), so a missing, wrong or extra write fails it;
-- its final answer contains every fact (case-insensitive, whitespace-normalised).
+- its final answer states every fact: as whole tokens and numbers ("$129" is not in "$1290",
+  "45 days" not in "145 days"), not negated ("delivered" is not in "not delivered").
 
 pass^k (tau-bench): the chance that all k of n independent trials of a task succeed,
 estimated as C(c, k) / C(n, k) from c successes and averaged over tasks.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from veritune import chat
+from veritune.groundedness import tokens
 from veritune.tools import WRITE_TOOLS, Toolbox, ToolError, check_call, db_state, episode_database
 
 TASK_FIELDS = {"id": str, "split": str, "kind": str, "request": str, "gold_calls": list, "answer": str, "facts": list}
@@ -48,18 +50,37 @@ def validate_tasks(tasks: Sequence[dict]) -> list[str]:
                 problems.append(f"task {tid}: field gold_calls[{j}]: {e}")
         if isinstance(t.get("answer"), str):
             problems += [f"task {tid}: field facts: {f!r} is not in the gold answer"
-                         for f in t.get("facts") or [] if normalise(f) not in normalise(t["answer"])]
+                         for f in missing_facts(t["answer"], t.get("facts") or [])]
     return problems
 
 
-def normalise(text: str) -> str:
-    text = re.sub(r"\$(\d+)\.00\b", r"$\1", text)  # $209.00 and $209 are the same amount
-    return " ".join(text.lower().split())
+_NEGATIONS = frozenset({"not", "no", "never", "cannot", "without", "yet"})
+_NEGATION_WINDOW = 3  # "has not yet been delivered": the negation sits up to three tokens before
+
+
+def _fact_tokens(text: str) -> list[str]:
+    """The scorer's tokens (veritune.groundedness.tokens), numbers canonical: $209.00 = $209."""
+    out = []
+    for t in tokens(re.sub(r"n['\u2019]t\b", " not", text)):  # "hasn't" -> "has not"
+        if re.fullmatch(r"\d+\.\d+", t):
+            t = t.rstrip("0").rstrip(".")
+        out.append(t)
+    return out
+
+
+def states_fact(answer: str, fact: str) -> bool:
+    """Whether `answer` states `fact`: its tokens appear in a row, whole, at least once with
+    no negation just before them."""
+    said, needle = _fact_tokens(answer), _fact_tokens(fact)
+    if not needle:
+        return True
+    n = len(needle)
+    return any(said[i:i + n] == needle and not _NEGATIONS & set(said[max(0, i - _NEGATION_WINDOW):i])
+               for i in range(len(said) - n + 1))
 
 
 def missing_facts(answer: str | None, facts: Sequence[str]) -> list[str]:
-    said = normalise(answer or "")
-    return [f for f in facts if normalise(f) not in said]
+    return [f for f in facts if not states_fact(answer or "", f)]
 
 
 def expects_writes(task: dict) -> bool:

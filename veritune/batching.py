@@ -79,6 +79,9 @@ class MicroBatcher:
         self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._accepting = False
+        # Held across "accepting?" and the enqueue, and by stop() around closing: every item
+        # is then either queued before the stop sentinel (and drained) or refused at once.
+        self._lock = threading.Lock()
         self.batch_sizes: list[int] = []  # one entry per batch run: what the server reports and tests check
         self.on_batch: Callable[[int, float], None] | None = None  # (size, seconds) after each batch
 
@@ -89,12 +92,15 @@ class MicroBatcher:
         return self
 
     def submit(self, item: Any) -> Future:
-        if not self._accepting:
-            raise BatcherStopped(f"{self.name} is not running")
-        if self.max_pending and self._queue.qsize() >= self.max_pending:
-            raise QueueFull(f"{self.name}: {self.max_pending} requests already pending")
-        future: Future = Future()
-        self._queue.put((item, future))
+        """Queue `item`; raises BatcherStopped at once once stop() has begun (a request that
+        raced the shutdown would otherwise land after the final drain and never resolve)."""
+        with self._lock:
+            if not self._accepting:
+                raise BatcherStopped(f"{self.name} is not running")
+            if self.max_pending and self._queue.qsize() >= self.max_pending:
+                raise QueueFull(f"{self.name}: {self.max_pending} requests already pending")
+            future: Future = Future()
+            self._queue.put((item, future))
         return future
 
     def pending(self) -> int:
@@ -102,8 +108,10 @@ class MicroBatcher:
 
     def stop(self, timeout: float | None = None) -> None:
         """Take no new items, finish those already queued, then end the worker."""
-        self._accepting = False
-        self._queue.put(None)
+        with self._lock:
+            was_accepting, self._accepting = self._accepting, False
+            if was_accepting:  # one sentinel, after every accepted item
+                self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
 

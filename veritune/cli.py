@@ -104,9 +104,9 @@ def run_agent(args: argparse.Namespace) -> None:
                          max_seconds=ep.max_seconds)
     retriever = None
     if not args.no_search:
-        from veritune.retrieval import Retriever
+        from veritune.retrieval import open_retriever
 
-        retriever = Retriever(ip.uri, ip.collection, ip.embedding_model)
+        retriever = open_retriever(ip)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             search = kb_search(retriever, sp.agent_search_k) if retriever else None

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 from veritune import chat
 from veritune.groundedness import score_groundedness
-from veritune.scoring import bootstrap_ci, is_abstention, mean, token_f1
+from veritune.scoring import bootstrap_ci, mean, token_f1
 
 PERSONAS = ("patient", "impatient", "rephraser", "follow_up", "off_topic")
 
@@ -93,8 +93,9 @@ def rephrase(goal: dict, attempt: int) -> str:
 
 def judge_reply(goal: dict | None, user: str, reply: str, passages: Sequence[dict], resolve_f1: float) -> dict:
     """The customer's view of one reply. `goal=None` is the off-topic turn."""
-    abstained = is_abstention(reply)
     grounded = score_groundedness(user, [p["text"] for p in passages], reply)
+    # A refusal that still asserts unsupported claims misled the customer: not an abstention.
+    abstained = grounded["label"] == "abstained"
     out = {"abstained": abstained, "unsupported": grounded["label"] == "unsupported"}
     if goal is None:
         out["resolved"] = abstained  # declining an out-of-domain question is the right reply

@@ -104,12 +104,19 @@ def summarize(questions: Sequence[dict], scores: Sequence[dict], bootstrap_sampl
 def score_all(predictions: Sequence[str], questions: Sequence[dict],
               passages: Sequence[list[dict]] | None = None) -> list[dict]:
     """Per-question scores; with the passages the model read, also whether the answer makes
-    claims that neither they nor the question support (veritune.groundedness)."""
-    scores = [score_answer(p, q) for p, q in zip(predictions, questions, strict=True)]
-    if passages is not None:
-        for s, p, q, ps in zip(scores, predictions, questions, passages, strict=True):
-            g = score_groundedness(q["question"], [c["text"] for c in ps], p)
+    claims that neither they nor the question support (veritune.groundedness). A reply counts
+    as an abstention only if it declines and asserts nothing unsupported (`abstains`), so a
+    hedge around an invented fact is scored as the answer it is."""
+    if passages is not None and len(passages) != len(predictions):
+        raise ValueError(f"{len(passages)} passage lists for {len(predictions)} predictions")
+    scores = []
+    for i, (p, q) in enumerate(zip(predictions, questions, strict=True)):
+        contexts = [c["text"] for c in passages[i]] if passages is not None else []
+        g = score_groundedness(q.get("question", ""), contexts, p)
+        s = score_answer(p, q, abstained=g["label"] == "abstained")
+        if passages is not None:
             s["unsupported"] = float(g["label"] == "unsupported")
+        scores.append(s)
     return scores
 
 
@@ -194,3 +201,11 @@ def leakage_violations(result: dict, heldout_context: str) -> tuple[list[str], l
                    f"(e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index")
         (problems if heldout_context == "fail" else warnings).append(message)
     return problems, warnings
+
+
+def leakage_passed(result: dict) -> bool:
+    """`leakage.passed` in metrics/eval.json, which the gate requires: false whenever any test
+    question or held-out document reached the SFT data, also where the policy only warned
+    (`heldout_docs_in_sft_context: warn` lets the stage run on, not the release pass)."""
+    return not any(result[k] for k in ("test_questions_in_sft", "heldout_docs_in_sft_targets",
+                                       "heldout_docs_in_sft_context"))

@@ -458,6 +458,14 @@ class Retriever:
         self.close()
 
 
+def open_retriever(index_params: Any, **kwargs: Any) -> Retriever:
+    """The retriever every consumer of the index uses (build_sft, evaluate, csat, serve, the
+    agent's search): params `index`, searching in `index.retrieval_mode`, so what users get is
+    what rag_eval measured best, set in one place. `kwargs` go to `Retriever`."""
+    kwargs.setdefault("mode", index_params.retrieval_mode)
+    return Retriever(index_params.uri, index_params.collection, index_params.embedding_model, **kwargs)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"retrieval mode must be one of {list(MODES)}, got {mode!r}")

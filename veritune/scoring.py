@@ -25,6 +25,7 @@ ABSTAIN_PATTERNS = [
     r"\bno (such|information|answer)\b",
 ]
 _ABSTAIN = re.compile("|".join(ABSTAIN_PATTERNS))
+_ABSTAIN_ANY_CASE = re.compile("|".join(ABSTAIN_PATTERNS), re.IGNORECASE)
 
 
 def normalize(text: str) -> str:
@@ -35,9 +36,18 @@ def normalize(text: str) -> str:
 
 
 def is_abstention(answer: str) -> bool:
+    """Whether the answer *says* it declines. Whether it *is* an abstention also depends on
+    what else it asserts ("The documents do not say, but it costs $999." is an answer):
+    `veritune.groundedness.abstains` decides that, and every metric uses it."""
     # Apostrophes matter to the patterns, so match before punctuation is stripped.
     text = " ".join(answer.lower().replace("\u2019", "'").split())
     return bool(_ABSTAIN.search(text))
+
+
+def refusal_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each refusal phrase in `text`, whose whitespace must be single spaces
+    and apostrophes straight (as `is_abstention` matches them), case kept."""
+    return [m.span() for m in _ABSTAIN_ANY_CASE.finditer(text)]
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
@@ -72,9 +82,12 @@ def numeric_match(prediction: str, golds: Sequence[str]) -> float | None:
     return float(any(set(g) <= pred for g in gold_sets))
 
 
-def score_answer(prediction: str, question: dict) -> dict:
-    """Per-question scores; answerable and unanswerable questions get different fields."""
-    abstained = is_abstention(prediction)
+def score_answer(prediction: str, question: dict, abstained: bool | None = None) -> dict:
+    """Per-question scores; answerable and unanswerable questions get different fields.
+    `abstained`: whether the reply is an abstention, as `veritune.groundedness.abstains`
+    judges it from the passages (None: whether it says it declines, `is_abstention`)."""
+    if abstained is None:
+        abstained = is_abstention(prediction)
     if not question["answers"]:
         return {"abstained": float(abstained)}
     scores = {

@@ -353,9 +353,9 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
     tokenizer = load_tokenizer(params.adapter_dir or params.base_dir)
     retriever = None
     if (params.retrieval if retrieval is None else retrieval) and index_params is not None:
-        from veritune.retrieval import Retriever
+        from veritune.retrieval import open_retriever
 
-        retriever = Retriever(index_params.uri, index_params.collection, index_params.embedding_model)
+        retriever = open_retriever(index_params)
     return Service(params, model, tokenizer, retriever, system_prompt, api_keys, agent)
 
 

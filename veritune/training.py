@@ -326,7 +326,6 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         trainer.model.save_pretrained(adapter_dir)
         _sort_target_modules(adapter_dir / "adapter_config.json")
         save_tokenizer(tokenizer, adapter_dir)
-    n_tokens = sum(len(r["input_ids"]) for r in train_rows)
     trainable = sum(t.numel() for t in trainer.model.parameters() if t.requires_grad)
     return {
         "train_loss": result.training_loss,
@@ -335,7 +334,9 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         "n_dropped_examples": len(dropped_train) + len(dropped_val),
         "steps": result.global_step,
         "train_seconds": round(seconds, 1),
-        "train_tokens_per_second": round(n_tokens * p.epochs / seconds, 1) if p.max_steps <= 0 else None,
+        # Tokens the trainer actually fed (non-padding, every process), so max_steps runs count too.
+        "train_tokens": trainer._total_train_tokens,
+        "train_tokens_per_second": round(trainer._total_train_tokens / seconds, 1) if seconds > 0 else None,
         "gpus": world_size() if torch.cuda.is_available() else 0,
         "trainable_params": trainable,
         "quantization": quantization,
