@@ -38,6 +38,8 @@ DOCS = [
 ]
 SYSTEM = "Answer from the documents. If they do not contain the answer, say so."
 KEY, OTHER_KEY = "k" * 20, "o" * 20
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OWNER_1001 = "C-115"  # the customer of order 1001 in data/raw/business/orders.jsonl
 
 
 def load_talkative(path):
@@ -78,11 +80,11 @@ def make_app(loaded):
     """A started Service over the shared model and index, and its ASGI app; stopped afterwards."""
     services = []
 
-    def make(keys=(), agent=AgentSettings(), **overrides):
+    def make(keys=(), agent=AgentSettings(), customers=None, **overrides):
         params = ServeParams(**{"max_new_tokens": 16, "max_input_tokens": 200, "max_body_bytes": 4096,
                                 "max_wait_ms": 20.0, "rate_limit_per_min": 0, **overrides})
         model, tokenizer, retriever = loaded
-        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent).start()
+        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent, customers).start()
         services.append(service)
         return service, create_app(service)
 
@@ -400,10 +402,11 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     replies = (tool_call("search_kb", {"query": "reset the Nimbus R7 router"}),
                tool_call("get_order", {"order_id": 1001}),
                "Hold the pinhole button for ten seconds.<|eot_id|>")
-    service, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
+    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001}, agent=AgentSettings(db_path=str(shop_db)))
     generate = scripted(*replies)
     result = run_agent([{"role": "user", "content": "How do I reset my router from order 1001?"}],
-                       generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db)
+                       generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db,
+                       customer_id=OWNER_1001)
     assert result["stop"] == "answer" and result["answer"] == "Hold the pinhole button for ten seconds."
     assert result["citations"] == ["router"]
     assert [(s["type"], s.get("name"), s.get("valid")) for s in result["steps"]] == \
@@ -414,7 +417,7 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
 
     service.generate_raw = scripted(*replies)
     r = call(app, "POST", "/v1/chat/completions", json=chat("How do I reset my router from order 1001?",
-                                                           model="veritune-agent"))
+                                                           model="veritune-agent"), headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "veritune-agent"
@@ -425,10 +428,11 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
 
 def test_agent_mode_with_the_real_tiny_model_ends_within_its_limits(make_app, shop_db):
     """The untrained model writes noise: still a well-formed completion, never a 5xx."""
-    service, app = make_app(agent=AgentSettings(db_path=str(shop_db), max_steps=3))
+    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001},
+                            agent=AgentSettings(db_path=str(shop_db), max_steps=3))
     for stream in (False, True):
         r = call(app, "POST", "/v1/chat/completions", json=chat("Where is my order 1001?", model="veritune-agent",
-                                                               max_tokens=8, stream=stream))
+                                                               max_tokens=8, stream=stream), headers=AUTH)
         assert r.status_code == 200, r.text
         if stream:
             lines = sse_lines(r)
