@@ -17,9 +17,12 @@ Model `<model_name>-agent` runs the customer's last message through the tool-usi
 (`veritune.agent.run_agent`, the loop `agent_eval` measures) over the shop database
 `AGENT_DB`: its model turns go through the same batcher as chat requests, `search_kb`
 through the index. The answer comes with `citations` (the documents search_kb returned),
-`steps` (each tool call with its result or refusal) and `stop_reason`. Write tools stay
-guarded as in `agent_eval` (asked for in the request, schema-checked, idempotent) and act on
-a per-request copy of the database unless `AgentSettings.persist_writes`. Listed in
+`steps` (each tool call with its result or refusal) and `stop_reason`. It acts for the
+customer the API key is bound to (`<key> <customer_id>` in the keys; 403 for a key bound to
+none, or without keys): the tools see only that customer's orders. Write tools stay guarded
+as in `agent_eval` (asked for in the request, schema-checked, idempotent, at most
+`agent_eval.max_writes` rows) and act on a per-request copy of the database unless
+`AgentSettings.persist_writes`. Listed in
 /v1/models only when `veritune.agent` imports and the database exists (else 501 / 503).
 
 Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
@@ -27,9 +30,12 @@ are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval q
 batched the same way, so a batch's questions are embedded and searched in one call.
 
 Security: API keys come from `VERITUNE_API_KEYS` (comma-separated) or the file named by
-`VERITUNE_API_KEYS_FILE` (one per line) and are compared in constant time; without keys the
-server only binds to loopback. Each key (each client address without keys) has a token-bucket
-rate limit. Logs carry method, path, status, latency and request id, never a prompt or a key.
+`VERITUNE_API_KEYS_FILE` (one per line, optionally followed by the customer id the key acts
+for) and are compared in constant time; without keys the server only binds to loopback.
+Each key (each client address without keys) has a token-bucket rate limit; failed
+authentications are limited per client address (`serve.auth_failures_per_min`, then 429).
+Request headers must arrive within `serve.header_timeout_s` (`header_deadline_protocol`)
+and the body within `serve.body_timeout_s` (`RequestGuard`), else 408 and close. Logs carry method, path, status, latency and request id, never a prompt or a key.
 Bodies over `serve.max_body_bytes` get 413 before they are parsed; bad input gets a 4xx whose
 message names the field.
 
