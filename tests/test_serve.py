@@ -24,7 +24,7 @@ from veritune.generation import generate, stop_token_ids
 from veritune.modeling import load_model, load_tokenizer
 from veritune.retrieval import Retriever, build_index, chunk_document, load_embedder
 from veritune.server import (AgentSettings, RateLimiter, Service, create_app, load_api_keys, load_key_customers,
-                             match_key)
+                             match_key, unknown_customers)
 from veritune.stress import ServerProcess, check_stream, free_port
 
 DOCS = [
@@ -258,6 +258,11 @@ def test_keys_file_is_read(tmp_path):
                                                                                            OTHER_KEY: "C-102"}
     with pytest.raises(ValueError, match="<key> <customer_id>"):
         load_api_keys({"VERITUNE_API_KEYS": f"{KEY} C-101 extra"})
+
+
+def test_keys_bound_to_unknown_customers_are_found(shop_db):
+    assert unknown_customers({KEY: "C-101", OTHER_KEY: "C-999"}, shop_db) == ["C-999"]
+    assert unknown_customers({KEY: "C-101"}, shop_db) == []
 
 
 def test_wrong_key_bursts_get_429_per_client_address(make_app):

@@ -172,6 +172,19 @@ def load_key_customers(environ: dict | None = None) -> dict[str, str]:
     return {key: customer for key, customer in _key_entries(environ) if customer is not None}
 
 
+def unknown_customers(customers: dict[str, str], db_path: str | Path) -> list[str]:
+    """The customer ids keys are bound to that the shop database does not know (a typo in the
+    keys file would otherwise read as a customer without orders)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    try:
+        known = {row[0] for row in conn.execute("SELECT customer_id FROM customers")}
+    finally:
+        conn.close()
+    return sorted(set(customers.values()) - known)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -903,6 +916,10 @@ def serve(params: ServeParams, index_params, system_prompt: str, log_level: str 
     import uvicorn
 
     api_keys, customers = load_api_keys(), load_key_customers()
+    if customers and Path(agent.db_path).is_file() and unknown_customers(customers, agent.db_path):
+        raise ValueError(f"API keys are bound to customers the shop database {agent.db_path} does not have: "
+                         f"{', '.join(unknown_customers(customers, agent.db_path))}; fix the `<key> <customer_id>` "
+                         f"entries ({KEYS_ENV} / {KEYS_FILE_ENV}) or rebuild the database (`dvc repro agent_db`)")
     if not api_keys and not is_loopback(params.host):
         raise ValueError(f"refusing to serve on {params.host} without API keys: set {KEYS_ENV} or {KEYS_FILE_ENV}, "
                          "or bind to 127.0.0.1")
