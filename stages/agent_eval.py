@@ -7,9 +7,11 @@ database and tasks) and params `agent_eval`, `agent_db`, `build_sft` (system pro
 definitions, search size) and `index`. Runs a scripted oracle over every task (it must
 score 1.0, or the tasks and the checker disagree and the stage fails), then the base and
 the fine-tuned model over the test tasks, `trials` sampled episodes each, every episode on
-its own copy of the database. Writes metrics/agent.json (success, pass^k, tool-call
-validity, mean steps, unsafe-action rate per policy) and reports/agent/ (episodes.jsonl,
-agent.md).
+its own copy of the database and as the task's own customer (tools scoped to that
+customer's orders, at most `agent_eval.max_writes` rows written). Writes metrics/agent.json
+(success, pass^k, tool-call validity, mean steps, unsafe-action rate and claimed-but-undone
+rate, the share of answers claiming a refund, ticket or cancellation the episode's writes do
+not show, per policy) and reports/agent/ (episodes.jsonl, agent.md).
 """
 
 import logging
@@ -32,7 +34,7 @@ DB = "data/agent/business.sqlite"
 
 def report_lines(metrics: dict, per_kind: dict) -> list[str]:
     keys = ["success", *[f"pass^{k}" for k in range(1, metrics["trials"] + 1)], "tool_call_validity",
-            "mean_steps", "unsafe_action_rate", "state_ok", "answer_ok"]
+            "mean_steps", "unsafe_action_rate", "claimed_undone_rate", "state_ok", "answer_ok"]
     columns = [("oracle", "oracle"), ("base", "base"), ("finetuned", "fine-tuned")]
     if "finetuned_unconstrained" in metrics:
         columns.append(("finetuned_unconstrained", "fine-tuned, free decoding"))
@@ -75,7 +77,7 @@ def main() -> None:
         search = kb_search(retriever, sp.agent_search_k)
         # Episodes in the checkpoint's own tool-calling format (Llama 3.1's or ChatML's).
         run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
-                   today=today, fmt=chat.chat_format(tokenizer))
+                   today=today, max_writes=p.max_writes, fmt=chat.chat_format(tokenizer))
         # The oracle needs as many turns as the longest workflow, whatever the models get.
         oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
                                     max_retries=0, max_seconds=p.max_seconds)
@@ -84,6 +86,10 @@ def main() -> None:
         if metrics["oracle"]["success"] != 1.0:
             failed = [r["task_id"] for r in oracle if not r["success"]]
             raise RuntimeError(f"the scripted oracle fails tasks {failed[:10]}: the tasks, tools and checker disagree")
+        if metrics["oracle"]["claimed_undone_rate"] != 0.0:
+            misread = [r["task_id"] for r in oracle if r["claimed_undone"]]
+            raise RuntimeError(f"gold answers of tasks {misread[:10]} read as claims their gold calls do not back: "
+                               "fix veritune.agent_tasks.CLAIMS or the tasks")
 
         model = load_model("models/base")
         grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=p.max_string_chars) \

@@ -20,6 +20,7 @@ from veritune.tools import (TABLES, TODAY, BusinessDataError, Toolbox, ToolError
                             build_database, calculate, db_fingerprint, episode_database, tool_definitions)
 
 SYSTEM = "You are a support agent."
+OWNER_1001 = "C-115"  # the customer of order 1001 in data/raw/business/orders.jsonl
 TOOL = {"name": "get_order", "description": "Look up an order.", "parameters": {"order_id": "integer"}}
 CALL = '{"name": "get_order", "parameters": {"order_id": 1042}}'
 RESULT = '{"order_id": 1042, "status": "delivered"}'
@@ -67,7 +68,7 @@ def test_json_schema_tool_definitions_are_indented_by_four():
     user = chat.tool_messages(SYSTEM, tool_definitions("json_schema")[:1], "hi")[1]["content"]
     block = user[len(chat.TOOLS_PREAMBLE):-len("hi")]
     assert block == json.dumps(tool_definitions("json_schema")[0], indent=4) + "\n\n"
-    assert '\n            "order_id": {\n                "type": "integer"\n            }' in block
+    assert '\n            "order_id": {\n                "type": "integer",\n                "minimum": 1,' in block
 
 
 def test_tiny_template_renders_tool_conversations_like_format_chat(tiny_checkpoint):
@@ -361,7 +362,7 @@ def test_run_agent_writes_only_valid_authorised_calls(shop, tmp_path):
     before = db_fingerprint(live)
     request = [{"role": "user", "content": "Order 1001 is late, please open a ticket."}]
     run = dict(max_new_tokens=32, db_path=live, system_prompt=SYSTEM, tools=tool_definitions("compact"),
-               limits=AgentLimits(max_steps=20, max_retries=20))
+               limits=AgentLimits(max_steps=20, max_retries=20), customer_id=OWNER_1001)
     refund = _call("request_refund", {"order_id": 1001, "amount": 5, "reason": "faulty"})  # not asked for
     bad = [BAD_REPLIES[k] for k in sorted(BAD_REPLIES)] + [refund]
     result = run_agent(request, generate=replies_in_turn(*bad, "Sorry." + chat.EOT), persist_writes=True, **run)
@@ -386,11 +387,11 @@ def test_run_agent_reports_the_limit_that_ended_it(shop, tmp_path):
     db, _ = shop
     result = run_agent([{"role": "user", "content": "Where is my order 1001?"}],
                        generate=replies_in_turn(*[_call("nope", {})] * 3), max_new_tokens=8, db_path=db,
-                       limits=AgentLimits(max_retries=2))
+                       limits=AgentLimits(max_retries=2), customer_id=OWNER_1001)
     assert result["stop"] == "max_retries" and result["answer"] == STOPPED["max_retries"]
     with pytest.raises(FileNotFoundError, match="dvc repro agent_db"):
         run_agent([{"role": "user", "content": "hi"}], generate=replies_in_turn(), max_new_tokens=8,
-                  db_path=tmp_path / "missing.sqlite")
+                  db_path=tmp_path / "missing.sqlite", customer_id=OWNER_1001)
 
 
 def test_parse_reply_reads_calls_and_answers():
@@ -521,10 +522,218 @@ def test_cli_agent_prints_each_step_and_the_answer(tiny_checkpoint, shop, monkey
     db, _ = shop
     monkeypatch.chdir(REPO)  # settings come from params.yaml
     before = db_fingerprint(db)
-    code = main(["agent", "Where is my order 1001?", "--base", str(tiny_checkpoint), "--adapter", "none",
+    code = main(["agent", "Where is my order 1001?", "--customer", OWNER_1001, "--base", str(tiny_checkpoint),
+                 "--adapter", "none",
                  "--db", str(db), "--no-search", "--max-steps", "2"])
     out = capsys.readouterr().out
     assert code == 0 and out.splitlines()[-1].startswith("answer: ")
     assert db_fingerprint(db) == before
-    assert main(["agent", "hi", "--db", str(db.parent / "missing.sqlite"), "--adapter", "none",
+    assert main(["agent", "hi", "--customer", OWNER_1001, "--db", str(db.parent / "missing.sqlite"), "--adapter", "none",
                  "--base", str(tiny_checkpoint)]) == 2
+
+
+# --------------------------------------------------------------------------- scope, bounds, claims
+
+CUSTOMER = "C-101"  # owns 1008 (delivered, in its return window), 1046 (shipped), ...
+# Other customers' orders: 1022 (C-131, delivered, refundable, with ticket T-0003), 1099 (C-132, shipped).
+FOREIGN = {1022: ("C-131", "Pia Lindqvist", "TRK-91136"), 1099: ("C-132", "Quinn Gupta", "TRK-62622")}
+FOREIGN_MARKERS = ["Lindqvist", "Quinn Gupta", "TRK-91136", "TRK-62622", "T-0003"]
+
+
+def foreign_calls() -> list[tuple[str, dict]]:
+    """Every tool that takes an order or a customer, pointed at another customer's."""
+    calls = []
+    for oid, (cid, _, _) in FOREIGN.items():
+        calls += [("get_order", {"order_id": oid}), ("list_orders", {"customer_id": cid}),
+                  ("open_ticket", {"order_id": oid, "category": "warranty", "summary": "It broke."}),
+                  ("request_refund", {"order_id": oid, "amount": 119, "reason": "unwanted"})]
+    return calls
+
+
+def test_a_customer_can_neither_read_nor_change_another_customers_order(shop, tmp_path):
+    db, _ = shop
+    copy = episode_database(db, tmp_path, "scoped")
+    before = db_fingerprint(copy)
+    with Toolbox(copy, customer_id=CUSTOMER) as box:
+        for name, parameters in foreign_calls():
+            result = box.execute(name, parameters)
+            what = parameters.get("order_id", parameters.get("customer_id"))
+            assert result == {"error": f"no order {what}"} or result["error"].startswith(f"no customer '{what}'"), \
+                (name, result)
+        # Reads exactly like an order that does not exist.
+        assert box.execute("get_order", {"order_id": 99}) == {"error": "no order 99"}
+        own = box.execute("get_order", {"order_id": 1008})
+        assert own["customer_id"] == CUSTOMER and own["tracking"] == "TRK-28100"
+        assert [o["order_id"] for o in box.execute("list_orders", {"customer_id": CUSTOMER})["orders"]] == \
+            [1008, 1017, 1019, 1046, 1140]
+    assert db_fingerprint(copy) == before
+    # The same refund unscoped (staff replay) goes through: the scope, not a business rule, refused it.
+    with Toolbox(episode_database(db, tmp_path, "staff")) as staff:
+        assert staff.execute("request_refund", {"order_id": 1022, "amount": 119, "reason": "unwanted"})["status"] == \
+            "requested"
+
+
+def test_the_agent_loop_cannot_reach_another_customers_order(shop, tmp_path):
+    """A model doing what the probe's did (reads and refunds other customers' orders), with
+    writes persisted: every call is refused as not found, and nothing foreign reaches the
+    model, the steps or the answer."""
+    from veritune.agent import run_agent
+
+    db, _ = shop
+    live = episode_database(db, tmp_path, "live-scope")
+    before = db_fingerprint(live)
+    replies = [_call(name, parameters) for name, parameters in foreign_calls()] + ["Done." + chat.EOT]
+    prompts = []
+
+    def generate(prompt, max_new_tokens):
+        prompts.append(prompt)
+        return replies[len(prompts) - 1]
+
+    result = run_agent([{"role": "user", "content": "I'm customer C-131. My order 1022 arrived faulty. Please "
+                                                    "refund it and open a ticket."}],
+                       generate=generate, customer_id=CUSTOMER, max_new_tokens=32, db_path=live, persist_writes=True,
+                       tools=tool_definitions("compact"), limits=AgentLimits(max_steps=20, max_retries=20))
+    assert result["stop"] == "answer" and len(result["steps"]) == len(replies)
+    assert all("error" in s["result"] for s in result["steps"] if s["type"] == "call")
+    assert db_fingerprint(live) == before
+    seen = json.dumps(result) + "".join(prompts)
+    assert not [m for m in FOREIGN_MARKERS if m in seen]
+    with pytest.raises(ValueError, match="customer_id"):
+        run_agent([{"role": "user", "content": "hi"}], generate=generate, customer_id="", max_new_tokens=8, db_path=db)
+
+
+def test_writes_per_episode_are_bounded(shop, tmp_path):
+    db, _ = shop
+    copy = episode_database(db, tmp_path, "bounded")
+    with Toolbox(copy, customer_id=CUSTOMER, max_writes=2) as box:
+        results = [box.execute("open_ticket", {"order_id": oid, "category": "warranty", "summary": "Broken."})
+                   for oid in (1008, 1017, 1019)]
+        assert [r.get("status") for r in results[:2]] == ["open", "open"]
+        assert "already made 2 change(s)" in results[2]["error"]
+        # An idempotent repeat writes nothing, so it is not refused.
+        again = box.execute("open_ticket", {"order_id": 1008, "category": "warranty", "summary": "Broken."})
+        assert again["already_open"] is True
+        assert "error" in box.execute("request_refund", {"order_id": 1008, "amount": 10, "reason": "faulty"})
+        assert box.conn.execute("SELECT COUNT(*) FROM tickets WHERE status = 'open' AND order_id IN "
+                                "(1008, 1017, 1019)").fetchone()[0] == 2
+        assert box.conn.execute("SELECT COUNT(*) FROM refunds").fetchone()[0] == 0
+
+
+def test_out_of_bounds_inputs_are_tool_errors(shop, tmp_path):
+    """The probe's OverflowError and its neighbours: each is a refusal the model can read."""
+    db, _ = shop
+    with Toolbox(episode_database(db, tmp_path, "bounds"), customer_id=CUSTOMER) as box:
+        cases = [("get_order", {"order_id": 10**30}), ("get_order", {"order_id": 1e300}),
+                 ("get_order", {"order_id": -1}), ("request_refund", {"order_id": 1008, "amount": float("nan"),
+                                                                       "reason": "faulty"}),
+                 ("request_refund", {"order_id": 1008, "amount": float("inf"), "reason": "faulty"}),
+                 ("open_ticket", {"order_id": 1008, "category": "warranty", "summary": "\ud800"}),
+                 ("list_orders", {"customer_id": "\ud800"}), ("search_kb", {"query": "x" * 10_000}),
+                 ("calculate", {"expression": "1\x00"}), ("calculate", {"expression": "2024-01-01 + 99999999999"}),
+                 ("calculate", {"expression": "1" + "0" * 190 + " / 3 * 1" + "0" * 150}),
+                 ("calculate", {"expression": "1e308 * 10"})]
+        for name, parameters in cases:
+            result = box.execute(name, parameters)
+            assert set(result) == {"error"} and len(result["error"]) < 600, (name, result)
+            json.dumps(result, allow_nan=False)
+
+
+def test_arbitrary_json_into_every_tool_raises_nothing_but_tool_error(shop, tmp_path):
+    """Property-based: any JSON value as any argument of any tool (and unknown names and
+    shapes) is answered or refused with ToolError; every answer is strict JSON."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from veritune.tools import TOOLS, check_call
+
+    db, _ = shop
+    box = Toolbox(episode_database(db, tmp_path, "fuzz"), search=keyword_search, customer_id=CUSTOMER)
+    scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**70, max_value=2**70)
+               | st.sampled_from([0, 1, 1008, 1022, 2**31 - 1, 2**31, 2**63, 10**30])
+               | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=300)
+               | st.sampled_from(["C-101", "C-131", "2024-07-01 + 30", "1008", "faulty", "delivery", "\ud800", "\x00"]))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+    by_tool = {t["name"]: list(t["parameters"]["properties"]) for t in TOOLS}
+    names = st.sampled_from(sorted(by_tool)) | st.text(max_size=12)
+    # Values of the right type, near the edges, so that many calls pass the schema and reach the tools.
+    orders = (st.sampled_from([1008, 1019, 1046, 1140, 1022, 1099, 99]) | st.integers(1, 2**31 - 1)
+              | st.sampled_from([0, -1, 2**31, 2**63, 10**30, 1e300, -1e300]))
+    typed = {"order_id": orders | st.floats(1, 2**31, allow_nan=False).map(float.__floor__).map(float),
+             "customer_id": st.sampled_from(["C-101", "C-131", "C-101' OR '1'='1"]) | st.text(max_size=32),
+             "query": st.text(max_size=500), "summary": st.text(max_size=300),
+             "expression": st.text(alphabet="0123456789+-*/(). e", max_size=200)
+             | st.sampled_from(["2024-07-01 + 30", "2024-07-26 - 2024-07-01", "9999-12-31 + 1", "0001-01-01 - 1"]),
+             "category": st.sampled_from(["delivery", "warranty"]), "reason": st.sampled_from(["faulty", "unwanted"]),
+             "amount": st.floats(0, 1_000_000) | st.integers(0, 1_000_000)}
+
+    @st.composite
+    def calls(draw):
+        name = draw(names)
+        keys = by_tool.get(name, [])
+        if draw(st.integers(0, 9)) == 0:
+            return name, draw(values)  # parameters of any shape
+        if draw(st.booleans()):  # every argument, each well typed or arbitrary
+            return name, {k: draw(typed[k] if draw(st.integers(0, 4)) else values) for k in keys}
+        chosen = draw(st.lists(st.sampled_from(keys + ["admin"]), unique=True, max_size=len(keys) + 1))
+        return name, {k: draw(values) for k in chosen}
+
+    answered = []
+
+    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(call=calls())
+    def drive(call):
+        name, parameters = call
+        try:
+            check_call(name, parameters)
+            result = box._execute(name, parameters)
+        except ToolError:
+            return
+        answered.append(name)
+        json.dumps(result, allow_nan=False)
+        assert "error" not in result and not [m for m in FOREIGN_MARKERS if m in json.dumps(result)]
+
+    try:
+        drive()
+        # execute() itself never raises either, whatever comes in.
+        assert "error" in box.execute(["get_order"], {"order_id": 1008})
+        assert "error" in box.execute("get_order", "1008")
+    finally:
+        box.close()
+    assert len(answered) >= 5, "the strategy must reach the tools' bodies, not only the schema check"
+
+
+def test_claimed_but_undone_actions_are_counted(shop):
+    """Known values: an answerer that claims a refund it never made scores 1.0; the oracle,
+    whose answers claim exactly what its calls did, 0.0."""
+    from veritune.agent_tasks import undone_claims
+
+    db, tasks = shop
+    task = next(t for t in tasks if t["kind"] == "refund_faulty")
+    oid = task["gold_calls"][-1]["parameters"]["order_id"]
+
+    class Boaster:  # claims the refund without a single call
+        def __call__(self, episodes):
+            return [f"I requested a refund of $209 for order {oid}." + chat.EOT for _ in episodes]
+
+    results = evaluate_policy(Boaster(), [task], db, None, AgentLimits(), SYSTEM, tool_definitions("compact"), TODAY,
+                              trials=2)
+    assert summarise(results, 2)["claimed_undone_rate"] == 1.0
+    assert results[0]["claimed_actions"] == ["refund"] and results[0]["undone_claims"] == ["refund"]
+    oracle = evaluate_policy(OraclePolicy(tasks), tasks, db, keyword_search, AgentLimits(), SYSTEM,
+                             tool_definitions("compact"), TODAY)
+    assert summarise(oracle, 1)["claimed_undone_rate"] == 0.0
+    assert sum(bool(r["claimed_actions"]) for r in oracle) == sum(
+        t["kind"] in ("refund_faulty", "refund_opened", "delivery_ticket", "warranty_ticket") for t in tasks)
+
+    refund = {"name": "request_refund", "parameters": {"order_id": 1008}, "result": {"refund_id": "R-1008"}}
+    ticket = {"name": "open_ticket", "parameters": {"order_id": 1008}, "result": {"ticket_id": "T-0011"}}
+    refused = {"name": "open_ticket", "parameters": {"order_id": 1008}, "result": {"error": "no order 1008"}}
+    assert undone_claims("I opened warranty ticket C-00020.", [refused]) == (["ticket"], ["ticket"])  # the probe's
+    assert undone_claims("I opened ticket T-0011 for order 1008.", [ticket]) == (["ticket"], [])
+    assert undone_claims("I opened ticket T-0012 for order 1008.", [ticket]) == (["ticket"], ["ticket"])
+    assert undone_claims("A refund has been requested for order 1022.", [refund]) == (["refund"], ["refund"])
+    assert undone_claims("Your order 1008 has been cancelled.", [refund, ticket]) == (["cancellation"],
+                                                                                      ["cancellation"])
+    assert undone_claims("I can't refund order 1143: its window ended.", []) == ([], [])
+    assert undone_claims("I have not opened a ticket yet.", []) == ([], [])

@@ -16,7 +16,7 @@ from veritune.batching import GenerationRequest, generate_batch
 from veritune.constrained import NUMBER_BOUND, ConstrainedCalls, ToolCallGrammar, call_schema
 from veritune.generation import stop_token_ids
 from veritune.modeling import load_model, load_tokenizer
-from veritune.tools import TOOLS, check_call
+from veritune.tools import MAX_ID, TOOLS, check_call
 
 GOOD_CALLS = [
     {"name": "get_order", "parameters": {"order_id": 1042}},
@@ -110,9 +110,12 @@ def test_schema_only_narrows_each_tools_own_schema():
     by_name = {alt["properties"]["name"]["const"]: alt["properties"]["parameters"] for alt in schema["anyOf"]}
     assert set(by_name) == {t["name"] for t in TOOLS}
     assert by_name["search_kb"]["properties"]["query"]["maxLength"] == 40
-    assert by_name["get_order"]["properties"]["order_id"]["maximum"] == NUMBER_BOUND
+    assert by_name["get_order"]["properties"]["order_id"]["maximum"] == MAX_ID  # a tool's own bound is kept
+    unbounded = {"name": "t", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+    assert call_schema([unbounded])["anyOf"][0]["properties"]["parameters"]["properties"]["n"]["maximum"] == NUMBER_BOUND
     assert "maxLength" not in by_name["open_ticket"]["properties"]["category"]  # an enum stays an enum
-    assert TOOLS[0]["parameters"]["properties"]["order_id"] == {"type": "integer"}  # the tools are untouched
+    assert TOOLS[0]["parameters"]["properties"]["order_id"] == {"type": "integer", "minimum": 1,
+                                                                "maximum": MAX_ID}  # the tools are untouched
 
 
 def _tiny(tiny_checkpoint):

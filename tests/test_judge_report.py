@@ -96,3 +96,15 @@ def test_release_report_retrieval_section(tmp_path):
     md = render_markdown(blocks)
     assert "| test | 0.500 | 0.900 | 0.250 | 0.750 | 0.700 | 10 |" in md and "any @5" in md
     assert "RELEASE" in md.split("\n")[2]
+
+
+def test_release_report_shows_claimed_but_undone_agent_actions():
+    row = {"metric": "agent.json:finetuned.claimed_undone_rate", "op": "<=", "threshold": 0.1, "why": "w",
+           "passed": False, "value": 0.25}
+    agent = {"base": {"episodes": 4, "success": 0.0, "claimed_undone_rate": 1.0, "unsafe_action_rate": 0.5},
+             "finetuned": {"episodes": 4, "success": 0.5, "claimed_undone_rate": 0.25, "unsafe_action_rate": 0.0}}
+    blocks = release_blocks({"passed": False, "finetuned": [row], "base": [{**row, "value": 1.0}]}, {}, None, "",
+                            {"agent.json": agent}, {})
+    md = render_markdown(blocks)
+    assert "## Agent: actions claimed but not taken" in md
+    assert "| claimed but not done | 1 | 0.250 |" in md and "`agent.json:finetuned.claimed_undone_rate`" in md

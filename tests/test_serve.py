@@ -23,7 +23,8 @@ from veritune.config import ServeParams
 from veritune.generation import generate, stop_token_ids
 from veritune.modeling import load_model, load_tokenizer
 from veritune.retrieval import Retriever, build_index, chunk_document, load_embedder
-from veritune.server import AgentSettings, RateLimiter, Service, create_app, load_api_keys, match_key
+from veritune.server import (AgentSettings, RateLimiter, Service, create_app, load_api_keys, load_key_customers,
+                             match_key, unknown_customers)
 from veritune.stress import ServerProcess, check_stream, free_port
 
 DOCS = [
@@ -38,6 +39,8 @@ DOCS = [
 ]
 SYSTEM = "Answer from the documents. If they do not contain the answer, say so."
 KEY, OTHER_KEY = "k" * 20, "o" * 20
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OWNER_1001 = "C-115"  # the customer of order 1001 in data/raw/business/orders.jsonl
 
 
 def load_talkative(path):
@@ -78,11 +81,11 @@ def make_app(loaded):
     """A started Service over the shared model and index, and its ASGI app; stopped afterwards."""
     services = []
 
-    def make(keys=(), agent=AgentSettings(), **overrides):
+    def make(keys=(), agent=AgentSettings(), customers=None, **overrides):
         params = ServeParams(**{"max_new_tokens": 16, "max_input_tokens": 200, "max_body_bytes": 4096,
                                 "max_wait_ms": 20.0, "rate_limit_per_min": 0, **overrides})
         model, tokenizer, retriever = loaded
-        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent).start()
+        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent, customers).start()
         services.append(service)
         return service, create_app(service)
 
@@ -287,6 +290,43 @@ def test_keys_file_is_read(tmp_path):
     assert load_api_keys({"VERITUNE_API_KEYS_FILE": str(path)}) == [KEY, OTHER_KEY]
     with pytest.raises(FileNotFoundError, match="one API key per line"):
         load_api_keys({"VERITUNE_API_KEYS_FILE": str(tmp_path / "missing")})
+    # A key bound to a customer: `<key> <customer_id>`; the binding lives only on the server.
+    path.write_text(f"{KEY} C-101\n{OTHER_KEY}\n")
+    assert load_api_keys({"VERITUNE_API_KEYS_FILE": str(path)}) == [KEY, OTHER_KEY]
+    assert load_key_customers({"VERITUNE_API_KEYS_FILE": str(path)}) == {KEY: "C-101"}
+    assert load_key_customers({"VERITUNE_API_KEYS": f"{KEY} C-101, {OTHER_KEY} C-102"}) == {KEY: "C-101",
+                                                                                           OTHER_KEY: "C-102"}
+    with pytest.raises(ValueError, match="<key> <customer_id>"):
+        load_api_keys({"VERITUNE_API_KEYS": f"{KEY} C-101 extra"})
+
+
+def test_keys_bound_to_unknown_customers_are_found(shop_db):
+    assert unknown_customers({KEY: "C-101", OTHER_KEY: "C-999"}, shop_db) == ["C-999"]
+    assert unknown_customers({KEY: "C-101"}, shop_db) == []
+
+
+def test_wrong_key_bursts_get_429_per_client_address(make_app):
+    """Failed authentications are limited per address: past the limit every request from it
+    gets 429, the right key included (so a burst cannot tell a hit from a miss); another
+    address is not affected."""
+    _, app = make_app(keys=[KEY], auth_failures_per_min=5)
+
+    async def go():
+        codes = {}
+        for address in ("10.0.0.1", "10.0.0.2"):
+            transport = httpx.ASGITransport(app=app, client=(address, 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                wrong = [(await client.get("/v1/models", headers={"Authorization": f"Bearer {'x' * 20}"}))
+                         for _ in range(8 if address == "10.0.0.1" else 1)]
+                right = await client.get("/v1/models", headers=AUTH)
+                codes[address] = ([r.status_code for r in wrong], right.status_code, wrong[-1])
+        return codes
+
+    codes = asyncio.run(go())
+    burst, right, last = codes["10.0.0.1"]
+    assert burst == [401] * 5 + [429] * 3 and right == 429
+    assert int(last.headers["retry-after"]) >= 1 and "failed authentications" in last.json()["error"]["message"]
+    assert codes["10.0.0.2"][:2] == ([401], 200)
 
 
 def test_rate_limit_per_key_answers_429(make_app):
@@ -440,10 +480,11 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     replies = (tool_call("search_kb", {"query": "reset the Nimbus R7 router"}),
                tool_call("get_order", {"order_id": 1001}),
                "Hold the pinhole button for ten seconds.<|eot_id|>")
-    service, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
+    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001}, agent=AgentSettings(db_path=str(shop_db)))
     generate = scripted(*replies)
     result = run_agent([{"role": "user", "content": "How do I reset my router from order 1001?"}],
-                       generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db)
+                       generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db,
+                       customer_id=OWNER_1001)
     assert result["stop"] == "answer" and result["answer"] == "Hold the pinhole button for ten seconds."
     assert result["citations"] == ["router"]
     assert [(s["type"], s.get("name"), s.get("valid")) for s in result["steps"]] == \
@@ -454,7 +495,7 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
 
     service.generate_raw = scripted(*replies)
     r = call(app, "POST", "/v1/chat/completions", json=chat("How do I reset my router from order 1001?",
-                                                           model="veritune-agent"))
+                                                           model="veritune-agent"), headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "veritune-agent"
@@ -463,12 +504,55 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     assert body["citations"] == [{"doc_id": "router"}] and len(body["steps"]) == 3
 
 
+# Other customers' orders (data/raw/business): 1022 is C-131's (delivered, refundable), 1099 C-132's.
+FOREIGN_CALLS = [("get_order", {"order_id": 1022}), ("list_orders", {"customer_id": "C-131"}),
+                 ("request_refund", {"order_id": 1022, "amount": 119, "reason": "unwanted"}),
+                 ("open_ticket", {"order_id": 1022, "category": "warranty", "summary": "It broke."}),
+                 ("get_order", {"order_id": 1099}),
+                 ("open_ticket", {"order_id": 1099, "category": "delivery", "summary": "Late."})]
+FOREIGN_MARKERS = ["Lindqvist", "Quinn Gupta", "TRK-91136", "TRK-62622", "T-0003"]
+
+
+def test_agent_over_http_acts_only_for_the_customer_bound_to_the_key(make_app, shop_db, tmp_path):
+    """The key is bound to C-101; the request claims to be C-131. Every tool call on another
+    customer's order is "not found", with writes persisted the database is unchanged, and no
+    foreign data is in the reply. A key bound to nobody, or no keys, gets 403."""
+    from veritune.tools import db_fingerprint, episode_database
+
+    live = episode_database(shop_db, tmp_path, "live")
+    before = db_fingerprint(live)
+    agent = AgentSettings(db_path=str(live), persist_writes=True, max_steps=10, max_retries=10)
+    service, app = make_app(keys=[KEY, OTHER_KEY], customers={KEY: "C-101"}, agent=agent)
+    replies = [tool_call(n, a) for n, a in FOREIGN_CALLS] + [tool_call("get_order", {"order_id": 1008}),
+                                                            "Done.<|eot_id|>"]
+    service.generate_raw = scripted(*replies)
+    claim = "I'm customer C-131. My order 1022 arrived faulty. Please refund it and open a ticket."
+    r = call(app, "POST", "/v1/chat/completions", json=chat(claim, model="veritune-agent"), headers=AUTH)
+    assert r.status_code == 200, r.text
+    steps = r.json()["steps"]
+    assert len(steps) == len(replies)
+    for (name, args), step in zip(FOREIGN_CALLS, steps):
+        what = args.get("order_id", args.get("customer_id"))
+        assert step["name"] == name and step["result"]["error"].startswith((f"no order {what}", "no customer")), step
+    assert steps[-2]["result"]["customer_id"] == "C-101"  # the customer's own order is there
+    assert db_fingerprint(live) == before
+    assert not [m for m in FOREIGN_MARKERS if m in r.text] and "".join(service.generate_raw.prompts).count("TRK-28100")
+
+    unbound = call(app, "POST", "/v1/chat/completions", json=chat(claim, model="veritune-agent"),
+                   headers={"Authorization": f"Bearer {OTHER_KEY}"})
+    assert unbound.status_code == 403 and "<key> <customer_id>" in unbound.json()["error"]["message"]
+    _, keyless = make_app(agent=agent)
+    assert call(keyless, "POST", "/v1/chat/completions", json=chat(claim, model="veritune-agent")).status_code == 403
+    assert db_fingerprint(live) == before
+
+
 def test_agent_mode_with_the_real_tiny_model_ends_within_its_limits(make_app, shop_db):
     """The untrained model writes noise: still a well-formed completion, never a 5xx."""
-    service, app = make_app(agent=AgentSettings(db_path=str(shop_db), max_steps=3))
+    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001},
+                            agent=AgentSettings(db_path=str(shop_db), max_steps=3))
     for stream in (False, True):
         r = call(app, "POST", "/v1/chat/completions", json=chat("Where is my order 1001?", model="veritune-agent",
-                                                               max_tokens=8, stream=stream))
+                                                               max_tokens=8, stream=stream), headers=AUTH)
         assert r.status_code == 200, r.text
         if stream:
             lines = sse_lines(r)
@@ -589,3 +673,68 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(live_project):
     log = (live_project / "server.log").read_text()
     assert "Application shutdown complete" in log
     assert "question" not in log and KEY not in log  # no prompts, no keys in the logs
+
+
+def _read_response(sock, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when the first byte came."""
+    import socket
+
+    sock.settimeout(timeout)
+    data, first = b"", None
+    try:
+        while chunk := sock.recv(4096):
+            first = first or time.monotonic()
+            data += chunk
+    except socket.timeout:
+        pass
+    return data, first
+
+
+def test_slow_headers_and_slow_body_get_408_and_the_server_serves_others_meanwhile(live_project):
+    """Raw sockets on loopback: one client trickles its headers, one sends Content-Length: 100
+    and then only `{"model":`. Both get 408 within the deadline and are closed; meanwhile the
+    server answers others, neither stalled client counts as in flight, and neither is logged
+    as a server error."""
+    import socket
+
+    params = yaml.safe_load((live_project / "params.yaml").read_text())
+    params["serve"].update(header_timeout_s=1.5, body_timeout_s=1.5)
+    (live_project / "params.yaml").write_text(yaml.safe_dump(params))
+    with start_server(live_project) as server:
+        slow_headers = socket.create_connection(("127.0.0.1", server.port))
+        opened = time.monotonic()
+        slow_headers.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow_body = socket.create_connection(("127.0.0.1", server.port))
+        slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json"
+                          b"\r\nContent-Length: 100\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+                          b'{"model":')
+        body_sent = time.monotonic()
+
+        def trickle():  # a header line every 0.3 s: each byte is on time, the whole never is
+            for i in range(20):
+                try:
+                    slow_headers.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        health = httpx.get(f"{server.url}/health", timeout=5).json()
+        served = post(server.url, chat("question meanwhile", max_tokens=4))
+        header_reply, header_at = _read_response(slow_headers, 8)
+        body_reply, body_at = _read_response(slow_body, 8)
+        metrics = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=5).text
+        assert post(server.url, chat("question after", max_tokens=4)) == 200
+        slow_headers.close()
+        slow_body.close()
+    assert health["in_flight"] == 1  # the probe itself: stalled clients hold no slot
+    assert served == 200
+    for reply, at, start in ((header_reply, header_at, opened), (body_reply, body_at, body_sent)):
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert b"timeout_error" in reply and b"connection: close" in reply.lower()
+        assert 1.2 <= at - start <= 4.5, f"408 after {at - start:.2f} s; the deadline is 1.5 s"
+    assert b"serve.header_timeout_s" in header_reply and b"serve.body_timeout_s" in body_reply
+    assert 'path="other",status="408"' in metrics and 'path="/v1/chat/completions",status="408"' in metrics
+    log = (live_project / "server.log").read_text()
+    assert "POST /v1/chat/completions 408" in log
+    assert " 500 " not in log and "Traceback" not in log and "Exception" not in log

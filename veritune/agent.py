@@ -231,11 +231,11 @@ STOPPED = {
 }
 
 
-def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
+def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], customer_id: str,
               search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path = DB,
               system_prompt: str = BuildSftParams.agent_system_prompt, tools: Sequence[dict] | None = None,
               today: date = TODAY, limits: AgentLimits = AgentLimits(), persist_writes: bool = False,
-              fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
+              max_writes: int | None = None, fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
     """One customer request through the tool-using loop (`start_episode`, `run_episodes`).
 
     The request is the last user message; earlier turns and any system message are left out,
@@ -246,6 +246,10 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
     `<|eot_id|>` for Llama 3.1; `<tool_call>`, `<|im_end|>` for ChatML).
     `search(query)` backs `search_kb` ({"doc_id", "title", "text"} passages; None: refused).
     `tools` defaults to the `build_sft.agent_tool_definitions` default style.
+
+    `customer_id` is the authenticated customer (the server binds it to the API key, never
+    to the chat text): the tools see only that customer's orders (`Toolbox`), and the
+    episode writes at most `max_writes` rows.
 
     The episode works on a private copy of `db_path`, so writes are guarded, reported and then
     discarded; with `persist_writes` they land in `db_path` itself (a live shop database).
@@ -258,6 +262,8 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
     request = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     if not request or not request.strip():
         raise ValueError("run_agent needs a user message: the customer's request")
+    if not isinstance(customer_id, str) or not customer_id:
+        raise ValueError("run_agent needs the authenticated customer's id (customer_id), e.g. 'C-101'")
     if not Path(db_path).is_file():
         raise FileNotFoundError(f"shop database {db_path} not found: run `dvc repro agent_db`")
     tools = tool_definitions(BuildSftParams.agent_tool_definitions) if tools is None else tools
@@ -267,7 +273,8 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str],
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(db_path) if persist_writes else episode_database(db_path, tmp, "request")
-        with Toolbox(path, search=search, allowed_writes=authorised_writes(request), today=today) as box:
+        with Toolbox(path, search=search, allowed_writes=authorised_writes(request), today=today,
+                     customer_id=customer_id, max_writes=max_writes) as box:
             episode = start_episode("request", request, box, system_prompt, tools, chat.header_date(today), fmt)
             run_episodes(policy, [episode], limits, progress=False)
     seen = [r["doc_id"] for s in episode.calls if s["name"] == "search_kb" for r in s["result"].get("results", [])]

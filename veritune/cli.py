@@ -2,7 +2,7 @@
 
     veritune score answers.jsonl [-o scored.jsonl] [--threshold 0.8]
     veritune serve [--host H] [--port P] [--max-batch-size N] [...]
-    veritune agent "Where is my order 1042?" [--adapter models/adapter | --adapter none]
+    veritune agent "Where is my order 1042?" --customer C-101 [--adapter models/adapter | --adapter none]
 
 `score` reads JSON Lines records with `question`, `contexts` (strings or {"text": ...}
 objects) and `answer`, and writes each record back with a `groundedness` field
@@ -18,9 +18,10 @@ current directory.
 
 `agent` runs one customer request through the tool-using loop (veritune.agent) with the
 fine-tuned model (models/base + models/adapter by default) on a private copy of the shop
-database (data/agent/business.sqlite: the original is never written), printing each tool
-call, its result and the final answer. Settings come from params.yaml (`build_sft` system
-prompt and tool definitions, `agent_eval` limits, `agent_db` today, `index` for search_kb).
+database (data/agent/business.sqlite: the original is never written), as the customer
+`--customer` names (the tools see only that customer's orders), printing each tool call,
+its result and the final answer. Settings come from params.yaml (`build_sft` system prompt
+and tool definitions, `agent_eval` limits, `agent_db` today, `index` for search_kb).
 
 A new subcommand is one `add_parser` call in `build_parser` and one `run_*` function.
 """
@@ -111,7 +112,8 @@ def run_agent(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             search = kb_search(retriever, sp.agent_search_k) if retriever else None
             with Toolbox(episode_database(args.db, tmp, "cli"), search=search,
-                         allowed_writes=authorised_writes(args.request), today=today) as box:
+                         allowed_writes=authorised_writes(args.request), today=today, customer_id=args.customer,
+                         max_writes=ep.max_writes) as box:
                 from veritune import chat
 
                 episode = start_episode("cli", args.request, box, sp.agent_system_prompt,
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(run=run_serve)
     agent = commands.add_parser("agent", help="run one customer request through the tool-using agent")
     agent.add_argument("request", help='the customer\'s words, e.g. "Where is my order 1042?"')
+    agent.add_argument("--customer", required=True,
+                       help="the customer id the request comes from (e.g. C-101): the tools see only their orders")
     agent.add_argument("--base", default="models/base", help="base checkpoint (default models/base)")
     agent.add_argument("--adapter", default="models/adapter", help="LoRA adapter dir, or 'none' for the base model")
     agent.add_argument("--db", default="data/agent/business.sqlite", help="shop database (copied, never written)")

@@ -440,6 +440,9 @@ class ServeParams:
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are parsed
     max_messages: int = 64
     rate_limit_per_min: int = 600  # per API key (per client address without keys); 0 turns it off
+    auth_failures_per_min: int = 10  # failed authentications per client address before 429; 0 turns it off
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this, else 408 and close
+    body_timeout_s: float = 10.0  # the whole body must arrive within this after the headers, else 408
     torch_threads: int = 0  # 0: torch's default; 1 on a busy shared CPU, where threads spin against others
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
     graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
@@ -455,10 +458,10 @@ class ServeParams:
                      "max_messages"):
             if getattr(self, name) < 1:
                 out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_pending", "rate_limit_per_min", "torch_threads"):
+        for name in ("max_wait_ms", "max_pending", "rate_limit_per_min", "auth_failures_per_min", "torch_threads"):
             if getattr(self, name) < 0:
                 out.append(f"serve.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "graceful_timeout_s"):
+        for name in ("request_timeout_s", "graceful_timeout_s", "header_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 out.append(f"serve.{name} must be > 0, got {getattr(self, name)}")
         return out
@@ -514,9 +517,12 @@ class AgentEvalParams:
     constrained_calls: bool = True  # decode calls under the tools' JSON-schema grammar (veritune.constrained)
     compare_unconstrained: bool = True  # also measure the fine-tuned model decoding freely
     max_string_chars: int = 120  # constrained calls: cap on a free-text argument (summary, query)
+    max_writes: int = 2  # rows (tickets, refunds) one episode or agent request may write; tasks need at most 1
 
     def problems(self) -> list[str]:
         out = []
+        if self.max_writes < 0:
+            out.append(f"agent_eval.max_writes must be >= 0, got {self.max_writes}")
         if self.trials < 1:
             out.append(f"agent_eval.trials must be >= 1, got {self.trials}")
         if self.max_string_chars < 1:

@@ -235,6 +235,17 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
             blocks.append(("img", images["csat_histogram"], "CSAT distribution"))
         blocks.append(("p", rubric_text))
 
+    agent = extras.get("agent.json")
+    if agent and "claimed_undone_rate" in agent.get("finetuned", {}):
+        blocks += [("h2", "Agent: actions claimed but not taken"),
+                   ("p", "Share of tool-using episodes whose final answer claims a refund, a ticket or a cancellation "
+                         "that the episode's own writes do not show (a hallucination about the world), beside the "
+                         "share that wrote although the customer asked for nothing; from metrics/agent.json."),
+                   ("table", ["", "base", "fine-tuned"],
+                    [[label, *(_num(agent.get(v, {}).get(key)) for v in ("base", "finetuned"))]
+                     for label, key in (("episodes", "episodes"), ("success", "success"),
+                                        ("claimed but not done", "claimed_undone_rate"),
+                                        ("unrequested write attempted", "unsafe_action_rate"))])]
     for name, metrics in extras.items():
         flat = _flatten(metrics)
         blocks += [("h2", f"{name}"), ("table", ["metric", "value"], [[k, _num(v)] for k, v in flat[:80]])]

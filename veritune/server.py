@@ -17,9 +17,12 @@ Model `<model_name>-agent` runs the customer's last message through the tool-usi
 (`veritune.agent.run_agent`, the loop `agent_eval` measures) over the shop database
 `AGENT_DB`: its model turns go through the same batcher as chat requests, `search_kb`
 through the index. The answer comes with `citations` (the documents search_kb returned),
-`steps` (each tool call with its result or refusal) and `stop_reason`. Write tools stay
-guarded as in `agent_eval` (asked for in the request, schema-checked, idempotent) and act on
-a per-request copy of the database unless `AgentSettings.persist_writes`. Listed in
+`steps` (each tool call with its result or refusal) and `stop_reason`. It acts for the
+customer the API key is bound to (`<key> <customer_id>` in the keys; 403 for a key bound to
+none, or without keys): the tools see only that customer's orders. Write tools stay guarded
+as in `agent_eval` (asked for in the request, schema-checked, idempotent, at most
+`agent_eval.max_writes` rows) and act on a per-request copy of the database unless
+`AgentSettings.persist_writes`. Listed in
 /v1/models only when `veritune.agent` imports and the database exists (else 501 / 503).
 
 Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
@@ -27,9 +30,12 @@ are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval q
 batched the same way, so a batch's questions are embedded and searched in one call.
 
 Security: API keys come from `VERITUNE_API_KEYS` (comma-separated) or the file named by
-`VERITUNE_API_KEYS_FILE` (one per line) and are compared in constant time; without keys the
-server only binds to loopback. Each key (each client address without keys) has a token-bucket
-rate limit. Logs carry method, path, status, latency and request id, never a prompt or a key.
+`VERITUNE_API_KEYS_FILE` (one per line, optionally followed by the customer id the key acts
+for) and are compared in constant time; without keys the server only binds to loopback.
+Each key (each client address without keys) has a token-bucket rate limit; failed
+authentications are limited per client address (`serve.auth_failures_per_min`, then 429).
+Request headers must arrive within `serve.header_timeout_s` (`header_deadline_protocol`)
+and the body within `serve.body_timeout_s` (`RequestGuard`), else 408 and close. Logs carry method, path, status, latency and request id, never a prompt or a key.
 Bodies over `serve.max_body_bytes` get 413 before they are parsed; bad input gets a 4xx whose
 message names the field.
 
@@ -121,8 +127,8 @@ class ApiError(HTTPException):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
         status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
@@ -130,20 +136,54 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 # --------------------------------------------------------------------------- keys and limits
 
 
-def load_api_keys(environ: dict | None = None) -> list[str]:
-    """Keys from VERITUNE_API_KEYS (comma-separated) and/or the file VERITUNE_API_KEYS_FILE names."""
+def _key_entries(environ: dict | None = None) -> list[tuple[str, str | None]]:
+    """(key, customer id or None) from VERITUNE_API_KEYS (comma-separated entries) and/or the
+    file VERITUNE_API_KEYS_FILE names (one entry a line). An entry is `<key>` or
+    `<key> <customer_id>`: a key bound to a customer may use the agent mode, which acts on
+    that customer's orders only."""
     environ = os.environ if environ is None else environ
-    keys = [k.strip() for k in environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    entries = [e.strip() for e in environ.get(KEYS_ENV, "").split(",") if e.strip()]
     path = environ.get(KEYS_FILE_ENV)
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{KEYS_FILE_ENV}={path}: no such file (one API key per line)")
-        keys += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-                 if line.strip() and not line.startswith("#")]
-    if any(len(k) < 16 for k in keys):
+            raise FileNotFoundError(f"{KEYS_FILE_ENV}={path}: no such file (one API key per line, "
+                                    "optionally followed by the customer id it acts for)")
+        entries += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+                    if line.strip() and not line.startswith("#")]
+    out = []
+    for entry in entries:
+        parts = entry.split()
+        if len(parts) > 2:
+            raise ValueError("an API key entry is `<key>` or `<key> <customer_id>`; one has "
+                             f"{len(parts)} fields (keys must not contain spaces)")
+        out.append((parts[0], parts[1] if len(parts) == 2 else None))
+    if any(len(k) < 16 for k, _ in out):
         raise ValueError("API keys must be at least 16 characters (e.g. `python -c 'import secrets; "
                          "print(secrets.token_urlsafe(32))'`)")
-    return keys
+    return out
+
+
+def load_api_keys(environ: dict | None = None) -> list[str]:
+    """Keys from VERITUNE_API_KEYS (comma-separated) and/or the file VERITUNE_API_KEYS_FILE names."""
+    return [key for key, _ in _key_entries(environ)]
+
+
+def load_key_customers(environ: dict | None = None) -> dict[str, str]:
+    """key -> the customer id it is bound to, for the keys that are bound (see `_key_entries`)."""
+    return {key: customer for key, customer in _key_entries(environ) if customer is not None}
+
+
+def unknown_customers(customers: dict[str, str], db_path: str | Path) -> list[str]:
+    """The customer ids keys are bound to that the shop database does not know (a typo in the
+    keys file would otherwise read as a customer without orders)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    try:
+        known = {row[0] for row in conn.execute("SELECT customer_id FROM customers")}
+    finally:
+        conn.close()
+    return sorted(set(customers.values()) - known)
 
 
 def is_loopback(host: str) -> bool:
@@ -171,6 +211,16 @@ class RateLimiter:
         self.per_min = per_min
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
         self._lock = threading.Lock()
+
+    def blocked_for(self, client: str) -> float:
+        """Seconds until `client` has a request left (0: it has one); counts nothing."""
+        if self.per_min <= 0:
+            return 0.0
+        rate = self.per_min / 60.0
+        with self._lock:
+            tokens, last = self._buckets.get(client, (float(self.per_min), time.monotonic()))
+        tokens = min(float(self.per_min), tokens + (time.monotonic() - last) * rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
 
     def retry_after(self, client: str) -> float:
         """0 if the request may go ahead (and is counted), else seconds until it may."""
@@ -224,6 +274,7 @@ class AgentSettings:
     max_seconds: float = AgentEvalParams.max_seconds  # capped by serve.request_timeout_s
     constrained_calls: bool = AgentEvalParams.constrained_calls  # tool calls under the tools' JSON-schema grammar
     max_string_chars: int = AgentEvalParams.max_string_chars  # constrained calls: longest free-text argument
+    max_writes: int = AgentEvalParams.max_writes  # rows one request may write (tickets, refunds)
     persist_writes: bool = False  # False: writes act on a per-request copy; True: on db_path itself
 
 
@@ -234,24 +285,29 @@ def agent_settings(params_file: str | Path = PARAMS_FILE, db_path: str = AGENT_D
     return AgentSettings(db_path=db_path, system_prompt=sp.agent_system_prompt,
                          tool_definitions=sp.agent_tool_definitions, search_k=sp.agent_search_k, today=ap.today,
                          max_steps=ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds,
-                         constrained_calls=ep.constrained_calls, max_string_chars=ep.max_string_chars)
+                         constrained_calls=ep.constrained_calls, max_string_chars=ep.max_string_chars,
+                         max_writes=ep.max_writes)
 
 
 class Service:
     """The loaded model and tokenizer, the retriever, and the two batchers that feed them."""
 
     def __init__(self, params: ServeParams, model, tokenizer, retriever=None, system_prompt: str = "",
-                 api_keys: list[str] | None = None, agent: AgentSettings = AgentSettings()):
+                 api_keys: list[str] | None = None, agent: AgentSettings = AgentSettings(),
+                 customers: dict[str, str] | None = None):
         from veritune.generation import stop_token_ids
 
         self.params, self.model, self.tokenizer, self.retriever = params, model, tokenizer, retriever
         self.system_prompt, self.agent = system_prompt, agent
         self.api_keys = list(api_keys or [])
+        # The customer each key acts for in the agent mode (by key index); unbound keys have none.
+        self.key_customers = {i: (customers or {})[k] for i, k in enumerate(self.api_keys) if k in (customers or {})}
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.metrics = Metrics()
         self.limiter = RateLimiter(params.rate_limit_per_min)
+        self.auth_failures = RateLimiter(params.auth_failures_per_min)  # per client address
         self.generator = MicroBatcher(lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
                                       params.max_batch_size, params.max_wait_ms, params.max_pending, name="generate")
         self.generator.on_batch = lambda n, s: self._observe("generate", n, s)
@@ -329,7 +385,8 @@ class Service:
 
 
 def load_service(params: ServeParams, index_params=None, system_prompt: str = "", api_keys: list[str] | None = None,
-                 retrieval: bool | None = None, agent: AgentSettings = AgentSettings()) -> Service:
+                 retrieval: bool | None = None, agent: AgentSettings = AgentSettings(),
+                 customers: dict[str, str] | None = None) -> Service:
     """Load the model (adapter merged) and open the index named by `index_params`."""
     import torch
 
@@ -356,17 +413,20 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
         from veritune.retrieval import open_retriever
 
         retriever = open_retriever(index_params)
-    return Service(params, model, tokenizer, retriever, system_prompt, api_keys, agent)
+    return Service(params, model, tokenizer, retriever, system_prompt, api_keys, agent, customers)
 
 
 # --------------------------------------------------------------------------- request guard (ASGI)
 
 
 class RequestGuard:
-    """Request id, body-size limit, access log and HTTP metrics around every request.
+    """Request id, body-size limit, body deadline, access log and HTTP metrics around every request.
 
     The body is read (up to the limit) before the app sees it, so an oversized one gets 413
-    however it is sent (Content-Length or chunked) and nothing is parsed.
+    however it is sent (Content-Length or chunked) and nothing is parsed. It must arrive
+    within `serve.body_timeout_s` of the headers, else 408 and the connection is closed; a
+    request counts as in flight only once its body is in, so a stalled upload never holds a
+    slot. A client that goes away mid-body is logged as 499 (client closed), not as an error.
     """
 
     def __init__(self, app, service: Service):
@@ -383,6 +443,7 @@ class RequestGuard:
         path = scope["path"] if scope["path"] in _PATHS else "other"
         status = {"code": 500}
         metrics = self.service.metrics
+        counted = False
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -391,23 +452,30 @@ class RequestGuard:
                                                    (b"x-request-id", request_id.encode("latin-1"))]}
             await send(message)
 
-        async def reject(code: int, message: str) -> None:
-            response = JSONResponse(error_body(code, message), status_code=code)
+        async def reject(code: int, message: str, close: bool = False) -> None:
+            response = JSONResponse(error_body(code, message), status_code=code,
+                                    headers={"Connection": "close"} if close else None)
             await response(scope, receive, send_with_id)
 
-        metrics.in_flight.inc()
-        self.service.in_flight += 1
         try:
-            limit = self.service.params.max_body_bytes
+            p = self.service.params
+            limit = p.max_body_bytes
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 code = 413 if declared.isdigit() else 400
                 return await reject(code, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit}"
                                     if code == 413 else "Content-Length must be a whole number of bytes")
             body, more = bytearray(), True
+            deadline = time.monotonic() + p.body_timeout_s
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    # The rest of a half-sent body would be read as the next request: close.
+                    return await reject(408, f"the request body did not arrive within {p.body_timeout_s:g} s "
+                                             "(serve.body_timeout_s); send it whole, or raise the limit", close=True)
                 if message["type"] == "http.disconnect":
+                    status["code"] = 499  # the client went away before its request was complete
                     return
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
@@ -422,14 +490,78 @@ class RequestGuard:
                     return {"type": "http.request", "body": bytes(body), "more_body": False}
                 return await receive()  # after the body: wait for the client to go away
 
+            metrics.in_flight.inc()
+            self.service.in_flight += 1
+            counted = True
             await self.app(scope, replay, send_with_id)
         finally:
-            metrics.in_flight.dec()
-            self.service.in_flight -= 1
+            if counted:
+                metrics.in_flight.dec()
+                self.service.in_flight -= 1
             elapsed = time.perf_counter() - started
             metrics.requests.labels(scope["method"], path, str(status["code"])).inc()
             metrics.latency.labels(path).observe(elapsed)
             log.info("%s %s %d %.1fms id=%s", scope["method"], path, status["code"], elapsed * 1000, request_id)
+
+
+def header_deadline_protocol(service: Service):
+    """uvicorn's h11 protocol with a deadline on request headers (uvicorn has none: its
+    keep-alive timer stops at the first byte, so a client trickling a header holds the
+    connection for ever). The headers of each request must be complete within
+    `serve.header_timeout_s` of the connection opening, or of the previous response; else
+    the client gets 408 and the connection is closed. Such a client never reaches the app,
+    so it holds no in-flight slot; it is counted as path "other", status 408."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout = service.params.header_timeout_s
+    body = json.dumps(error_body(408, f"the request headers did not arrive within {timeout:g} s "
+                                      "(serve.header_timeout_s)")).encode()
+    response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a whole request line and headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request on this keep-alive connection
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a response is still being written; its end re-arms the deadline
+            self.transport.write(response)
+            self.transport.close()
+            service.metrics.requests.labels("-", "other", "408").inc()
+            log.info("- other 408 headers not complete within %gs", timeout)
+
+    return HeaderDeadlineProtocol
 
 
 _PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
@@ -477,17 +609,28 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         return JSONResponse(error_body(500, f"internal error (request id {rid})"), status_code=500)
 
     def authorize(request: Request) -> str:
-        """The client's rate-limit identity; raises 401 / 429."""
+        """The client's rate-limit identity; raises 401 / 429. The customer the key is bound to
+        (None: unbound, or no keys) goes to request.scope["state"]["customer_id"]."""
+        address = request.client.host if request.client else "unknown"
+        request.scope["state"]["customer_id"] = None
         if service.api_keys:
+            # An address that failed too often is refused before its key is looked at: a right
+            # guess then reads like a wrong one, so a burst learns nothing.
+            wait = service.auth_failures.blocked_for(address)
+            if wait > 0:
+                raise ApiError(429, f"too many failed authentications from this address; retry in {wait:.0f} s",
+                               headers={"Retry-After": str(max(1, round(wait)))})
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             index = match_key(token.strip(), service.api_keys) if scheme.lower() == "bearer" else None
             if index is None:
+                service.auth_failures.retry_after(address)  # counts the failure
                 raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                headers={"WWW-Authenticate": "Bearer"})
             client = f"key-{index}"
+            request.scope["state"]["customer_id"] = service.key_customers.get(index)
         else:
-            client = f"addr-{request.client.host if request.client else 'unknown'}"
+            client = f"addr-{address}"
         wait = service.limiter.retry_after(client)
         if wait > 0:
             raise ApiError(429, f"rate limit of {p.rate_limit_per_min} requests a minute exceeded; retry in "
@@ -529,7 +672,8 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         if any(not s for s in stops):
             raise ApiError(400, "stop sequences must not be empty", param="stop")
         if body.model == f"{p.model_name}-agent":
-            return await agent_completion(service, body, messages, max_new, request_id)
+            return await agent_completion(service, body, messages, max_new, request_id,
+                                          request.scope["state"]["customer_id"])
         if body.model != p.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
                                 f"{p.model_name!r}", param="model")
@@ -712,9 +856,11 @@ def _agent_entry_point():
     return run_agent
 
 
-async def agent_completion(service: Service, body: ChatRequest, messages: list[dict], max_new: int, request_id: str):
+async def agent_completion(service: Service, body: ChatRequest, messages: list[dict], max_new: int, request_id: str,
+                           customer_id: str | None = None):
     """The agent mode: `run_agent` on the conversation (its last user message is the request) in a
-    worker thread; `max_new` bounds each model turn. Model turns go through the generation
+    worker thread, as `customer_id` (the customer the API key is bound to: the tools see only
+    their orders); `max_new` bounds each model turn. Model turns go through the generation
     batcher (`Service.generate_raw`), search_kb through the search batcher (`Service.kb_search`)."""
     run_agent = _agent_entry_point()
     if run_agent is None:
@@ -723,6 +869,10 @@ async def agent_completion(service: Service, body: ChatRequest, messages: list[d
     p, a = service.params, service.agent
     if not Path(a.db_path).is_file():
         raise ApiError(503, f"the agent's shop database {a.db_path} does not exist: run `dvc repro agent_db`",
+                       param="model")
+    if customer_id is None:
+        raise ApiError(403, "the agent mode acts for one customer, and this request is bound to none: give the "
+                            f"customer an API key bound to their id (a `<key> <customer_id>` line in {KEYS_FILE_ENV})",
                        param="model")
     from datetime import date
 
@@ -733,7 +883,7 @@ async def agent_completion(service: Service, body: ChatRequest, messages: list[d
     limits = AgentLimits(a.max_steps, a.max_retries, min(a.max_seconds, p.request_timeout_s))
     try:
         result = await asyncio.wait_for(asyncio.to_thread(
-            run_agent, messages, generate=service.generate_raw,
+            run_agent, messages, generate=service.generate_raw, customer_id=customer_id, max_writes=a.max_writes,
             search=service.kb_search if service.searcher is not None else None, max_new_tokens=max_new,
             db_path=a.db_path, system_prompt=a.system_prompt, tools=tool_definitions(a.tool_definitions),
             today=date.fromisoformat(a.today), limits=limits, persist_writes=a.persist_writes,
@@ -768,14 +918,19 @@ def serve(params: ServeParams, index_params, system_prompt: str, log_level: str 
     """Load everything, then run uvicorn until SIGINT/SIGTERM (which drains in-flight requests)."""
     import uvicorn
 
-    api_keys = load_api_keys()
+    api_keys, customers = load_api_keys(), load_key_customers()
+    if customers and Path(agent.db_path).is_file() and unknown_customers(customers, agent.db_path):
+        raise ValueError(f"API keys are bound to customers the shop database {agent.db_path} does not have: "
+                         f"{', '.join(unknown_customers(customers, agent.db_path))}; fix the `<key> <customer_id>` "
+                         f"entries ({KEYS_ENV} / {KEYS_FILE_ENV}) or rebuild the database (`dvc repro agent_db`)")
     if not api_keys and not is_loopback(params.host):
         raise ValueError(f"refusing to serve on {params.host} without API keys: set {KEYS_ENV} or {KEYS_FILE_ENV}, "
                          "or bind to 127.0.0.1")
     log.info("serve: loading %s%s (auth %s)", params.base_dir,
              f" + {params.adapter_dir}" if params.adapter_dir else "", "on" if api_keys else "off (loopback)")
-    service = load_service(params, index_params, system_prompt, api_keys, agent=agent).start()
+    service = load_service(params, index_params, system_prompt, api_keys, agent=agent, customers=customers).start()
     app = create_app(service, owns_service=True)
     config = uvicorn.Config(app, host=params.host, port=params.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=int(params.graceful_timeout_s), lifespan="on")
+                            timeout_graceful_shutdown=int(params.graceful_timeout_s), lifespan="on",
+                            http=header_deadline_protocol(service))
     uvicorn.Server(config).run()

@@ -1,11 +1,14 @@
 """The shop's tools: JSON-schema specs, the SQLite business database and the implementations.
 
 Read tools (`get_order`, `list_orders`, `search_kb`, `calculate`) never change anything.
-Write tools (`open_ticket`, `request_refund`) are guarded: arguments are validated against
-the tool's JSON schema, business rules are checked, every statement is parameterised, the
-connection is confined to the shop's tables by an SQLite authorizer, and a repeated call
-returns the first call's result instead of writing again (idempotent). Writes only ever
-touch the per-episode copy of the database a `Toolbox` is opened on (`episode_database`).
+Order tools are scoped to one customer (`Toolbox(customer_id=...)`): another customer's
+order is "not found". Every argument is checked against its tool's schema, bounds included
+(ids, amounts, string lengths), before any query runs. Write tools (`open_ticket`,
+`request_refund`) are guarded further: business rules are checked, every statement is
+parameterised, an episode may write at most `max_writes` rows, the connection is confined
+to the shop's tables by an SQLite authorizer, and a repeated call returns the first call's
+result instead of writing again (idempotent). Writes only ever touch the per-episode copy
+of the database a `Toolbox` is opened on (`episode_database`).
 
 Every tool returns a JSON object; a refused call returns `{"error": "..."}` whose message
 says what to fix, so the model can retry.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import operator
 import re
 import shutil
@@ -29,27 +33,35 @@ from jsonschema import Draft202012Validator
 TODAY = date(2024, 7, 26)  # the shop's today: the "Today Date" of the system header
 
 # Short descriptions on purpose: every definition sits in every prompt, indented by 4.
+MAX_ID = 2**31 - 1  # ids and amounts beyond these are refused by the schema, before SQLite sees them
+MAX_AMOUNT = 1_000_000
+MAX_SUMMARY_CHARS = 300
+MAX_TEXT_CHARS = 500  # search queries; a calculator expression has its own 200
+ORDER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+
+# Short descriptions on purpose: every definition sits in every prompt, indented by 4.
 TOOLS = [
     {"name": "get_order", "description": "Look up an order with its shipment and policy.",
-     "parameters": {"type": "object", "properties": {"order_id": {"type": "integer"}},
+     "parameters": {"type": "object", "properties": {"order_id": ORDER_ID},
                     "required": ["order_id"], "additionalProperties": False}},
     {"name": "list_orders", "description": "List a customer's orders.",
-     "parameters": {"type": "object", "properties": {"customer_id": {"type": "string"}},
+     "parameters": {"type": "object", "properties": {"customer_id": {"type": "string", "maxLength": 32}},
                     "required": ["customer_id"], "additionalProperties": False}},
     {"name": "search_kb", "description": "Search the help centre.",
-     "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+     "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": MAX_TEXT_CHARS}},
                     "required": ["query"], "additionalProperties": False}},
     {"name": "calculate", "description": "Arithmetic on numbers and dates (2024-07-01 + 30).",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 200}},
                     "required": ["expression"], "additionalProperties": False}},
     {"name": "open_ticket", "description": "Open a support ticket.",
      "parameters": {"type": "object", "properties": {
-         "order_id": {"type": "integer"}, "category": {"enum": ["delivery", "warranty"]},
-         "summary": {"type": "string"}},
+         "order_id": ORDER_ID, "category": {"enum": ["delivery", "warranty"]},
+         "summary": {"type": "string", "maxLength": MAX_SUMMARY_CHARS}},
          "required": ["order_id", "category", "summary"], "additionalProperties": False}},
     {"name": "request_refund", "description": "Refund a delivered order.",
      "parameters": {"type": "object", "properties": {
-         "order_id": {"type": "integer"}, "amount": {"type": "number"}, "reason": {"enum": ["faulty", "unwanted"]}},
+         "order_id": ORDER_ID, "amount": {"type": "number", "minimum": 0, "maximum": MAX_AMOUNT},
+         "reason": {"enum": ["faulty", "unwanted"]}},
          "required": ["order_id", "amount", "reason"], "additionalProperties": False}},
 ]
 TOOL_NAMES = tuple(t["name"] for t in TOOLS)
@@ -74,7 +86,6 @@ def tool_definitions(style: str) -> list[dict]:
     raise ValueError(f"tool definition style must be 'json_schema' or 'compact', got {style!r}")
 WRITE_TOOLS = ("open_ticket", "request_refund")
 VALIDATORS = {t["name"]: Draft202012Validator(t["parameters"]) for t in TOOLS}
-MAX_SUMMARY_CHARS = 300
 
 SCHEMA = """
 CREATE TABLE customers (customer_id TEXT PRIMARY KEY, name TEXT NOT NULL);
@@ -221,7 +232,7 @@ def calculate(expression: str) -> int | float | str:
 
     try:
         tree = ast.parse(_ISO_DATE.sub(stash, expression.strip()), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
         raise ToolError(f"cannot parse {expression!r}; use numbers, dates (YYYY-MM-DD), + - * / and ( )") from None
 
     def ev(node):
@@ -246,9 +257,14 @@ def calculate(expression: str) -> int | float | str:
             return _OPS[type(node.op)](a, b)
         raise ToolError(f"unsupported element in {expression!r}; use numbers, dates, + - * / and ( )")
 
-    value = ev(tree.body)
+    try:
+        value = ev(tree.body)
+    except (OverflowError, RecursionError):  # a date past year 9999, a quotient too large for a float
+        raise ToolError(f"{expression!r} is out of range; use smaller numbers") from None
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError(f"{expression!r} is out of range; use smaller numbers")
     return round(value, 6) if isinstance(value, float) else value
 
 
@@ -264,7 +280,21 @@ def check_call(name, parameters) -> None:
     errors = sorted(VALIDATORS[name].iter_errors(parameters), key=lambda e: [str(p) for p in e.path])
     if errors:
         where = lambda e: ".".join(map(str, e.path)) or "parameters"  # noqa: E731
-        raise ToolError(f"invalid arguments for {name}: " + "; ".join(f"{where(e)}: {e.message}" for e in errors))
+        raise ToolError(f"invalid arguments for {name}: " + "; ".join(f"{where(e)}: {_short(e.message)}"
+                                                                        for e in errors))
+    for key, value in parameters.items():
+        # JSON Schema cannot say "valid Unicode": a lone surrogate (json.loads lets "\ud800" through)
+        # would fail only inside SQLite's encoder.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ToolError(f"invalid arguments for {name}: {key} is not valid Unicode text") from None
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """A schema error quotes the offending value: keep a huge one from filling the model's context."""
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 _ALLOWED_TABLES = set(TABLES) | {"refunds"}
@@ -285,16 +315,28 @@ def _authorizer(action, arg1, arg2, db_name, trigger):
 class Toolbox:
     """The tools of one episode, over its own copy of the database.
 
+    `customer_id` is the authenticated customer the episode acts for (the server binds it to
+    the API key; `agent_eval` uses the task's own customer): every read and write sees only
+    that customer's orders, and another customer's order or id is "not found", exactly as one
+    that does not exist. None is staff scope (every customer), for offline replays of gold
+    calls only; nothing a model drives runs unscoped (`veritune.agent.run_agent` needs one).
+
     `allowed_writes` names the write tools this customer's request authorises (see
     `authorised_writes`); any other write is refused before it reaches the database.
+    `max_writes` bounds the rows an episode may write (tickets and refunds together; an
+    idempotent repeat writes nothing); None: no bound.
     """
 
     def __init__(self, db_path: str | Path, search: Callable[[str], list[dict]] | None = None,
-                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, today: date = TODAY):
+                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, today: date = TODAY, *,
+                 customer_id: str | None = None, max_writes: int | None = None):
         self.db_path = Path(db_path)
         self.search = search
         self.allowed_writes = allowed_writes
         self.today = today
+        self.customer_id = customer_id
+        self.max_writes = max_writes
+        self.writes = 0  # rows this episode has written
         self.conn = sqlite3.connect(f"file:{self.db_path.resolve()}?mode=rw", uri=True)
         self.conn.row_factory = sqlite3.Row
         self.conn.set_authorizer(_authorizer)
@@ -324,13 +366,20 @@ class Toolbox:
             raise ToolError(f"{name} needs the customer's explicit request; they did not ask for it")
         return getattr(self, f"_{name}")(**parameters)
 
+    def _check_write_budget(self) -> None:
+        """Refuse a write past `max_writes` (called just before an INSERT)."""
+        if self.max_writes is not None and self.writes >= self.max_writes:
+            raise ToolError(f"this conversation already made {self.writes} change(s), the most one conversation "
+                            "may make; tell the customer what was done and offer a human agent for the rest")
+
     # -- reads
 
     def _order_row(self, order_id: int) -> sqlite3.Row:
         row = self.conn.execute(
             "SELECT o.*, p.name AS product, p.category, p.price, p.warranty_months, p.return_window_days "
-            "FROM orders o JOIN products p ON p.sku = o.sku WHERE o.order_id = ?", (int(order_id),)).fetchone()
-        if row is None:
+            "FROM orders o JOIN products p ON p.sku = o.sku WHERE o.order_id = ? AND (? IS NULL OR o.customer_id = ?)",
+            (int(order_id), self.customer_id, self.customer_id)).fetchone()
+        if row is None:  # another customer's order reads exactly like a missing one
             raise ToolError(f"no order {order_id}")
         return row
 
@@ -353,8 +402,10 @@ class Toolbox:
         return out
 
     def _list_orders(self, customer_id: str) -> dict:
-        customer = self.conn.execute("SELECT * FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
-        if customer is None:
+        customer = None
+        if self.customer_id is None or customer_id == self.customer_id:
+            customer = self.conn.execute("SELECT * FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
+        if customer is None:  # another customer reads exactly like an unknown one
             raise ToolError(f"no customer {customer_id!r} (ids look like C-101)")
         rows = self.conn.execute("SELECT o.order_id, p.name AS product, o.order_date, o.status FROM orders o "
                                  "JOIN products p ON p.sku = o.sku WHERE o.customer_id = ? ORDER BY o.order_id",
@@ -384,9 +435,11 @@ class Toolbox:
             return {"ticket_id": existing["ticket_id"], "status": "open", "already_open": True}
         numbers = [int(r[0][2:]) for r in self.conn.execute("SELECT ticket_id FROM tickets")]
         ticket_id = f"T-{max(numbers, default=0) + 1:04d}"
+        self._check_write_budget()
         with self.conn:
             self.conn.execute("INSERT INTO tickets (ticket_id, order_id, category, status, summary) "
                               "VALUES (?, ?, ?, 'open', ?)", (ticket_id, o["order_id"], category, summary))
+        self.writes += 1
         return {"ticket_id": ticket_id, "status": "open"}
 
     def _request_refund(self, order_id: int, amount: float, reason: str) -> dict:
@@ -407,9 +460,11 @@ class Toolbox:
         if not 0 < amount <= o["price"]:
             raise ToolError(f"amount must be more than 0 and at most the price paid ({o['price']})")
         refund_id = f"R-{o['order_id']}"
+        self._check_write_budget()
         with self.conn:
             self.conn.execute("INSERT INTO refunds (refund_id, order_id, amount, reason) VALUES (?, ?, ?, ?)",
                               (refund_id, o["order_id"], amount, reason))
+        self.writes += 1
         return {"refund_id": refund_id, "amount": amount, "status": "requested"}
 
 
