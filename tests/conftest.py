@@ -33,3 +33,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_checkpoint(tmp_path_factory) -> Path:
+    """The same tiny model with a ChatML tokenizer and veritune's tool-aware ChatML template:
+    the layout of the default SmolLM2 base, at test size."""
+    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chatml")
+    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600, chat_format="chatml")
+    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, max_position_embeddings=1024)
+    model = build_tiny_model(arch, tokenizer, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

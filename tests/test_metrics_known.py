@@ -403,7 +403,28 @@ KNOWN_BAD = {
     "eval.json:leakage.passed": "leaked",
     "csat.json:finetuned.misled_rate": "hedge",
     "csat.json:finetuned.csat_ci95_low": "random",
+    "eval.json:headline.finetuned_rag_f1_unseen_ci95_low": "random",
+    "agent.json:finetuned.tool_call_validity": "random",
+    "agent.json:finetuned.claimed_undone_rate": "random",
 }
+
+
+def agent_metrics(how: str) -> dict:
+    """agent.json of a known answerer: `oracle` looks the order up and reports it; the bad ones
+    send a malformed call and then claim a refund the episode never made."""
+    from veritune.agent_tasks import score_episode, summarise
+
+    task = {"id": "t1", "facts": ["shipped"], "gold_calls": [{"name": "get_order", "parameters": {"order_id": 1042}}]}
+    if how == "oracle":
+        calls = [{"name": "get_order", "parameters": {"order_id": 1042}, "valid": True,
+                  "result": {"order_id": 1042, "status": "shipped"}}]
+        answer = "Order 1042 has shipped."
+    else:
+        calls = [{"name": None, "parameters": None, "valid": False, "result": {"error": "malformed tool call"}}]
+        answer = "I have refunded order 1042 in full."
+    results = [{"task_id": "t1", "stop": "answer", "n_steps": 2, "answer": answer,
+                **score_episode(task, answer, {}, {}, calls)}]
+    return {"finetuned": summarise(results, 1)}
 
 
 def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_path):
@@ -428,6 +449,7 @@ def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_pat
         write_json(metrics / "eval.json", {"headline": headline({"finetuned": {"rag": scores}}, questions, 200),
                                            "leakage": {"passed": leakage_passed(leakage)}})
         write_json(metrics / "csat.json", {"finetuned": simulate_with(answerer_how, questions)[3]})
+        write_json(metrics / "agent.json", agent_metrics(answerer_how))
         failed[how] = {row["metric"] for row in check_criteria(criteria, metrics) if not row["passed"]}
     assert not failed["oracle"], failed["oracle"]
     for metric, how in KNOWN_BAD.items():

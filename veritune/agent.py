@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from veritune import chat
 from veritune.config import BuildSftParams
 from veritune.constrained import ConstrainedCalls, ToolCallGrammar
+from veritune.modeling import inference_autocast
 from veritune.tools import TODAY, Toolbox, ToolError, authorised_writes, check_call, episode_database, tool_definitions
 
 DB = "data/agent/business.sqlite"  # the shop database `agent_db` builds
@@ -192,8 +193,9 @@ class ModelPolicy:
                 if self.temperature > 0 else {"do_sample": False}
             if self.grammar is not None:
                 sampling["logits_processor"] = LogitsProcessorList([ConstrainedCalls(self.grammar, enc["input_ids"].shape[0])])
-            ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            with inference_autocast(self.model):
+                ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
+                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
             out += [self.tokenizer.decode(row, skip_special_tokens=False)
                     for row in ids[:, enc["input_ids"].shape[1]:]]
         return out

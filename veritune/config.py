@@ -283,6 +283,9 @@ class EvaluateParams:
     max_new_tokens: int = 32
     batch_size: int = 32
     max_questions: int = 0  # 0: the whole test split; > 0 samples this many (quick looks)
+    # closed-book and oracle contexts on a sample of this many (0: all): they explain the RAG
+    # numbers, which the gate reads and which always cover max_questions
+    context_modes_max_questions: int = 0
     bootstrap_samples: int = 1000
     leakage_ngram: int = 13  # word n-gram length of the contamination check (13 as in GPT-3's)
     leakage_doc_share: float = 0.5  # a held-out document counts as leaked when this share of its n-grams is in SFT
@@ -295,6 +298,8 @@ class EvaluateParams:
             out.append("evaluate.max_new_tokens and evaluate.batch_size must be >= 1")
         if self.max_questions < 0:
             out.append(f"evaluate.max_questions must be >= 0, got {self.max_questions}")
+        if self.context_modes_max_questions < 0:
+            out.append(f"evaluate.context_modes_max_questions must be >= 0, got {self.context_modes_max_questions}")
         if self.leakage_ngram < 5:
             out.append(f"evaluate.leakage_ngram must be >= 5 (shorter n-grams match boilerplate), got {self.leakage_ngram}")
         if not 0.0 < self.leakage_doc_share <= 1.0:

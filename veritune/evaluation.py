@@ -120,14 +120,17 @@ def score_all(predictions: Sequence[str], questions: Sequence[dict],
     return scores
 
 
-def headline(scores: dict[str, dict[str, list[dict]]], questions: Sequence[dict], bootstrap_samples: int) -> dict:
-    """Flat `<variant>_<name>` keys with n and a bootstrap 95% interval each, for `dvc metrics diff`."""
+def headline(scores: dict[str, dict[str, list[dict]]], questions: Sequence[dict] | dict[str, Sequence[dict]],
+             bootstrap_samples: int) -> dict:
+    """Flat `<variant>_<name>` keys with n and a bootstrap 95% interval each, for `dvc metrics diff`.
+    `questions`: the scored questions, or a dict of them per mode where modes ran on different samples."""
     out: dict[str, float] = {}
     for variant, by_mode in scores.items():
         for name, mode, group, key in HEADLINE:
             if mode not in by_mode:
                 continue
-            values = [s[key] for q, s in zip(questions, by_mode[mode], strict=True) if group in groups_of(q) and key in s]
+            asked = questions[mode] if isinstance(questions, dict) else questions
+            values = [s[key] for q, s in zip(asked, by_mode[mode], strict=True) if group in groups_of(q) and key in s]
             if not values:
                 continue
             lo, hi = bootstrap_ci(values, bootstrap_samples)

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from veritune import chat
+from veritune.modeling import inference_autocast
 
 
 stop_token_ids = chat.stop_token_ids  # the end-of-turn tokens of the checkpoint's own format
@@ -28,8 +29,9 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
         idx = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id)
+        with inference_autocast(model):
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id)
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):
             replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return replies

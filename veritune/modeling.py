@@ -39,8 +39,10 @@ class TinyArch:
     rope_theta: float = 500000.0
 
 
-def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False):
-    """A byte-level BPE over `texts` with the Llama 3.1 special tokens and chat template.
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False,
+                         chat_format: str = "llama3"):
+    """A byte-level BPE over `texts` with the special tokens and chat template of `chat_format`
+    (`llama3`, what the tiny base speaks; `chatml`, for tests of the ChatML path).
 
     Digits are split one by one (as Llama 3 splits numbers into short groups) so any number
     can be copied token by token; byte-level fallback means no text is ever unknown.
@@ -51,6 +53,14 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespa
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if chat_format == "llama3":
+        specials, bos, eos, pad, template = (chat.LLAMA3_SPECIAL_TOKENS, chat.BEGIN_OF_TEXT, chat.EOT, chat.PAD,
+                                             chat.LLAMA3_CHAT_TEMPLATE)
+    elif chat_format == "chatml":
+        specials, bos, eos, pad, template = ([chat.ENDOFTEXT, chat.IM_START, chat.IM_END], chat.IM_START,
+                                             chat.IM_END, chat.IM_END, chat.CHATML_TOOLS_TEMPLATE)
+    else:
+        raise ValueError(f"chat_format must be llama3 or chatml, got {chat_format!r}")
     tok = Tokenizer(models.BPE())
     steps = [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     if isolate_whitespace:
@@ -59,20 +69,19 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespa
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=chat.LLAMA3_SPECIAL_TOKENS,
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=chat.BEGIN_OF_TEXT,
-        eos_token=chat.EOT,
-        pad_token=chat.PAD,
-        additional_special_tokens=[t for t in chat.LLAMA3_SPECIAL_TOKENS
-                                   if t not in (chat.BEGIN_OF_TEXT, chat.EOT, chat.PAD)],
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=[t for t in specials if t not in (bos, eos, pad)],
     )
-    fast.chat_template = chat.LLAMA3_CHAT_TEMPLATE
+    fast.chat_template = template
     fast.model_max_length = 1 << 20
     return fast
 
@@ -101,9 +110,9 @@ def build_tiny_model(arch: TinyArch, tokenizer, seed: int):
         # Tied input/output embeddings (as in Llama 3.2 1B): a token copied from the context
         # by attention maps straight back to its own logit, which helps a small model copy.
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.convert_tokens_to_ids(chat.BEGIN_OF_TEXT),
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in (chat.EOT, chat.EOM, chat.END_OF_TEXT)],
-        pad_token_id=tokenizer.convert_tokens_to_ids(chat.PAD),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=chat.stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
         attention_bias=False,
         mlp_bias=False,
         hidden_act="silu",
@@ -300,6 +309,15 @@ def use_bf16(precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
     return torch.cuda.is_available() or cpu_has_native_bf16()
+
+
+def inference_autocast(model):
+    """bf16 autocast for generation where bf16 is native (CUDA; CPUs with AVX-512 BF16 or AMX),
+    a no-op elsewhere. On the 2-core default machine it halves the time of a batch of 32
+    grounded-QA prompts (15 vs 30 s for SmolLM2-135M); the weights stay as loaded, so greedy
+    answers can differ from float32 ones in rare near-ties, and between CPU kinds."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16("auto"))
 
 
 FP32_ATTENTION = "veritune_sdpa_fp32"
