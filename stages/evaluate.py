@@ -54,14 +54,20 @@ def main() -> None:
         questions = random.Random(0).sample(questions, p.max_questions)
     with open_retriever(ip) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
-    # RAG (what users get, what the gate reads) on every question; the explaining contexts on a sample.
-    sample = sorted(random.Random(1).sample(range(len(questions)), p.context_modes_max_questions)) \
-        if 0 < p.context_modes_max_questions < len(questions) else list(range(len(questions)))
-    asked = {"rag": questions, "closed_book": [questions[i] for i in sample], "oracle": [questions[i] for i in sample]}
+    # RAG (what users get, what the gate reads) on every question for the fine-tuned model; the
+    # explaining contexts, and the base beside it, on samples (params say how large).
+    n = len(questions)
+    every = list(range(n))
+    def sample(size: int, seed: int) -> list[int]:
+        return sorted(random.Random(seed).sample(every, size)) if 0 < size < n else every
+    context_rows, base_rows = sample(p.context_modes_max_questions, 1), sample(p.base_max_questions, 2)
+    rows = {"finetuned": {"rag": every, "closed_book": context_rows, "oracle": context_rows},
+            "base": {"rag": base_rows, "closed_book": context_rows, "oracle": context_rows}}
     rag = [[dataclasses.asdict(h) for h in row] for row in hits]
-    contexts = {"closed_book": None, "rag": rag,
-                "oracle": oracle_passages(asked["oracle"], documents, [rag[i] for i in sample])}
-    rows_of = {"rag": list(range(len(questions))), "closed_book": sample, "oracle": sample}
+    passages = {"closed_book": None, "rag": rag, "oracle": oracle_passages(questions, documents, rag)}
+    asked = {v: {m: [questions[i] for i in r] for m, r in by_mode.items()} for v, by_mode in rows.items()}
+    contexts = {v: {m: None if passages[m] is None else [passages[m][i] for i in r] for m, r in by_mode.items()}
+                for v, by_mode in rows.items()}
 
     tokenizer = load_tokenizer("models/adapter")
     model = load_model("models/base")
@@ -76,24 +82,25 @@ def main() -> None:
         model.eval()
         metrics[variant], scores[variant] = {}, {}
         for mode in MODES:
-            convs = prompts_for(asked[mode], contexts[mode], sp.system_prompt, sp.question_position)
+            qs, ctx = asked[variant][mode], contexts[variant][mode]
+            convs = prompts_for(qs, ctx, sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
-            scores[variant][mode] = score_all(replies, asked[mode], contexts[mode])
-            metrics[variant][mode] = summarize(asked[mode], scores[variant][mode], p.bootstrap_samples)
-            for i, reply in zip(rows_of[mode], replies):
+            scores[variant][mode] = score_all(replies, qs, ctx)
+            metrics[variant][mode] = summarize(qs, scores[variant][mode], p.bootstrap_samples)
+            for i, reply in zip(rows[variant][mode], replies):
                 predictions[i][f"{variant}.{mode}"] = reply
     del model
     if p.judge.model:
         judge, judge_tokenizer = load_judge(p.judge.model, p.judge.revision)
         for variant in ("base", "finetuned"):
-            replies = [row[f"{variant}.rag"] for row in predictions]
-            judged = judge_answers(judge, judge_tokenizer, questions, contexts["rag"], replies,
+            replies = [predictions[i][f"{variant}.rag"] for i in rows[variant]["rag"]]
+            judged = judge_answers(judge, judge_tokenizer, asked[variant]["rag"], contexts[variant]["rag"], replies,
                                    p.judge.max_new_tokens, p.judge.batch_size, desc=f"judge {variant}/rag")
             metrics[variant]["rag"]["judge"] = summarize_judge(judged)
-            for row, j in zip(predictions, judged):
-                row[f"{variant}.rag.judge"] = j
+            for i, j in zip(rows[variant]["rag"], judged):
+                predictions[i][f"{variant}.rag.judge"] = j
     metrics["n_test_questions"] = len(questions)
-    metrics["n_context_mode_questions"] = len(sample)
+    metrics["n_context_mode_questions"], metrics["n_base_questions"] = len(context_rows), len(base_rows)
     metrics["headline"] = headline(scores, asked, p.bootstrap_samples)
     metrics["leakage"] = leakage
     write_json("metrics/eval.json", metrics)

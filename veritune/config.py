@@ -286,6 +286,7 @@ class EvaluateParams:
     # closed-book and oracle contexts on a sample of this many (0: all): they explain the RAG
     # numbers, which the gate reads and which always cover max_questions
     context_modes_max_questions: int = 0
+    base_max_questions: int = 0  # the base model beside the fine-tuned one on a sample of this many (0: all)
     bootstrap_samples: int = 1000
     leakage_ngram: int = 13  # word n-gram length of the contamination check (13 as in GPT-3's)
     leakage_doc_share: float = 0.5  # a held-out document counts as leaked when this share of its n-grams is in SFT
@@ -298,6 +299,8 @@ class EvaluateParams:
             out.append("evaluate.max_new_tokens and evaluate.batch_size must be >= 1")
         if self.max_questions < 0:
             out.append(f"evaluate.max_questions must be >= 0, got {self.max_questions}")
+        if self.base_max_questions < 0:
+            out.append(f"evaluate.base_max_questions must be >= 0, got {self.base_max_questions}")
         if self.context_modes_max_questions < 0:
             out.append(f"evaluate.context_modes_max_questions must be >= 0, got {self.context_modes_max_questions}")
         if self.leakage_ngram < 5:

@@ -120,16 +120,16 @@ def score_all(predictions: Sequence[str], questions: Sequence[dict],
     return scores
 
 
-def headline(scores: dict[str, dict[str, list[dict]]], questions: Sequence[dict] | dict[str, Sequence[dict]],
+def headline(scores: dict[str, dict[str, list[dict]]], questions: Sequence[dict] | dict[str, dict[str, Sequence[dict]]],
              bootstrap_samples: int) -> dict:
     """Flat `<variant>_<name>` keys with n and a bootstrap 95% interval each, for `dvc metrics diff`.
-    `questions`: the scored questions, or a dict of them per mode where modes ran on different samples."""
+    `questions`: the scored questions, or {variant: {mode: questions}} where they ran on different samples."""
     out: dict[str, float] = {}
     for variant, by_mode in scores.items():
         for name, mode, group, key in HEADLINE:
             if mode not in by_mode:
                 continue
-            asked = questions[mode] if isinstance(questions, dict) else questions
+            asked = questions[variant][mode] if isinstance(questions, dict) else questions
             values = [s[key] for q, s in zip(asked, by_mode[mode], strict=True) if group in groups_of(q) and key in s]
             if not values:
                 continue
