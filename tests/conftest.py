@@ -20,32 +20,26 @@ CORPUS = [
 ] * 20
 
 
+def _write_tiny(path: Path, chat_format: str, max_positions: int) -> Path:
+    """A 2-layer Llama-architecture model and its tokenizer, saved with save_pretrained."""
+    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600, chat_format=chat_format)
+    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, max_position_embeddings=max_positions)
+    build_tiny_model(arch, tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer Llama 3.1-architecture model and tokenizer saved with save_pretrained."""
-    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600)
-    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, max_position_embeddings=512)
-    model = build_tiny_model(arch, tokenizer, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _write_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama3", 512)
 
 
 @pytest.fixture(scope="session")
 def tiny_chatml_checkpoint(tmp_path_factory) -> Path:
     """The same tiny model with a ChatML tokenizer and veritune's tool-aware ChatML template:
     the layout of the default SmolLM2 base, at test size."""
-    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-chatml")
-    tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600, chat_format="chatml")
-    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, max_position_embeddings=1024)
-    model = build_tiny_model(arch, tokenizer, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _write_tiny(tmp_path_factory.mktemp("tiny-chatml"), "chatml", 1024)
