@@ -184,9 +184,13 @@ class ModelPolicy:
         self.tokenizer.padding_side = "left"
         device = next(self.model.parameters()).device
         prompts = [episode_prompt(e) for e in episodes]
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            enc = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
+        # Batches of similar length: left padding to the longest prompt is computed like any
+        # other token, and episodes' prompts differ by hundreds of tokens after a few turns.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        replies: dict[int, str] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            enc = self.tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0} \
@@ -196,9 +200,9 @@ class ModelPolicy:
             with inference_autocast(self.model):
                 ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
                                           pad_token_id=self.tokenizer.pad_token_id, **sampling)
-            out += [self.tokenizer.decode(row, skip_special_tokens=False)
-                    for row in ids[:, enc["input_ids"].shape[1]:]]
-        return out
+            for i, row in zip(batch, ids[:, enc["input_ids"].shape[1]:]):
+                replies[i] = self.tokenizer.decode(row, skip_special_tokens=False)
+        return [replies[i] for i in range(len(prompts))]
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
