@@ -517,8 +517,9 @@ def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
     assert summarise(results, 2)["episodes"] == 4
 
 
-def test_model_policy_answers_each_episode_in_its_order_whatever_the_batching(tiny_checkpoint, shop):
-    """Episodes are batched by prompt length; each reply still goes to its own episode."""
+def test_model_policy_replies_as_if_each_prompt_were_decoded_alone(tiny_checkpoint, shop):
+    """Episodes are batched by prompt length, their shared system turn prefilled once and its
+    cache copied into each batch: each episode still gets the reply of its own whole prompt."""
     from veritune.agent import ModelPolicy, start_episode
     from veritune.modeling import load_model
     from veritune.tools import Toolbox
@@ -533,9 +534,12 @@ def test_model_policy_answers_each_episode_in_its_order_whatever_the_batching(ti
     with Toolbox(db, customer_id=OWNER_1001) as box:
         episodes = [start_episode(f"e{i}", r, box, SYSTEM, tool_definitions("compact"), "26 Jul 2024")
                     for i, r in enumerate(requests)]
-        alone = [ModelPolicy(model, tokenizer, 6, batch_size=1)([e])[0] for e in episodes]
+        alone = [ModelPolicy(model, tokenizer, 6, batch_size=1, prefix_cache=False)([e])[0] for e in episodes]
         together = ModelPolicy(model, tokenizer, 6, batch_size=2)(episodes)
-    assert together == alone
+        one_batch = ModelPolicy(model, tokenizer, 6, batch_size=3)
+        first, again = one_batch(episodes), one_batch(episodes)  # the second call reuses the prefix's cache
+    assert len(one_batch._prefix[0]) > 100  # the system turn came from the cache
+    assert together == alone and first == alone and again == alone
     assert len(set(alone)) > 1  # the replies differ, so a mix-up would show
 
 
