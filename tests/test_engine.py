@@ -1,0 +1,141 @@
+"""The continuous-batching engine (veritune.engine) on the tiny model, eagerly on the CPU: its
+own forward over the static cache decodes exactly as transformers' greedy `generate`, requests
+join and leave between steps, and each keeps its own limit, stop, stream, cancel and grammar.
+(The CUDA-graph path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
+
+import threading
+
+import pytest
+import torch
+
+from tests.test_serve import load_talkative
+from veritune.agent import parse_reply
+from veritune.batching import BatcherStopped, GenerationRequest, generate_batch
+from veritune.constrained import ToolCallGrammar
+from veritune.engine import ContinuousBatchingEngine
+from veritune.generation import stop_token_ids
+from veritune.tools import check_call
+
+QUESTIONS = ["Kettle?", "How long is parental leave for employees who adopt?", "Reset the router", "VPN",
+             "What does E4 on the display mean, and how do I descale the heating plate?", "Returns?"]
+
+
+@pytest.fixture(scope="module")
+def talkative(tiny_checkpoint):
+    return load_talkative(tiny_checkpoint)
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+
+
+def hf_greedy(model, ids: list[int], max_new: int, stops) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False, eos_token_id=list(stops), pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    return new[:-1] if new and new[-1] in stops else new
+
+
+def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative):
+    model, tokenizer = talkative
+    stops = stop_token_ids(tokenizer)
+    # Different prompt lengths and limits: rows leave at different steps and, with 3 slots for
+    # 6 requests, later requests are admitted into freed slots while others are mid-answer.
+    limits = [20, 5, 12, 30, 8, 16]
+    prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+    reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
+    engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64).start()
+    try:
+        futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
+        completions = [f.result(60) for f in futures]
+    finally:
+        engine.stop()
+    assert [c.token_ids for c in completions] == reference
+    assert all(len(t) >= 5 for t in reference)  # real text, not an immediate stop
+    assert [c.finish_reason for c in completions] == ["length" if len(r) == n else "stop"
+                                                      for r, n in zip(reference, limits)]
+    stats = engine.batch_stats()
+    assert stats["max_batch_size_seen"] == 3  # never more than the slots
+    assert engine.prefills >= 3  # the prefill budget (64 tokens) and the slots spread admission out
+    assert not engine._running and sorted(engine._free) == [0, 1, 2]  # every slot returned
+
+
+def test_engine_matches_the_micro_batching_loop_with_a_grammar_on_one_row(talkative, tiny_checkpoint):
+    model, tokenizer = talkative
+    stops = stop_token_ids(tokenizer)
+    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size)
+    prompt = tokenizer("Where is my order 1042?", add_special_tokens=False)["input_ids"]
+
+    def requests():
+        return [GenerationRequest(list(prompt), 40),
+                GenerationRequest(list(prompt), 300, constraint=grammar.constraint(require_call=True))]
+
+    expected = generate_batch(model, requests(), stops, tokenizer.pad_token_id)
+    engine = ContinuousBatchingEngine(model, stops, max_batch=4, max_len=512).start()
+    try:
+        got = [f.result(60) for f in [engine.submit(r) for r in requests()]]
+    finally:
+        engine.stop()
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    called = got[1]
+    assert called.finish_reason == "stop" and called.stop_token_id == grammar.eom
+    reply = parse_reply(tokenizer.decode(called.token_ids + [called.stop_token_id], skip_special_tokens=False))
+    assert reply.kind == "call"
+    check_call(reply.name, reply.parameters)
+
+
+def test_each_request_keeps_its_limit_stream_and_cancel(talkative):
+    model, tokenizer = talkative
+    ids = prompt_ids(tokenizer, "Kettle?")
+    seen: list[int] = []
+    engine = ContinuousBatchingEngine(model, [], max_batch=4, max_len=512)
+    short = GenerationRequest(list(ids), 3, on_token=seen.append)
+    long = GenerationRequest(list(ids), 40)
+    cancel_later = threading.Event()
+
+    def cancel_after(n):  # cancelled mid-answer, from the worker's own callback
+        count = [0]
+
+        def on_token(_):
+            count[0] += 1
+            if count[0] == n:
+                cancel_later.set()
+        return on_token
+
+    mid = GenerationRequest(list(ids), 40, on_token=cancel_after(4), cancelled=cancel_later)
+    before = GenerationRequest(list(ids), 10)
+    before.cancelled.set()
+    engine.start()
+    try:
+        out = [f.result(60) for f in [engine.submit(r) for r in (short, long, mid, before)]]
+    finally:
+        engine.stop()
+    assert (len(out[0].token_ids), out[0].finish_reason) == (3, "length")
+    assert (len(out[1].token_ids), out[1].finish_reason) == (40, "length")
+    assert out[0].token_ids == out[1].token_ids[:3] == seen  # same prompt, same greedy path; streamed in order
+    assert out[2].finish_reason == "cancelled" and out[2].token_ids == out[1].token_ids[:4]
+    assert (out[3].token_ids, out[3].finish_reason) == ([], "cancelled")
+
+
+def test_stop_drains_accepted_requests_then_refuses_and_bad_requests_fail_at_once(talkative):
+    model, tokenizer = talkative
+    engine = ContinuousBatchingEngine(model, [], max_batch=2, max_len=256).start()
+    futures = [engine.submit(GenerationRequest(prompt_ids(tokenizer, q), 6)) for q in QUESTIONS]
+    with pytest.raises(ValueError, match="exceeds the engine's 256 positions"):
+        engine.submit(GenerationRequest([5] * 250, 10))
+    engine.stop()
+    assert [len(f.result(0).token_ids) for f in futures] == [6] * len(QUESTIONS)  # all answered, none lost
+    with pytest.raises(BatcherStopped):
+        engine.submit(GenerationRequest([5, 6], 2))
+
+
+def test_engine_refuses_models_it_cannot_run(talkative):
+    model, _ = talkative
+    model.config.attention_bias = True
+    try:
+        with pytest.raises(ValueError, match="attention or MLP biases"):
+            ContinuousBatchingEngine(model, [])
+    finally:
+        model.config.attention_bias = False
