@@ -112,9 +112,10 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
     started = time.perf_counter()
     for _ in range(in_flight):
         launch()
-    done.wait()
+    done.wait(timeout=300)  # a failed request would otherwise hang the whole call; `answered` then says so
     sync()
     wall = time.perf_counter() - started
+    records = list(records)
     tokens = sum(len(r["completion"].token_ids) for r in records)
     ttft = [r["tokens"][0] - r["submit"] for r in records if r["tokens"]]
     itl = [b - a for r in records for a, b in zip(r["tokens"], r["tokens"][1:])]
