@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.batching import GenerationRequest  # noqa: E402
-from veritune.engine import ContinuousBatchingEngine  # noqa: E402
+from veritune.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
@@ -124,6 +124,43 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
             "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)), "max": ms(max(ttft))},
             "itl_ms": {"p50": ms(pct(itl, 50)), "p99": ms(pct(itl, 99))}}
+
+
+@torch.inference_mode()
+def time_parts(engine, prompts, sync, cuda) -> dict:
+    """The engine's pieces alone, before it starts: one decode step (graph replay) by batch,
+    one prefill pass by prompts; on CUDA the top kernels of each (torch.profiler)."""
+    def timed(fn, n):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return ms((time.perf_counter() - t) / n)
+
+    out = {"decode_step_ms": {}, "prefill_ms": {}}
+    length = engine._length_bucket(768)
+    for b in (1, 8, 32, 64, 128):
+        if b <= engine.max_batch:
+            out["decode_step_ms"][f"batch {b}, length {length}"] = timed(lambda: engine._step(b, length), 10)
+    for n in (1, 4, 16):
+        if n > engine.max_batch:
+            continue
+        chunk = prompts[:n]
+        out["prefill_ms"][f"{n} prompts, {sum(map(len, chunk))} tokens"] = timed(
+            lambda: engine._prefill_forward(chunk, list(range(n))), 3)
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("prefill of 1 prompt", lambda: engine._prefill_forward(prompts[:1], [0])),
+                         ("eager decode step, batch 64", lambda: engine._decode_forward(min(64, engine.max_batch), length))):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                sync()
+            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12),
+                  flush=True)
+    return out
 
 
 def hf_one(model, ids, max_new, device, scores=False):
@@ -246,7 +283,10 @@ def main() -> None:
     engine.warmup(lengths=range(256, engine.max_len + 1, 256))
     result["engine_setup"] = {"seconds_incl_graph_capture": round(time.perf_counter() - built, 1),
                               "graphs": len(engine._graphs), "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
-                              "slots": engine.max_batch, "max_len": engine.max_len}
+                              "slots": engine.max_batch, "max_len": engine.max_len,
+                              "fused_elementwise": engine.ops is not EAGER_OPS}
+    result["parts"] = time_parts(engine, prompts, sync, cuda)
+    save("parts")
     engine.start()
     engine_tokens(engine, prompts[:4], 8)  # warm-up of the prefill shapes' kernels
     result["identity_bf16" if cuda else "identity_engine_dtype"] = compare(model, engine, sample, new, args.device)
@@ -265,6 +305,13 @@ def main() -> None:
         result["engine"].append(row)
         save()
         print(json.dumps(row), flush=True)
+        if level == 64:  # the same load with twice the prefill per pass: fewer, larger prefills
+            engine.prefill_tokens = 16384
+            row = drive_engine(engine, prompts, level, 2 * level, new, sync)
+            row["prefill_tokens"] = 16384
+            engine.prefill_tokens = 8192
+            result["engine_64_prefill_16384"] = row
+            save("engine_64_prefill_16384")
     result["engine_batch_stats"] = engine.batch_stats()
     engine.stop()
     del engine  # its cache and graphs: HF's runs below get the card's memory back
