@@ -3,12 +3,13 @@ own forward over the static cache decodes exactly as transformers' greedy `gener
 join and leave between steps, and each keeps its own limit, stop, stream, cancel and grammar.
 (The CUDA-graph path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
 
+import json
 import threading
 
 import pytest
 import torch
 
-from tests.test_serve import load_talkative
+from tests.test_serve import call, call_many, chat, index_uri, load_talkative, loaded, make_app, sse_lines  # noqa: F401
 from veritune.agent import parse_reply
 from veritune.batching import BatcherStopped, GenerationRequest, generate_batch
 from veritune.constrained import ToolCallGrammar
@@ -139,3 +140,21 @@ def test_engine_refuses_models_it_cannot_run(talkative):
             ContinuousBatchingEngine(model, [])
     finally:
         model.config.attention_bias = False
+
+
+def test_the_server_on_the_continuous_engine_answers_as_on_micro_batches(make_app):
+    """`serve.engine: continuous` (what `auto` picks on CUDA) behind the real app: the same
+    answers, streamed and not, as the micro-batching engine; health reports the engine."""
+    bodies = [chat(q, max_tokens=12) for q in ("How do I reset the Nimbus router?", "Parental leave?", "VPN setup?")]
+    answers = {}
+    for engine in ("micro_batch", "continuous"):
+        service, app = make_app(engine=engine, max_batch_size=2)
+        assert call(app, "GET", "/health").json()["engine"] == engine
+        plain = [r.json() for r in call_many(app, bodies)]
+        stream = call(app, "POST", "/v1/chat/completions", json={**bodies[0], "stream": True})
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                       for line in sse_lines(stream) if line.startswith("data: {"))
+        answers[engine] = ([(a["choices"][0]["message"]["content"], a["usage"], a["citations"]) for a in plain], text)
+    assert answers["continuous"] == answers["micro_batch"]
+    assert all(usage["completion_tokens"] > 0 for _, usage, _ in answers["continuous"][0])
+    assert answers["continuous"][1] == answers["continuous"][0][0][0]
