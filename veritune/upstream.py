@@ -8,8 +8,9 @@
 veritune keeps everything but the forward passes: retrieval and citations, the prompt in the
 checkpoint's own chat format (rendered here with the local tokenizer, exactly as in training),
 the agent loop and its tools, keys, rate limits, metrics. The upstream gets the rendered prompt
-on `/v1/completions` (greedy: temperature 0), so it never applies a chat template of its own,
-and answers with text. The end-of-turn tokens are sent as `stop_token_ids` and special tokens
+on `/v1/completions` (greedy: temperature 0; `add_special_tokens: false`, since the rendered
+prompt carries its own BOS), so it never applies a chat template of its own, and answers with
+text. The end-of-turn tokens are sent as `stop_token_ids` and special tokens
 are kept in the agent's turns (`skip_special_tokens: false`), so the agent still sees a call's
 `<|python_tag|>` and the token that ended it (`stop_reason`, as vLLM reports it).
 
@@ -78,8 +79,10 @@ class UpstreamClient:
         return self._async
 
     def body(self, prompt: str, max_tokens: int, stop: list[str], stream: bool, keep_special: bool) -> dict:
+        # add_special_tokens false: the rendered prompt already begins with the template's BOS
+        # (vLLM's completions would add a second one).
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-                "skip_special_tokens": not keep_special}
+                "skip_special_tokens": not keep_special, "add_special_tokens": False}
         if stop:
             body["stop"] = stop
         if self.stop_token_ids:
