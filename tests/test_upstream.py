@@ -133,3 +133,32 @@ def test_stress_stage_through_an_upstream_loses_nothing(live_project):
     assert batched["requests"] >= 8 and batched["streamed"] >= 1
     assert (batched["errors"], batched["lost"]) == (0, 0) and batched["exactly_one_answer_each"]
     assert generated >= batched["answered"]  # every answer was generated upstream (plus the warm-up's)
+
+
+def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(live_project, tiny_checkpoint):
+    """The agent's raw turns (`Service.generate_raw`) come back from the upstream exactly as the
+    built-in backend writes them: special tokens kept, the stop token that ended the turn appended."""
+    from veritune.config import ServeParams
+    from veritune.modeling import load_model, load_tokenizer
+    from veritune.server import AgentSettings, Service
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    free_calls = AgentSettings(constrained_calls=False)  # an upstream decodes calls freely
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+               for q in ("Where is my order 1042?", "Open a ticket: my kettle leaks.", "Refund order 1001")]
+    local = Service(ServeParams(max_new_tokens=48), load_model(tiny_checkpoint).eval(), tokenizer,
+                    agent=free_calls).start()
+    try:
+        own = [local.generate_raw(p, 40) for p in prompts]
+    finally:
+        local.stop_batchers()
+    port = free_port()
+    with start_upstream(live_project, port) as upstream:
+        remote = Service(ServeParams(max_new_tokens=48, backend="upstream", upstream_url=f"{upstream.url}/v1"),
+                         None, tokenizer, agent=free_calls)
+        try:
+            via = [remote.generate_raw(p, 40) for p in prompts]
+        finally:
+            remote.close()
+    assert via == own and all(len(text) > 10 for text in own)

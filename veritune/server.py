@@ -5,7 +5,9 @@
          -d '{"model": "veritune", "messages": [{"role": "user", "content": "How do I descale the K2?"}]}'
 
 Endpoints: POST /v1/chat/completions (with "stream": true for server-sent events),
-GET /v1/models, GET /health, GET /metrics (Prometheus text format).
+GET /v1/models, GET /health, GET /metrics (Prometheus text format); POST /v1/completions
+(raw prompts, no retrieval) only with `serve.completions_endpoint`, for serving as another
+veritune's upstream.
 
 Each answer is grounded by default: the last user message is the retrieval query, the top
 `serve.retrieval_k` chunks of the index go into the prompt exactly as in training
@@ -25,9 +27,13 @@ as in `agent_eval` (asked for in the request, schema-checked, idempotent, at mos
 `AgentSettings.persist_writes`. Listed in
 /v1/models only when `veritune.agent` imports and the database exists (else 501 / 503).
 
-Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
-are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval queries are
-batched the same way, so a batch's questions are embedded and searched in one call.
+Generation is greedy (temperature and top_p are accepted and ignored). Who generates is
+`serve.backend`: `builtin` decodes concurrent requests together, in micro-batches on a CPU
+(`MicroBatcher` + `generate_batch`, veritune/batching.py) and by continuous batching with CUDA
+graphs on a GPU (`serve.engine`, veritune/engine.py); `upstream` sends the rendered prompt to an
+OpenAI-compatible engine at `serve.upstream_url` (veritune/upstream.py: 502 / 503 / 504 when it
+fails) and keeps retrieval, the agent, keys, limits and metrics here. Retrieval queries are
+batched too, so a batch's questions are embedded and searched in one call.
 
 Security: API keys come from `VERITUNE_API_KEYS` (comma-separated) or the file named by
 `VERITUNE_API_KEYS_FILE` (one per line, optionally followed by the customer id the key acts
