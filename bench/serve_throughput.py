@@ -7,18 +7,22 @@ Builds the Llama 3.1 8B architecture (hidden 4096, 32 layers, 32 heads / 8 KV he
 14336, vocab 128256, llama3 RoPE scaling) with random weights directly on the device -
 throughput depends on the shapes, not on the weights' values - and measures, in one process:
 
-  * `engine`: `veritune.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA)
-    with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
+  * `engine`: `veritune.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
+    mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
     request the moment its last one finished, 2 x in-flight requests (at least 8) of
     `--prompt-tokens` +-25% and exactly `--max-new-tokens` new tokens (no stop token). Reported:
     generated tokens/s over the run, time to first token and inter-token latency (p50 / p99),
-    requests answered, GPU memory before and after;
+    requests answered, GPU memory before and after; at 64 in flight also the engine with
+    separate prefill passes (`mixed=False`, the engine before mixed steps) and other caps on
+    the prompt tokens of a mixed step;
   * `hf_generate_one_at_a_time`: `model.generate` (greedy, dynamic cache), one request after another;
   * `hf_generate_static_compiled`: `model.generate` over one padded batch of 64 with a static
     KV cache and `torch.compile` (transformers compiles the decode step itself; a warm-up
     batch of the same shapes pays for compilation);
   * `identity`: the engine's greedy tokens against `model.generate` one at a time on a sample,
-    in float32 (any difference is a real error or a near-tie, reported with HF's top-2 logit
+    in float32 (prompts split over mixed steps: 1,024 prompt tokens while nothing decodes, then
+    at most 256 a step beside the decoding rows; should a row differ, the separate-pass engine
+    is checked too and the faster engine is measured only if it is as exact) (any difference is a real error or a near-tie, reported with HF's top-2 logit
     margin at the first differing step) and in bf16 (where batched kernels round differently
     from single-row ones, so long greedy runs part at near-ties);
   * `limit`: the memory-bandwidth bound of a decode step (weights + the KV cache in use read
@@ -100,7 +104,8 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
 
         def finished(f):
             rec["end"] = time.perf_counter()
-            rec["completion"] = f.result()
+            rec["completion"] = f.result() if f.exception() is None else None
+            rec["error"] = None if f.exception() is None else repr(f.exception())
             with lock:
                 records.append(rec)
                 if len(records) == n_requests:
@@ -112,17 +117,20 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
     started = time.perf_counter()
     for _ in range(in_flight):
         launch()
-    done.wait(timeout=300)  # a failed request would otherwise hang the whole call; `answered` then says so
+    done.wait(timeout=90)  # a lost request would otherwise hang the whole call; `answered` then says so
     sync()
     wall = time.perf_counter() - started
     records = list(records)
+    errors = [r["error"] for r in records if r["error"]]
+    records = [r for r in records if not r["error"]]
     tokens = sum(len(r["completion"].token_ids) for r in records)
     ttft = [r["tokens"][0] - r["submit"] for r in records if r["tokens"]]
     itl = [b - a for r in records for a, b in zip(r["tokens"], r["tokens"][1:])]
-    return {"in_flight": in_flight, "requests": n_requests, "answered": len(records),
+    return {"in_flight": in_flight, "requests": n_requests, "answered": len(records), "failed": len(errors),
+            "first_error": errors[0] if errors else None,
             "complete": sum(len(r["completion"].token_ids) == max_new for r in records),
             "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)), "max": ms(max(ttft))},
+            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)), "max": ms(max(ttft, default=None))},
             "itl_ms": {"p50": ms(pct(itl, 50)), "p99": ms(pct(itl, 99))}}
 
 
@@ -139,7 +147,7 @@ def time_parts(engine, prompts, sync, cuda) -> dict:
         sync()
         return ms((time.perf_counter() - t) / n)
 
-    out = {"decode_step_ms": {}, "prefill_ms": {}}
+    out = {"decode_step_ms": {}, "prefill_ms": {}, "mixed_step_ms": {}}
     length = engine._length_bucket(768)
     for b in (1, 8, 32, 64, 128):
         if b <= engine.max_batch:
@@ -150,10 +158,20 @@ def time_parts(engine, prompts, sync, cuda) -> dict:
         chunk = prompts[:n]
         out["prefill_ms"][f"{n} prompts, {sum(map(len, chunk))} tokens"] = timed(
             lambda: engine._prefill_forward(chunk, list(range(n))), 3)
+    # A mixed step (eager): 64 slots decoding at position 600 and one prompt piece in the last slot.
+    b = min(64, engine.max_batch)
+    dec_tokens, dec_positions = [5] * b, [600] * b
+    long_prompt = [t for p in prompts[:4] for t in p]
+    mixed = {n: (lambda n=n: engine._mixed_forward(dec_tokens, dec_positions, 601, [(b - 1, 0, long_prompt[:n])]))
+             for n in (0, 128, 256, 512)}
+    mixed[0] = lambda: engine._mixed_forward(dec_tokens, dec_positions, 601, [])
+    for n, fn in mixed.items():
+        out["mixed_step_ms"][f"{b} decode rows + {n} prompt tokens"] = timed(fn, 5)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
 
         for name, fn in (("prefill of 1 prompt", lambda: engine._prefill_forward(prompts[:1], [0])),
+                         (f"mixed step, {b} decode rows + 256 prompt tokens", mixed[256]),
                          ("eager decode step, batch 64", lambda: engine._decode_forward(min(64, engine.max_batch), length))):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
@@ -173,7 +191,7 @@ def hf_one(model, ids, max_new, device, scores=False):
 
 def engine_tokens(engine, prompts, max_new):
     futures = [engine.submit(GenerationRequest(p, max_new)) for p in prompts]
-    return [f.result().token_ids for f in futures]
+    return [f.result(120).token_ids for f in futures]
 
 
 def compare(model, engine, prompts, max_new, device) -> dict:
@@ -189,6 +207,7 @@ def compare(model, engine, prompts, max_new, device) -> dict:
             row["hf_top2_margin_there"] = round(float(top2[0] - top2[1]), 5)
         rows.append(row)
     return {"sample": len(prompts), "new_tokens": max_new, "identical": sum(r["identical"] for r in rows),
+            "mixed": engine.mixed, "prefill_forwards": engine.prefills, "mixed_steps": engine.mixed_steps,
             "tokens_matching_before_first_difference": sum(r["first_difference"] if r["first_difference"] is not None
                                                            else max_new for r in rows),
             "rows": rows}
@@ -256,11 +275,22 @@ def main() -> None:
     sample = prompts[: args.identity_sample]
 
     # --- float32: exactness of the engine's forward, graphs included
+    use_mixed = True
     if not args.skip_fp32:
         model32 = build_model(args.tiny, args.device, torch.float32)
-        engine = ContinuousBatchingEngine(model32, [], max_batch=8, max_len=max_len).start()
-        result["identity_fp32"] = compare(model32, engine, sample, new, args.device)
+        engine = ContinuousBatchingEngine(model32, [], max_batch=8, max_len=max_len, prefill_tokens=1024,
+                                          mixed_tokens=256).start()
+        try:
+            result["identity_fp32"] = compare(model32, engine, sample, new, args.device)
+        except Exception as e:  # the separate-pass engine is then measured, so the call still says something
+            result["identity_fp32"] = {"error": repr(e), "identical": -1}
         engine.stop()
+        if result["identity_fp32"]["identical"] < len(sample):
+            engine = ContinuousBatchingEngine(model32, [], max_batch=8, max_len=max_len, mixed=False).start()
+            result["identity_fp32_separate_passes"] = compare(model32, engine, sample, new, args.device)
+            engine.stop()
+            use_mixed = result["identity_fp32"]["identical"] >= result["identity_fp32_separate_passes"]["identical"]
+        result["engine_measured_with_mixed_steps"] = use_mixed
         del engine, model32
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
@@ -279,12 +309,13 @@ def main() -> None:
     levels = [int(x) for x in args.in_flight.split(",")]
     built = time.perf_counter()
     engine = ContinuousBatchingEngine(model, [], max_batch=max(levels), max_len=max_len,
-                                      prefill_tokens=8192 if cuda else 1024)
+                                      prefill_tokens=8192 if cuda else 1024, mixed=use_mixed)
     engine.warmup(lengths=range(256, engine.max_len + 1, 256))
     result["engine_setup"] = {"seconds_incl_graph_capture": round(time.perf_counter() - built, 1),
                               "graphs": len(engine._graphs), "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
                               "slots": engine.max_batch, "max_len": engine.max_len,
-                              "fused_elementwise": engine.ops is not EAGER_OPS}
+                              "fused_elementwise": engine.ops is not EAGER_OPS, "mixed_steps": engine.mixed,
+                              "prefill_tokens": engine.prefill_tokens, "mixed_tokens": engine.mixed_tokens}
     result["parts"] = time_parts(engine, prompts, sync, cuda)
     save("parts")
     engine.start()
@@ -297,7 +328,9 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() if cuda else 0
+        steps, mixed_steps = engine.steps, engine.mixed_steps
         row = drive_engine(engine, prompts, level, max(2 * level, 8), new, sync)
+        row.update(decode_steps=engine.steps - steps, mixed_steps=engine.mixed_steps - mixed_steps)
         if cuda:
             row["gpu_memory_gib"] = {"before": round(before / 2**30, 2),
                                      "after": round(torch.cuda.memory_allocated() / 2**30, 2),
@@ -305,14 +338,24 @@ def main() -> None:
         result["engine"].append(row)
         save()
         print(json.dumps(row), flush=True)
-        if level == 64:  # the same load with twice the prefill per pass: fewer, larger prefills
-            engine.prefill_tokens = 16384
-            row = drive_engine(engine, prompts, level, 2 * level, new, sync)
-            row["prefill_tokens"] = 16384
-            engine.prefill_tokens = 8192
-            result["engine_64_prefill_16384"] = row
-            save("engine_64_prefill_16384")
-    result["engine_batch_stats"] = engine.batch_stats()
+        if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
+            variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
+            if use_mixed:
+                variants.update({"engine_64_mixed_tokens_256": {"mixed_tokens": 256},
+                                 "engine_64_mixed_tokens_4096": {"mixed_tokens": 4096}})
+            for key, change in variants.items():
+                kept = {name: getattr(engine, name) for name in change}
+                for name, value in change.items():
+                    setattr(engine, name, value)
+                steps, mixed_steps = engine.steps, engine.mixed_steps
+                row = drive_engine(engine, prompts, level, 2 * level, new, sync)
+                row.update(change, decode_steps=engine.steps - steps, mixed_steps=engine.mixed_steps - mixed_steps)
+                for name, value in kept.items():
+                    setattr(engine, name, value)
+                result[key] = row
+                save(key)
+    result["engine_batch_stats"] = {**engine.batch_stats(), "prefill_forwards": engine.prefills,
+                                    "mixed_steps": engine.mixed_steps}
     engine.stop()
     del engine  # its cache and graphs: HF's runs below get the card's memory back
     gc.collect()

@@ -1,7 +1,8 @@
 """The continuous-batching engine (veritune.engine) on the tiny model, eagerly on the CPU: its
 own forward over the static cache decodes exactly as transformers' greedy `generate`, requests
-join and leave between steps, and each keeps its own limit, stop, stream, cancel and grammar.
-(The CUDA-graph path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
+join and leave between steps, prompts are prefilled in pieces riding on decode steps (mixed
+steps), and each request keeps its own limit, stop, stream, cancel and grammar. (The CUDA-graph
+path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
 
 import json
 import threading
@@ -39,15 +40,55 @@ def hf_greedy(model, ids: list[int], max_new: int, stops) -> list[int]:
     return new[:-1] if new and new[-1] in stops else new
 
 
-def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative):
+def tiny_llama(layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=300, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prompt_pieces():
+    model = tiny_llama()
+    engine = ContinuousBatchingEngine(model, [], max_batch=3, max_len=256)
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(3, 300, (n,), generator=g).tolist() for n in (23, 40, 17))
+    with torch.inference_mode():
+        def hf_last(ids):
+            return model(torch.tensor([ids])).logits[0, -1]
+
+        # Slot 0 holds prompt a; slot 1 holds the first 25 tokens of b; slot 2 is free.
+        first = engine._prefill_forward([a], [0])
+        engine._mixed_forward([], [], 0, [(1, 0, b[:25])])
+        # One mixed step: slot 0 decodes its next token (slot 1 and 2 run dummy rows), b's rest
+        # joins after its cached prefix, c starts in slot 2 - all through the same linear layers.
+        nxt = int(first[0].argmax())
+        out = engine._mixed_forward([nxt, 0, 0], [len(a), engine.max_len - 1, engine.max_len - 1], len(a) + 1,
+                                    [(1, 25, b[25:]), (2, 0, c)])
+        assert out.shape == (5, 300)
+        torch.testing.assert_close(first[0], hf_last(a), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[0], hf_last(a + [nxt]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[3], hf_last(b), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[4], hf_last(c), rtol=1e-4, atol=1e-4)
+        # The dummy rows left slot 1's prompt in place: its next decode matches HF too.
+        nb = int(out[3].argmax())
+        again = engine._mixed_forward([0, nb], [engine.max_len - 1, len(b)], len(b) + 1, [])
+        torch.testing.assert_close(again[1], hf_last(b + [nb]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, mixed):
     model, tokenizer = talkative
     stops = stop_token_ids(tokenizer)
     # Different prompt lengths and limits: rows leave at different steps and, with 3 slots for
     # 6 requests, later requests are admitted into freed slots while others are mid-answer.
+    # Mixed: prompts enter 16 tokens a step beside the decoding rows, split across steps.
     limits = [20, 5, 12, 30, 8, 16]
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
-    engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64).start()
+    engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64,
+                                      mixed_tokens=16, mixed=mixed).start()
     try:
         futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
         completions = [f.result(60) for f in futures]
@@ -60,7 +101,33 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative):
     stats = engine.batch_stats()
     assert stats["max_batch_size_seen"] == 3  # never more than the slots
     assert engine.prefills >= 3  # the prefill budget (64 tokens) and the slots spread admission out
-    assert not engine._running and sorted(engine._free) == [0, 1, 2]  # every slot returned
+    if mixed:  # later prompts (all longer than 16 tokens) were prefilled piecewise beside decoding rows
+        assert min(map(len, prompts)) > 16 and engine.mixed_steps >= sum(-(-len(p) // 16) for p in prompts[3:])
+    else:
+        assert engine.mixed_steps == 0
+    assert not engine._running and not engine._prefilling and sorted(engine._free) == [0, 1, 2]  # every slot returned
+
+
+def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
+    model, _ = talkative
+    engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=200)
+    from veritune.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
+
+    def waiting(*lengths):
+        engine._prefilling = [_Running(GenerationRequest([5] * n, 4), None, slot, 0, -1)
+                              for slot, n in enumerate(lengths)]
+        return [(run.slot, start, count) for run, start, count in engine._plan()]
+
+    assert waiting(250, 250) == [(0, 0, 250), (1, 0, 50)]  # nothing decoding: prefill_tokens per forward
+    engine._running = {7: _Running(GenerationRequest([5], 4), None, 7, 1, 5)}
+    assert waiting(100) == [(0, 0, 100)]  # less than MIN_CHUNK waiting: all of it
+    assert waiting(300, 300) == [(0, 0, 150)]  # a quarter of 600 (above MIN_CHUNK, within mixed_tokens)
+    assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 60)]  # pieces of several prompts
+    assert waiting(2000) == [(0, 0, 200)]  # at most mixed_tokens
+    assert MIN_CHUNK == 128 and BACKLOG_SPREAD == 4
+    engine.mixed = False
+    assert waiting(250, 250) == [(0, 0, 250)]  # separate passes: whole prompts within prefill_tokens
+    assert waiting(400) == [(0, 0, 400)]  # (the first whatever its length)
 
 
 def test_engine_matches_the_micro_batching_loop_with_a_grammar_on_one_row(talkative, tiny_checkpoint):

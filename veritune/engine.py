@@ -5,16 +5,24 @@
     completion = future.result()          # a veritune.batching.Completion
     engine.stop()                         # finishes what was accepted, then the worker exits
 
-One worker thread owns the model. Between two decode steps it admits waiting requests (up
-to `max_batch` in flight): their prompts are prefilled together, packed without padding
-through the linear layers (`prefill_tokens` prompt tokens per forward at most), each one's
-keys and values written into its own slot of a cache allocated once,
-`[layers][slots, kv_heads, max_len, head_dim]`, and each gets its first token from that
-forward. A decode step then runs every slot in flight as one batch of one token each, each
-at its own position: attention reads a slot's cache up to its own length (a boolean mask from
-the positions). A request leaves the batch the step it finishes (stop token, its own
-`max_new_tokens`, cancelled), and its slot goes to the next one waiting, so requests join and
-leave between any two steps; nothing is recomputed and no cache is moved.
+One worker thread owns the model. A request taken from the queue gets a free slot of a cache
+allocated once, `[layers][slots, kv_heads, max_len, head_dim]`, and its prompt is prefilled
+into that slot in pieces. While no slot is decoding, a prefill forward takes up to
+`prefill_tokens` prompt tokens. While slots are decoding, the pieces ride along with the
+decode step instead (a *mixed step*, the chunked prefill of vLLM and SGLang): one forward
+whose linear layers run over the decode tokens of every running slot followed by up to
+`mixed_tokens` prompt tokens, so the weights read for decoding also serve the prefill's
+compute and decoding never stops for a prefill. In a mixed step each decode row attends over
+its slot's cache, masked past its own position, as in a pure decode step; each prompt piece
+attends causally over its own slot's cache before it and itself. A prompt's last piece gives
+its first token. How many prompt tokens ride on one step follows the backlog: a quarter of
+the prompt tokens waiting (at least MIN_CHUNK, at most `mixed_tokens`), so the prefill keeps
+pace with the requests that leave and free slots refill within a few steps; a step with a
+small piece costs little more than a pure decode step. A request leaves the batch the step
+it finishes (stop token, its own `max_new_tokens`, cancelled), and its slot goes to the next
+one waiting, so requests join and leave between any two steps; nothing is recomputed and no
+cache is moved. `mixed=False` keeps prefill and decode in separate forwards (whole prompts,
+`prefill_tokens` per pass, then a decode step), the engine before mixed steps.
 
 The forward is written here over the weights of a transformers `LlamaForCausalLM` (RMSNorm,
 RoPE from the model's own rotary tables, grouped-query attention over the cache, SwiGLU),
@@ -24,8 +32,10 @@ of 32 layers costs a few launches instead of ~600: the eager step of an 8B model
 64 spends most of its time launching kernels, not reading weights. Buckets: batches of
 1, 2, 4, 8, 16, 32, 64, 128 (slots are handed out lowest first, so the batch is the highest
 slot in use, rounded up), lengths in multiples of 256. Graphs are captured on first use
-(`warmup` captures them ahead). Greedy picking and the grammar masks of constrained tool
-calls run outside the graph on its logits, per request, as in `generate_batch`.
+(`warmup` captures them ahead). Mixed steps run eagerly: with a few hundred prompt tokens in
+them they are compute-bound, and launches hide behind the matrix products. Greedy picking and
+the grammar masks of constrained tool calls run outside the graph on its logits, per request,
+as in `generate_batch`.
 
 The same code runs eagerly on a CPU (the tests), where the server keeps `generate_batch`.
 """
@@ -43,6 +53,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from veritune.batching import BatcherStopped, Completion, GenerationRequest, QueueFull, apply_mask
 
@@ -50,6 +61,8 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_STEP = 256  # length buckets: multiples of this (a step reads at most this much masked cache per slot)
+MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add eager steps
+BACKLOG_SPREAD = 4  # a mixed step takes 1/this of the waiting prompt tokens: prefill keeps pace with the load
 
 
 def supported(model) -> str | None:
@@ -134,7 +147,7 @@ class ContinuousBatchingEngine:
 
     def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 64, max_len: int = 2048,
                  prefill_tokens: int = 8192, cuda_graphs: bool = True, max_pending: int = 0,
-                 name: str = "engine", fuse: bool = True):
+                 name: str = "engine", fuse: bool = True, mixed_tokens: int = 1024, mixed: bool = True):
         why = supported(model)
         if why is not None:
             raise ValueError(f"the continuous-batching engine runs bias-free Llama models with SwiGLU; this one has {why}")
@@ -142,9 +155,12 @@ class ContinuousBatchingEngine:
             raise ValueError(f"max_batch must be in 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        if mixed_tokens < 1:
+            raise ValueError(f"mixed_tokens must be >= 1, got {mixed_tokens}")
         cfg = model.config
         self.model, self.name = model, name
         self.max_batch, self.prefill_tokens, self.max_pending = max_batch, prefill_tokens, max_pending
+        self.mixed_tokens, self.mixed = mixed_tokens, mixed
         self.stop_ids = sorted(set(int(s) for s in stop_ids))
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
@@ -194,6 +210,7 @@ class ContinuousBatchingEngine:
         self._queue: queue.Queue = queue.Queue()
         self._waiting: list[tuple[GenerationRequest, Future]] = []  # taken from the queue, not yet admitted
         self._running: dict[int, _Running] = {}
+        self._prefilling: list[_Running] = []  # slot held, prompt partly in the cache (`position` tokens), in arrival order
         self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch bucket small
         self._lock = threading.Lock()
         self._accepting = False
@@ -202,7 +219,8 @@ class ContinuousBatchingEngine:
         self.steps = 0  # decode steps run
         self.step_rows = 0  # requests summed over decode steps (mean batch = step_rows / steps)
         self.max_in_flight = 0
-        self.prefills = 0
+        self.prefills = 0  # forwards that carried prompt tokens
+        self.mixed_steps = 0  # of those, the ones that also decoded
         self.on_batch = None  # (size, seconds) after each decode step, as MicroBatcher reports batches
 
     def _try_fused(self) -> dict:
@@ -259,51 +277,78 @@ class ContinuousBatchingEngine:
         logits = F.linear(h, self.lm_head)
         return logits, logits.argmax(-1)
 
-    def _prefill_forward(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        """Prompts into their slots' cache; the logits of each prompt's last position [n, vocab].
-        Linear layers run on the prompts packed end to end; attention runs per prompt, right-padded
-        into one causal batch (a real position never sees the padding after it)."""
-        dev, d, hkv = self.device, self.head_dim, self.n_kv
-        n = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        width = int(lengths.max())
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
-        seq = torch.repeat_interleave(torch.arange(n, device=dev), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        positions = torch.arange(len(tokens), device=dev) - starts[seq]
-        slot_of = torch.tensor(list(slots), dtype=torch.long, device=dev)[seq]
+    def _mixed_forward(self, dec_tokens: Sequence[int], dec_positions: Sequence[int], length: int,
+                       pieces: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
+        """One forward over the decode tokens of slots [0, len(dec_tokens)) (attention over the
+        first `length` positions of each slot's cache, masked past its own position) followed by
+        prompt pieces `(slot, start, tokens)`: tokens at positions start.. of that slot, attending
+        causally over the slot's cache before `start` and the piece itself. Linear layers run on
+        all rows at once. Returns the logits of the decode rows, then of each piece's last token:
+        [len(dec_tokens) + len(pieces), vocab]."""
+        dev, d, hkv, ops, eps = self.device, self.head_dim, self.n_kv, self.ops, self.eps
+        batch = len(dec_tokens)
+        sizes = [len(t) for _, _, t in pieces]
+        tokens = torch.tensor(list(dec_tokens) + [t for _, _, toks in pieces for t in toks], dtype=torch.long,
+                              device=dev)
+        positions = torch.tensor(list(dec_positions) + [start + i for (_, start, _), n in zip(pieces, sizes)
+                                                         for i in range(n)], dtype=torch.long, device=dev)
+        slot_of = torch.tensor(list(range(batch)) + [slot for (slot, _, _), n in zip(pieces, sizes)
+                                                     for _ in range(n)], dtype=torch.long, device=dev)
         rows = ((slot_of[:, None] * hkv + torch.arange(hkv, device=dev)[None]) * self.max_len
                 + positions[:, None]).reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        ops, eps = self.ops, self.eps
+        if batch:
+            visible = self.t_index[:length][None] <= positions[:batch, None]
+            dec_mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(
+                ~visible, float("-inf"))[:, None, None, :]
+        # A piece after earlier ones attends over its slot's cache prefix too: key j is visible to
+        # the piece's query i when j <= start + i, causal aligned bottom-right (SDPA's is_causal is
+        # top-left); as a CausalBias it runs in the flash / memory-efficient kernels, no mask built.
+        piece_masks = [causal_lower_right(n, start + n) for (_, start, _), n in zip(pieces, sizes)]
         x = F.embedding(tokens, self.embed)
         h = ops["rms"](x, self.layers[0].ln1, eps)
         for i, w in enumerate(self.layers):
             q, k = ops["rope_qk"](F.linear(h, w.q).view(-1, self.n_heads, d), F.linear(h, w.k).view(-1, hkv, d),
                                   cos, sin)
             v = F.linear(h, w.v).view(-1, hkv, d)
-            self.k_cache[i].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
-            self.v_cache[i].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
-            if n == 1:
-                qp, kp, vp = q[None], k[None], v[None]
-            else:
-                qp = q.new_zeros(n, width, self.n_heads, d)
-                kp = k.new_zeros(n, width, hkv, d)
-                vp = v.new_zeros(n, width, hkv, d)
-                qp[seq, positions], kp[seq, positions], vp[seq, positions] = q, k, v
-            kp = kp.repeat_interleave(self.group, dim=2)  # kv head j serves query heads j*group ... (j+1)*group-1
-            vp = vp.repeat_interleave(self.group, dim=2)
-            o = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-                                               is_causal=True, scale=self.scale).transpose(1, 2)
-            o = o[0] if n == 1 else o[seq, positions]
-            x, h = ops["add_rms"](x, F.linear(o.reshape(len(tokens), -1), w.o), w.ln2, eps)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+            outs = []
+            if batch:
+                # The query heads of one kv head side by side as its "query length": GQA without copies.
+                o = F.scaled_dot_product_attention(q[:batch].view(batch, hkv, self.group, d), kc[:batch, :, :length],
+                                                   vc[:batch, :, :length], attn_mask=dec_mask, scale=self.scale)
+                outs.append(o.reshape(batch, -1))
+            at = batch
+            for (slot, start, _), n, mask in zip(pieces, sizes, piece_masks):
+                qp = q[at:at + n].transpose(0, 1)[None]  # [1, heads, n, d]
+                if start == 0:
+                    kp, vp = k[at:at + n].transpose(0, 1), v[at:at + n].transpose(0, 1)
+                else:
+                    kp, vp = kc[slot, :, :start + n], vc[slot, :, :start + n]
+                # kv head j serves query heads j*group ... (j+1)*group-1
+                kp = kp.repeat_interleave(self.group, dim=0)[None]
+                vp = vp.repeat_interleave(self.group, dim=0)[None]
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+                outs.append(o[0].transpose(0, 1).reshape(n, -1))
+                at += n
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x, h = ops["add_rms"](x, F.linear(o, w.o), w.ln2, eps)
             down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
             if i + 1 < len(self.layers):
                 x, h = ops["add_rms"](x, down, self.layers[i + 1].ln1, eps)
             else:
                 x = x + down
-        last = torch.cumsum(lengths, 0) - 1
-        return F.linear(ops["rms"](x[last], self.norm, eps), self.lm_head)
+        ends = torch.tensor(sizes, dtype=torch.long, device=dev).cumsum(0) - 1 + batch
+        keep = torch.cat([torch.arange(batch, device=dev), ends])
+        # The LM head only on the rows that pick a token (the others are 4 bytes x vocab each).
+        return F.linear(ops["rms"](x[keep], self.norm, eps), self.lm_head)
+
+    def _prefill_forward(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Whole prompts into their slots' cache, nothing decoding: the logits of each prompt's
+        last position [n, vocab]."""
+        return self._mixed_forward([], [], 0, [(slot, 0, p) for slot, p in zip(slots, prompts)])
 
     def _step(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cuda_graphs:
@@ -382,7 +427,7 @@ class ContinuousBatchingEngine:
         return self._queue.qsize() + len(self._waiting)
 
     def in_flight(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._prefilling)
 
     def batch_stats(self) -> dict:
         return {"batches": self.steps, "max_batch_size_seen": self.max_in_flight,
@@ -402,17 +447,25 @@ class ContinuousBatchingEngine:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                self._take(block=not (self._running or self._waiting or self._stopping))
-                if self._stopping and not self._running and not self._waiting:
+                busy = self._running or self._waiting or self._prefilling
+                self._take(block=not (busy or self._stopping))
+                if self._stopping and not (self._running or self._waiting or self._prefilling):
                     return
                 try:
                     self._admit()
-                    if self._running:
-                        self._decode()
+                    pieces = self._plan()
+                    if pieces and self.mixed:
+                        self._prefill_step(pieces, decode=bool(self._running))
+                    else:
+                        if pieces:
+                            self._prefill_step(pieces, decode=False)
+                        if self._running:
+                            self._decode()
                 except BaseException as e:  # a failed forward fails what it held; the worker goes on
                     log.exception("%s: step failed", self.name)
-                    for run in list(self._running.values()):
+                    for run in list(self._running.values()) + self._prefilling:
                         self._finish(run, None, error=e)
+                    self._prefilling.clear()
 
     def _take(self, block: bool) -> None:
         """Move queued requests to `_waiting` (blocking for one when the engine is idle)."""
@@ -430,46 +483,89 @@ class ContinuousBatchingEngine:
                 self._waiting.append((request, future))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, at most `prefill_tokens` prompt tokens per forward."""
-        taken, budget = [], self.prefill_tokens
-        while self._waiting and self._free and len(taken) < len(self._free):
-            request, future = self._waiting[0]
+        """Give waiting requests free slots (lowest first); drop those cancelled before their first token."""
+        for run in [r for r in self._prefilling if r.request.cancelled.is_set()]:
+            self._prefilling.remove(run)
+            heapq.heappush(self._free, run.slot)
+            run.future.set_result(Completion([], "cancelled", len(run.request.prompt_ids), 0))
+        while self._waiting and self._free:
+            request, future = self._waiting.pop(0)
             if request.cancelled.is_set():
-                self._waiting.pop(0)
                 future.set_result(Completion([], "cancelled", len(request.prompt_ids), 0))
                 continue
-            if taken and len(request.prompt_ids) > budget:
+            self._prefilling.append(_Running(request, future, heapq.heappop(self._free), position=0, token=-1))
+
+    def _plan(self) -> list[tuple[_Running, int, int]]:
+        """The prompt pieces of the next forward, `(run, start, count)`, in arrival order. Mixed
+        steps take a share of the backlog (see the module docstring) and split prompts anywhere;
+        a forward with nothing decoding takes up to `prefill_tokens` (`mixed=False`: whole
+        prompts, the first one whatever its length)."""
+        if not self._prefilling:
+            return []
+        if self.mixed and self._running:
+            backlog = sum(len(r.request.prompt_ids) - r.position for r in self._prefilling)
+            budget = min(self.mixed_tokens, max(MIN_CHUNK, -(-backlog // BACKLOG_SPREAD)))
+        else:
+            budget = self.prefill_tokens
+        pieces = []
+        for run in self._prefilling:
+            rest = len(run.request.prompt_ids) - run.position
+            if not self.mixed:
+                if pieces and rest > budget:
+                    break
+                count = rest
+            else:
+                count = min(rest, budget)
+            if count <= 0:
                 break
-            budget -= len(request.prompt_ids)
-            taken.append(self._waiting.pop(0))
-        if not taken:
-            return
-        slots = [heapq.heappop(self._free) for _ in taken]
+            pieces.append((run, run.position, count))
+            budget -= count
+        return pieces
+
+    def _prefill_step(self, pieces: Sequence[tuple[_Running, int, int]], decode: bool) -> None:
+        """One forward over the prompt pieces and, with `decode`, one token of every running slot
+        (a mixed step, eager); runs whose prompt is complete get their first token from it."""
         started = time.perf_counter()
-        try:
-            logits = self._prefill_forward([r.prompt_ids for r, _ in taken], slots)
-        except BaseException as e:
-            for slot, (request, future) in zip(slots, taken):
-                heapq.heappush(self._free, slot)
-                future.set_exception(e)
-            log.exception("%s: prefill of %d failed", self.name, len(taken))
-            return
+        runs = sorted(self._running.values(), key=lambda r: r.slot) if decode else []
+        batch = runs[-1].slot + 1 if runs else 0
+        tokens, positions = [0] * batch, [self.max_len - 1] * batch  # free slots run a dummy token (see _decode)
+        for run in runs:
+            tokens[run.slot], positions[run.slot] = run.token, run.position
+        # Lengths bucketed as in the graphs: a handful of attention shapes (cuDNN plans one per shape).
+        length = self._length_bucket(max(positions[r.slot] for r in runs) + 1) if runs else 0
+        logits = self._mixed_forward(tokens, positions, length,
+                                     [(run.slot, start, run.request.prompt_ids[start:start + count])
+                                      for run, start, count in pieces])
         self.prefills += 1
-        runs = []
-        for slot, (request, future) in zip(slots, taken):
-            run = _Running(request, future, slot, position=len(request.prompt_ids), token=-1)
-            self._running[slot] = run
-            runs.append(run)
-        self._pick(runs, list(range(len(runs))), logits, logits.argmax(-1))
+        if runs:
+            self.mixed_steps += 1
+            self.steps += 1
+            self.step_rows += len(runs)
+            for run in runs:
+                run.position += 1
+        rows = [run.slot for run in runs]
+        for j, (run, start, count) in enumerate(pieces):
+            run.position = start + count
+            if run.position == len(run.request.prompt_ids):
+                self._prefilling.remove(run)
+                self._running[run.slot] = run
+                runs.append(run)
+                rows.append(batch + j)
+        self.max_in_flight = max(self.max_in_flight, len(self._running))
+        self._pick(runs, rows, logits, logits.argmax(-1))
         if self.on_batch is not None:
-            self.on_batch(len(taken), time.perf_counter() - started)
+            self.on_batch(len(runs), time.perf_counter() - started)
 
     def _decode(self) -> None:
         started = time.perf_counter()
         top = max(self._running) + 1
         batch = self._batch_bucket(top)
         length = self._length_bucket(max(r.position for r in self._running.values()) + 1)
-        tokens, positions = [0] * batch, [0] * batch  # free slots inside the bucket run a dummy token
+        # Free slots inside the bucket run a dummy token written at the last position of their
+        # slot: a request reads only positions it wrote itself, and never writes that one (prompt +
+        # new tokens fit `positions` <= max_len, and the last token picked is not fed back), so a
+        # slot between two pieces of its prompt keeps what it has.
+        tokens, positions = [0] * batch, [self.max_len - 1] * batch
         for slot, run in self._running.items():
             tokens[slot], positions[slot] = run.token, run.position
         self._host_tokens[:batch] = torch.tensor(tokens)
@@ -489,8 +585,9 @@ class ContinuousBatchingEngine:
 
     def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor,
               picked: torch.Tensor) -> None:
-        """The next token of each run (its row of the logits: its slot in a decode step, its
-        index in a prefill), under its grammar when it has one; then finish those that are done."""
+        """The next token of each run (its row of the logits: its slot among the decode rows, or
+        its piece's row after them in a prefill or mixed step), under its grammar when it has one;
+        then finish those that are done."""
         constrained = [(row, run) for row, run in zip(rows, runs) if run.request.constraint is not None]
         tokens = picked.tolist()
         for row, run in constrained:
