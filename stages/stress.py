@@ -7,7 +7,10 @@ data/index) on a free loopback port with one API key per client and the rate lim
 measures the engine, not the limiter), drives `stress.clients` concurrent clients for
 `stress.duration_s` with questions from data/split/questions_test.jsonl, and stops it with
 SIGTERM. With `stress.compare_unbatched` it repeats the same load against a server started
-with max_batch_size 1 (one request at a time). Writes metrics/stress.json (throughput,
+with max_batch_size 1 (one request at a time). With `serve.backend: upstream` the server it
+starts sends generation to `serve.upstream_url`, which must be up already (any
+OpenAI-compatible engine, or another `veritune serve --completions-endpoint`); there is no
+one-at-a-time run then, since the upstream decides its own batching. Writes metrics/stress.json (throughput,
 p50/p95/p99 latency, error rate, lost requests, exactly-one-answer check, the batched /
 one-at-a-time throughput ratio) and reports/stress/ (latency.png, server logs).
 """
@@ -56,6 +59,21 @@ def run_load(name: str, max_batch_size: int, p, questions: list[str], keys: list
     return summary, records
 
 
+def check_upstream(sp) -> None:
+    """Fail before any load if the upstream does not answer (the stage does not start it)."""
+    import httpx
+
+    from veritune.upstream import API_KEY_ENV, completions_url
+
+    url = completions_url(sp.upstream_url).rsplit("/", 1)[0] + "/models"
+    key = os.environ.get(API_KEY_ENV)
+    try:
+        httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).raise_for_status()
+    except httpx.HTTPError as e:
+        raise RuntimeError(f"serve.backend is upstream, and the upstream at {url} does not answer ({e}): start it "
+                           "first (e.g. `veritune serve --port 8001 --completions-endpoint --no-retrieval`)") from None
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = load_params("stress")
@@ -68,20 +86,26 @@ def main() -> None:
     load_params("agent_eval")
     if not Path(ip.uri).exists():
         raise FileNotFoundError(f"no index at {ip.uri}: run `dvc repro index`")
+    upstream = sp.backend == "upstream"
+    if upstream:
+        check_upstream(sp)
     questions = [q["question"] for q in read_jsonl("data/split/questions_test.jsonl")]
     keys = [secrets.token_urlsafe(24) for _ in range(p.clients)]
     metrics: dict = {"clients": p.clients, "duration_s": p.duration_s, "max_tokens": p.max_tokens,
                      "stream_fraction": p.stream_fraction, "cpu": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count()}
+                     "cpu_count": os.cpu_count(), "backend": sp.backend}
+    if upstream:
+        metrics["upstream_url"] = sp.upstream_url
     latencies = {}
     with atomic_path("reports/stress") as out:
         out.mkdir()
-        runs = [("batched", sp.max_batch_size)] + ([("unbatched", 1)] if p.compare_unbatched else [])
+        compare = p.compare_unbatched and not upstream  # an upstream batches as it does: no one-at-a-time run
+        runs = [("batched", sp.max_batch_size)] + ([("unbatched", 1)] if compare else [])
         for name, batch in runs:
             metrics[name], records = run_load(name, batch, p, questions, keys, out)
             latencies[f"{name} (max_batch_size={batch})"] = [r["latency_s"] for r in records
                                                              if r["status"] == 200 and r["problem"] is None]
-        if p.compare_unbatched:
+        if compare:
             b, u = metrics["batched"]["throughput_rps"], metrics["unbatched"]["throughput_rps"]
             metrics["throughput_ratio"] = round(b / u, 2) if u else None
             bt, ut = metrics["batched"]["completion_tokens_per_s"], metrics["unbatched"]["completion_tokens_per_s"]

@@ -106,6 +106,11 @@ class MicroBatcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    def batch_stats(self) -> dict:
+        sizes = self.batch_sizes
+        return {"batches": len(sizes), "max_batch_size_seen": max(sizes, default=0),
+                "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0}
+
     def stop(self, timeout: float | None = None) -> None:
         """Take no new items, finish those already queued, then end the worker."""
         with self._lock:

@@ -63,10 +63,13 @@ def run_serve(args: argparse.Namespace) -> None:
     params = load_params("serve", args.params)
     overrides = {name: getattr(args, name) for name in ("host", "port", "max_batch_size", "max_wait_ms",
                                                          "rate_limit_per_min", "torch_threads", "base_dir",
-                                                         "adapter_dir", "dtype")
+                                                         "adapter_dir", "dtype", "backend", "upstream_url",
+                                                         "request_timeout_s", "engine")
                  if getattr(args, name) is not None}
     if args.no_retrieval:
         overrides["retrieval"] = False
+    if args.completions_endpoint:
+        overrides["completions_endpoint"] = True
     params = dataclasses.replace(params, **overrides)
     problems = params.problems()
     if problems:
@@ -163,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--base-dir", help="base (or merged) checkpoint directory")
     srv.add_argument("--adapter-dir", help="LoRA adapter directory; '' for none")
     srv.add_argument("--no-retrieval", action="store_true", help="serve without the index (closed book)")
+    srv.add_argument("--backend", choices=["builtin", "upstream"], help="who generates (default: serve.backend)")
+    srv.add_argument("--upstream-url", help="backend upstream: the OpenAI-compatible server, e.g. http://host:8001/v1")
+    srv.add_argument("--engine", choices=["auto", "continuous", "micro_batch"], help="builtin backend's engine")
+    srv.add_argument("--request-timeout-s", type=float, help="504 after this long (default: serve.request_timeout_s)")
+    srv.add_argument("--completions-endpoint", action="store_true",
+                     help="also serve POST /v1/completions (raw prompts): to be another veritune's upstream")
     srv.set_defaults(run=run_serve)
     agent = commands.add_parser("agent", help="run one customer request through the tool-using agent")
     agent.add_argument("request", help='the customer\'s words, e.g. "Where is my order 1042?"')

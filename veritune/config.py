@@ -459,9 +459,25 @@ class ServeParams:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
     graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
     agent_db: str = "data/agent/business.sqlite"  # the agent mode's shop database; each request works on a private copy
+    backend: Literal["builtin", "upstream"] = "builtin"  # upstream: generation by the OpenAI-compatible server at upstream_url
+    upstream_url: str = ""  # e.g. http://127.0.0.1:8001/v1 (vLLM, SGLang, TGI, llama.cpp, another veritune)
+    upstream_model: str = "veritune"  # the `model` name the upstream serves
+    engine: Literal["auto", "continuous", "micro_batch"] = "auto"  # auto: continuous batching on CUDA, micro-batches on CPU
+    kv_cache_tokens: int = 2048  # continuous engine: positions per request slot (prompt + answer); cache = slots x this
+    prefill_tokens: int = 8192  # continuous engine: prompt tokens per prefill forward while nothing decodes
+    mixed_tokens: int = 1024  # continuous engine: prompt tokens riding on one decode step at most: refill vs. step time
+    completions_endpoint: bool = False  # POST /v1/completions (raw prompts, no retrieval): for serving as an upstream
 
     def problems(self) -> list[str]:
         out = []
+        if self.backend == "upstream" and not self.upstream_url.startswith(("http://", "https://")):
+            out.append(f"serve.upstream_url must be an http(s):// URL when serve.backend is upstream, got "
+                       f"{self.upstream_url!r}")
+        if self.engine == "continuous" and self.max_batch_size > 128:
+            out.append(f"serve.max_batch_size must be <= 128 with the continuous engine, got {self.max_batch_size}")
+        for name in ("kv_cache_tokens", "prefill_tokens", "mixed_tokens"):
+            if getattr(self, name) < 1:
+                out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             out.append(f"serve.port must be in 1..65535, got {self.port}")
         if not self.model_name or not self.model_name.replace("-", "").replace(".", "").isalnum():

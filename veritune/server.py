@@ -5,7 +5,9 @@
          -d '{"model": "veritune", "messages": [{"role": "user", "content": "How do I descale the K2?"}]}'
 
 Endpoints: POST /v1/chat/completions (with "stream": true for server-sent events),
-GET /v1/models, GET /health, GET /metrics (Prometheus text format).
+GET /v1/models, GET /health, GET /metrics (Prometheus text format); POST /v1/completions
+(raw prompts, no retrieval) only with `serve.completions_endpoint`, for serving as another
+veritune's upstream.
 
 Each answer is grounded by default: the last user message is the retrieval query, the top
 `serve.retrieval_k` chunks of the index go into the prompt exactly as in training
@@ -25,9 +27,13 @@ as in `agent_eval` (asked for in the request, schema-checked, idempotent, at mos
 `AgentSettings.persist_writes`. Listed in
 /v1/models only when `veritune.agent` imports and the database exists (else 501 / 503).
 
-Generation is greedy (temperature and top_p are accepted and ignored). Concurrent requests
-are decoded together by a `MicroBatcher` (see veritune/batching.py); retrieval queries are
-batched the same way, so a batch's questions are embedded and searched in one call.
+Generation is greedy (temperature and top_p are accepted and ignored). Who generates is
+`serve.backend`: `builtin` decodes concurrent requests together, in micro-batches on a CPU
+(`MicroBatcher` + `generate_batch`, veritune/batching.py) and by continuous batching with CUDA
+graphs on a GPU (`serve.engine`, veritune/engine.py); `upstream` sends the rendered prompt to an
+OpenAI-compatible engine at `serve.upstream_url` (veritune/upstream.py: 502 / 503 / 504 when it
+fails) and keeps retrieval, the agent, keys, limits and metrics here. Retrieval queries are
+batched too, so a batch's questions are embedded and searched in one call.
 
 Security: API keys come from `VERITUNE_API_KEYS` (comma-separated) or the file named by
 `VERITUNE_API_KEYS_FILE` (one per line, optionally followed by the customer id the key acts
@@ -116,6 +122,21 @@ class ChatRequest(BaseModel):
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     user: StrictStr | None = None
     retrieval: StrictBool | None = None  # veritune extension: None = the server's default (serve.retrieval)
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request (one prompt string), with vLLM's `skip_special_tokens` and
+    `stop_token_ids` (the server's own end-of-turn tokens end a completion either way)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: StrictBool = False
+    temperature: Annotated[StrictFloat | StrictInt, Field(ge=0, le=2)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    skip_special_tokens: StrictBool = True
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=16)] | None = None
 
 
 class ApiError(HTTPException):
@@ -294,7 +315,7 @@ class Service:
 
     def __init__(self, params: ServeParams, model, tokenizer, retriever=None, system_prompt: str = "",
                  api_keys: list[str] | None = None, agent: AgentSettings = AgentSettings(),
-                 customers: dict[str, str] | None = None):
+                 customers: dict[str, str] | None = None, max_positions: int | None = None):
         from veritune.generation import stop_token_ids
 
         self.params, self.model, self.tokenizer, self.retriever = params, model, tokenizer, retriever
@@ -304,13 +325,35 @@ class Service:
         self.key_customers = {i: (customers or {})[k] for i, k in enumerate(self.api_keys) if k in (customers or {})}
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        if max_positions is None:
+            max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30)) if model is not None else 1 << 30
+        self.max_positions = max_positions
         self.metrics = Metrics()
         self.limiter = RateLimiter(params.rate_limit_per_min)
         self.auth_failures = RateLimiter(params.auth_failures_per_min)  # per client address
-        self.generator = MicroBatcher(lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
-                                      params.max_batch_size, params.max_wait_ms, params.max_pending, name="generate")
-        self.generator.on_batch = lambda n, s: self._observe("generate", n, s)
+        self.upstream, self.generator, self.engine = None, None, None
+        if params.backend == "upstream":
+            from veritune.upstream import UpstreamClient
+
+            self.upstream = UpstreamClient(params.upstream_url, params.upstream_model, params.request_timeout_s,
+                                           self.stop_ids)
+            self.engine = "upstream"
+        elif engine_kind(params, model) == "continuous":
+            from veritune.engine import ContinuousBatchingEngine
+
+            self.generator = ContinuousBatchingEngine(model, self.stop_ids, params.max_batch_size,
+                                                      params.kv_cache_tokens, params.prefill_tokens,
+                                                      max_pending=params.max_pending, name="generate",
+                                                      mixed_tokens=params.mixed_tokens)
+            self.max_positions = min(self.max_positions, self.generator.positions)
+            self.engine = "continuous"
+        else:
+            self.generator = MicroBatcher(lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
+                                          params.max_batch_size, params.max_wait_ms, params.max_pending,
+                                          name="generate")
+            self.engine = "micro_batch"
+        if self.generator is not None:
+            self.generator.on_batch = lambda n, s: self._observe("generate", n, s)
         self.searcher = None
         if retriever is not None:
             self.searcher = MicroBatcher(lambda queries: retriever.search(queries, k=params.retrieval_k),
@@ -325,7 +368,8 @@ class Service:
         self.metrics.batch_seconds.labels(stage).observe(seconds)
 
     def start(self) -> "Service":
-        self.generator.start()
+        if self.generator is not None:
+            self.generator.start()
         if self.searcher is not None:
             self.searcher.start()
         return self
@@ -334,11 +378,14 @@ class Service:
         """Take no new work; finish what is queued."""
         if self.searcher is not None:
             self.searcher.stop()
-        self.generator.stop()
+        if self.generator is not None:
+            self.generator.stop()
 
     def close(self) -> None:
         """Finish queued work, then free the index (its lock) for other processes."""
         self.stop_batchers()
+        if self.upstream is not None:
+            self.upstream.close()
         if self.retriever is not None:
             self.retriever.close()
             self.retriever = None
@@ -352,6 +399,18 @@ class Service:
         tokenized as `ModelPolicy` does, special tokens kept and the stop token it wrote
         appended, so that `agent.parse_reply` sees the whole call (`<|python_tag|>...<|eom_id|>`,
         `<tool_call>...</tool_call><|im_end|>`)."""
+        if self.upstream is not None:
+            from veritune.upstream import UpstreamError
+
+            try:
+                done = self.upstream.complete_sync(prompt_text, max_new_tokens, keep_special=True)
+            except UpstreamError as e:
+                raise ApiError(e.status, str(e)) from None
+            self.metrics.prompt_tokens.inc(done.prompt_tokens)
+            self.metrics.completion_tokens.inc(done.completion_tokens)
+            stop = self.tokenizer.decode([done.stop_token_id], skip_special_tokens=False) \
+                if done.stop_token_id is not None else ""
+            return done.text + stop
         ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         grammar = self.call_grammar()
         gen = GenerationRequest(list(ids), max_new_tokens,
@@ -368,8 +427,8 @@ class Service:
     def call_grammar(self):
         """The tool-call grammar (`veritune.constrained`) when the agent mode constrains calls;
         compiled on first use (it reads the whole vocabulary), then shared by every request."""
-        if not self.agent.constrained_calls:
-            return None
+        if not self.agent.constrained_calls or self.model is None:
+            return None  # an upstream decodes calls freely: the grammar needs this process's logits
         with self._grammar_lock:
             if self._grammar is None:
                 from veritune.constrained import ToolCallGrammar
@@ -384,10 +443,22 @@ class Service:
         return [{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in hits[: self.agent.search_k]]
 
 
+def engine_kind(params: ServeParams, model) -> str:
+    """`serve.engine`, with auto resolved: continuous batching where the model is on CUDA and
+    the engine runs it (veritune.engine.supported), micro-batches elsewhere."""
+    if params.engine != "auto":
+        return params.engine
+    from veritune.engine import supported
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "continuous" if on_cuda and supported(model) is None else "micro_batch"
+
+
 def load_service(params: ServeParams, index_params=None, system_prompt: str = "", api_keys: list[str] | None = None,
                  retrieval: bool | None = None, agent: AgentSettings = AgentSettings(),
                  customers: dict[str, str] | None = None) -> Service:
-    """Load the model (adapter merged) and open the index named by `index_params`."""
+    """Load the model (adapter merged; with `serve.backend: upstream` only its tokenizer) and
+    open the index named by `index_params`."""
     import torch
 
     from veritune.modeling import load_model, load_tokenizer
@@ -398,6 +469,23 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
         path = getattr(params, name)
         if path and not Path(path).is_dir():
             raise FileNotFoundError(f"serve.{name} {path} does not exist: run `dvc repro train` (or set serve.{name})")
+    retriever = None
+    if (params.retrieval if retrieval is None else retrieval) and index_params is not None:
+        from veritune.retrieval import open_retriever
+
+        retriever = open_retriever(index_params)
+    if params.backend == "upstream":
+        # The prompt is rendered and counted here, in the checkpoint's own format; the weights stay upstream.
+        tokenizer_dir = params.adapter_dir if params.adapter_dir and \
+            (Path(params.adapter_dir) / "tokenizer_config.json").exists() else params.base_dir
+        tokenizer = load_tokenizer(tokenizer_dir)
+        positions = None
+        if (Path(params.base_dir) / "config.json").exists():
+            from transformers import AutoConfig
+
+            positions = int(getattr(AutoConfig.from_pretrained(params.base_dir), "max_position_embeddings", 1 << 30))
+        return Service(params, None, tokenizer, retriever, system_prompt, api_keys, agent, customers,
+                       max_positions=positions)
     model = load_model(params.base_dir)
     if params.adapter_dir:
         from peft import PeftModel
@@ -408,11 +496,6 @@ def load_service(params: ServeParams, index_params=None, system_prompt: str = ""
         model = model.to(getattr(torch, params.dtype))
     model.eval()
     tokenizer = load_tokenizer(params.adapter_dir or params.base_dir)
-    retriever = None
-    if (params.retrieval if retrieval is None else retrieval) and index_params is not None:
-        from veritune.retrieval import open_retriever
-
-        retriever = open_retriever(index_params)
     return Service(params, model, tokenizer, retriever, system_prompt, api_keys, agent, customers)
 
 
@@ -564,7 +647,7 @@ def header_deadline_protocol(service: Service):
     return HeaderDeadlineProtocol
 
 
-_PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
+_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
 
 
 # --------------------------------------------------------------------------- the app
@@ -639,12 +722,16 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
 
     @app.get("/health")
     async def health() -> dict:
-        sizes = service.generator.batch_sizes
-        return {"status": "ok", "model": p.model_name, "retrieval": service.searcher is not None,
-                "in_flight": service.in_flight, "pending": service.generator.pending(), "batches": len(sizes),
-                "max_batch_size_seen": max(sizes, default=0),
-                "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
-                "uptime_s": round(time.time() - service.started, 1)}
+        gen = service.generator
+        stats = gen.batch_stats() if gen is not None else {"batches": 0, "max_batch_size_seen": 0,
+                                                           "mean_batch_size": 0.0}
+        out = {"status": "ok", "model": p.model_name, "retrieval": service.searcher is not None,
+               "engine": service.engine, "in_flight": service.in_flight,
+               "pending": gen.pending() if gen is not None else 0, **stats,
+               "uptime_s": round(time.time() - service.started, 1)}
+        if service.upstream is not None:
+            out["upstream"] = service.upstream.url
+        return out
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -700,6 +787,9 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
                      for h in hits]
         created = int(time.time())
         base = {"id": f"chatcmpl-{request_id}", "created": created, "model": p.model_name}
+        if service.upstream is not None:
+            prompt_text = service.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return await upstream_chat(service, prompt_text, max_new, stops, base, citations, body.stream)
         gen = GenerationRequest(prompt_ids=list(prompt_ids), max_new_tokens=max_new)
         if body.stream:
             return StreamingResponse(stream_events(service, gen, stops, base, citations),
@@ -717,6 +807,47 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
                           "completion_tokens": len(completion.token_ids),
                           "total_tokens": completion.prompt_tokens + len(completion.token_ids)},
                 "citations": citations}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        """Raw prompts in, text out (OpenAI's legacy completions, vLLM's extras `skip_special_tokens`
+        and `stop_reason`): what another veritune with `serve.backend: upstream` sends this one."""
+        if not p.completions_endpoint or service.generator is None:
+            raise ApiError(404, "POST /v1/completions is off on this server (serve.completions_endpoint)")
+        authorize(request)
+        request_id = request.scope["state"]["request_id"]
+        if body.model != p.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {p.model_name!r}",
+                           param="model")
+        max_new = body.max_tokens or p.max_new_tokens
+        if max_new > p.max_new_tokens:
+            raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
+                           param="max_tokens")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop sequences must not be empty", param="stop")
+        if not body.prompt:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        ids = service.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) + max_new > service.max_positions:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
+                                f"{service.max_positions} positions", param="prompt")
+        base = {"id": f"cmpl-{request_id}", "created": int(time.time()), "model": p.model_name}
+        gen = GenerationRequest(prompt_ids=list(ids), max_new_tokens=max_new)
+        skip = body.skip_special_tokens
+        if body.stream:
+            return StreamingResponse(stream_events(service, gen, stops, base, None, kind="text", skip_special=skip),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
+        text, stopped = apply_stops(service.tokenizer.decode(completion.token_ids, skip_special_tokens=skip), stops)
+        finish = "stop" if stopped else completion.finish_reason
+        record_completion(service, completion, finish)
+        return {**base, "object": "text_completion",
+                "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                             "stop_reason": None if stopped else completion.stop_token_id}],
+                "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
+                          "total_tokens": completion.prompt_tokens + len(completion.token_ids)}}
 
     return RequestGuard(app, service)
 
@@ -782,16 +913,22 @@ async def wait_for(batcher: MicroBatcher, item: Any, timeout: float, gen: Genera
             gen.cancelled.set()  # a no-op once finished; frees the batch slot of one given up on
 
 
-async def stream_events(service: Service, gen: GenerationRequest, stops: list[str], base: dict, citations: list):
-    """Server-sent events in OpenAI's chunk format: role, content deltas, finish, `[DONE]`."""
+async def stream_events(service: Service, gen: GenerationRequest, stops: list[str], base: dict, citations: list | None,
+                        kind: str = "chat", skip_special: bool = True):
+    """Server-sent events in OpenAI's chunk format: role, content deltas, finish, `[DONE]`
+    (`kind` "text": the completions endpoint's chunks, `{"text": ...}`, no role, nothing stripped)."""
     loop = asyncio.get_running_loop()
     tokens: asyncio.Queue = asyncio.Queue()
     gen.on_token = lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token)
     hold = max((len(s) for s in stops), default=1) - 1  # text that may be the start of a stop sequence
 
     def event(delta: dict, finish: str | None = None, **extra) -> str:
-        chunk = {**base, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        if kind == "text":
+            choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
+            chunk = {**base, "object": "text_completion", "choices": [choice], **extra}
+        else:
+            chunk = {**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     try:
@@ -802,7 +939,8 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
         return
     done = asyncio.ensure_future(asyncio.wrap_future(future))
     deadline = loop.time() + service.params.request_timeout_s
-    yield event({"role": "assistant", "content": ""}, citations=citations)
+    if kind == "chat":
+        yield event({"role": "assistant", "content": ""}, citations=citations)
     ids: list[int] = []
     sent = 0
     finish = None
@@ -820,7 +958,7 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
                 while not tokens.empty():  # tokens queued before the future resolved
                     ids.append(tokens.get_nowait())
                 finish = done.result().finish_reason
-            text = service.tokenizer.decode(ids, skip_special_tokens=True)
+            text = service.tokenizer.decode(ids, skip_special_tokens=skip_special)
             text, stopped = apply_stops(text, stops)
             if stopped:
                 finish = "stop"
@@ -828,12 +966,15 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
             # Hold back a partial UTF-8 character and a possible stop-sequence prefix.
             ready = len(text) if finish else max(sent, len(text.rstrip("\ufffd")) - hold)
             if ready > sent:
-                yield event({"content": text[sent:ready] if sent else text[:ready].lstrip()})
+                yield event({"content": text[sent:ready] if sent or kind == "text" else text[:ready].lstrip()})
                 sent = ready
         completion = done.result() if done.done() and not done.exception() else None
         if completion is not None:
             record_completion(service, completion, finish)
-        yield event({}, finish)
+        usage = {} if completion is None or kind == "chat" else {"usage": {
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
+            "total_tokens": completion.prompt_tokens + len(completion.token_ids)}}
+        yield event({}, finish, **usage)
     except TimeoutError:
         gen.cancelled.set()
         yield f"data: {json.dumps(error_body(504, 'no answer within serve.request_timeout_s'))}\n\n"
@@ -843,6 +984,75 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
     finally:
         gen.cancelled.set()  # also when the client went away mid-stream
     yield "data: [DONE]\n\n"
+
+
+def upstream_api_error(e) -> ApiError:
+    """An `UpstreamError` as veritune's answer: 502 / 504, or 503 with Retry-After when it is busy."""
+    return ApiError(e.status, str(e), headers={"Retry-After": "1"} if e.status == 503 else None)
+
+
+async def upstream_chat(service: Service, prompt_text: str, max_new: int, stops: list[str], base: dict,
+                        citations: list, stream: bool):
+    """A chat completion generated by the upstream (`serve.backend: upstream`) on the prompt
+    rendered here; the answer in the same shape as the built-in backend's, citations included."""
+    from veritune.upstream import UpstreamError
+
+    p = service.params
+    if not stream:
+        try:
+            done = await asyncio.wait_for(service.upstream.complete(prompt_text, max_new, stops), p.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s "
+                                "(serve.request_timeout_s)") from None
+        except UpstreamError as e:
+            raise upstream_api_error(e) from None
+        finish = "length" if done.finish_reason == "length" else "stop"
+        service.metrics.completions.labels(finish).inc()
+        service.metrics.prompt_tokens.inc(done.prompt_tokens)
+        service.metrics.completion_tokens.inc(done.completion_tokens)
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text.strip()},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                          "total_tokens": done.prompt_tokens + done.completion_tokens},
+                "citations": citations}
+    try:  # the upstream's status line first: a dead upstream is a 502, not a broken stream
+        response = await asyncio.wait_for(service.upstream.open_stream(prompt_text, max_new, stops),
+                                          p.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s") from None
+    except UpstreamError as e:
+        raise upstream_api_error(e) from None
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        chunk = {**base, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def relay():
+        yield event({"role": "assistant", "content": ""}, citations=citations)
+        started, finish, usage = False, None, None
+        try:
+            async for text, reason, used in service.upstream.stream_deltas(response):
+                usage = used or usage
+                finish = reason or finish
+                if not started:
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield event({"content": text})
+            finish = "length" if finish == "length" else "stop"
+            service.metrics.completions.labels(finish).inc()
+            if usage:
+                service.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+                service.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
+            yield event({}, finish)
+        except UpstreamError as e:  # after the headers went out: said in-band, then the stream ends
+            yield f"data: {json.dumps(error_body(e.status, str(e)))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(relay(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @functools.cache
