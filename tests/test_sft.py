@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from tests.conftest import REPO
 from veritune import chat
 from veritune.config import BuildSftParams
 from veritune.modeling import load_tokenizer
@@ -146,6 +147,22 @@ def test_zero_unanswerable_rate_leaves_the_conversations_as_before():
 
 def test_unanswerable_follow_up_rate_out_of_range_is_a_params_error():
     assert any("unanswerable_follow_up_rate" in m for m in BuildSftParams(unanswerable_follow_up_rate=1.5).problems())
+
+
+def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_requests():
+    from veritune.config import load_params
+    from veritune.csat import OFF_TOPIC_QUESTIONS
+
+    requests = ("Tell me a joke.", "Write a haiku about the sea.")
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
+                       off_topic_follow_up_rate=1.0, off_topic_requests=requests)
+    [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
+    asked = [m["content"] for m in example["messages"][3::2]]
+    assert len(asked) == 2 and all(a.removeprefix("Question: ") in requests for a in asked)
+    assert [m["content"] for m in example["messages"][4::2]] == [p.abstain_answer] * 2
+    # The requests trained on are not the ones the CSAT simulation asks.
+    trained = {r.lower() for r in load_params("build_sft", REPO / "params.yaml").off_topic_requests}
+    assert trained and not trained & {q.lower() for q in OFF_TOPIC_QUESTIONS}
 
 
 def test_one_turn_per_conversation_adds_no_follow_ups():

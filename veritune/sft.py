@@ -79,14 +79,17 @@ def build_example(question: dict, passages: list[dict], has_oracle: bool, p: Bui
 
 
 def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", turns: int,
-                   abstain_answer: str, unanswerable_rate: float, rng: random.Random) -> None:
+                   abstain_answer: str, unanswerable_rate: float, rng: random.Random,
+                   off_topic_rate: float = 0.0, off_topic: Sequence[str] = ()) -> None:
     """Extend `example` with up to `turns - 1` further questions on its passages, each a
     supervised assistant turn: the prompt is read once, several answers are learnt from it (on
     the tiny default, 4 turns doubled held-out F1 at equal steps). A share
     (`unanswerable_rate`) are questions the passages cannot answer, answered with the
     abstention: about a shown document that does not state the fact or contradicts the
     question's premise, else about a product that does not exist. Without them every
-    follow-up is answerable and a conversation teaches refusal at most once."""
+    follow-up is answerable and a conversation teaches refusal at most once. Another share
+    (`off_topic_rate`) are requests outside the domain (`off_topic`: a poem, the news), which a
+    support assistant declines the same way."""
     shown = {c["doc_id"]: c["text"] for c in passages}
     answerable = [q for doc_id in shown for q in pools.answerable.get(doc_id, ())
                   if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])]
@@ -97,7 +100,12 @@ def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", 
         rng.shuffle(unanswerable)
     used = {example["id"]}
     for _ in range(turns - 1):
-        if unanswerable_rate > 0 and rng.random() < unanswerable_rate:
+        if off_topic_rate > 0 and rng.random() < off_topic_rate:
+            fresh = [r for r in off_topic if f"off-topic:{r}" not in used]
+            request = rng.choice(fresh) if fresh else None
+            q = request and {"id": f"off-topic:{request}", "question": request}
+            answer = abstain_answer
+        elif unanswerable_rate > 0 and rng.random() < unanswerable_rate:
             about_shown = [q for q in unanswerable if q["id"] not in used]
             q = about_shown[0] if about_shown else rng.choice(pools.entityless) if pools.entityless else None
             answer = abstain_answer
@@ -151,7 +159,7 @@ def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]
             example = build_example(q, passages, has_oracle, p)
             if p.turns_per_conversation > 1:
                 add_follow_ups(example, passages, pools, p.turns_per_conversation, p.abstain_answer,
-                               p.unanswerable_follow_up_rate, rng)
+                               p.unanswerable_follow_up_rate, rng, p.off_topic_follow_up_rate, p.off_topic_requests)
             examples.append(example)
     return examples
 
