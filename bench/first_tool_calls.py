@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune import chat  # noqa: E402
-from veritune.agent import ModelPolicy, parse_reply  # noqa: E402
-from veritune.config import load_params  # noqa: E402
-from veritune.io import read_jsonl  # noqa: E402
-from veritune.modeling import load_model, load_tokenizer  # noqa: E402
-from veritune.tools import ToolError, check_call, tool_definitions  # noqa: E402
+from veritune.core import chat  # noqa: E402
+from veritune.agent.loop import ModelPolicy, parse_reply  # noqa: E402
+from veritune.core.config import load_params  # noqa: E402
+from veritune.core.io import read_jsonl  # noqa: E402
+from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
+from veritune.agent.tools import ToolError, check_call, tool_definitions  # noqa: E402
 
 
 def main() -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from veritune.groundedness import extract_claims, score_groundedness  # noqa: E402
-from veritune.io import read_jsonl, write_json  # noqa: E402
-from veritune.scoring import normalize  # noqa: E402
+from veritune.eval.groundedness import extract_claims, score_groundedness  # noqa: E402
+from veritune.core.io import read_jsonl, write_json  # noqa: E402
+from veritune.eval.scoring import normalize  # noqa: E402
 
 SEED = 0
 THRESHOLD = 0.8

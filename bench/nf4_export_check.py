@@ -3,9 +3,9 @@
     python bench/nf4_export_check.py --out bench/results/nf4_export_check_h200.json    # needs CUDA + bitsandbytes
 
 Writes a Llama-architecture checkpoint (GQA, llama3 RoPE, SwiGLU; 4 layers of 512, random
-weights, the tiny tokenizer), trains a LoRA adapter on it with `veritune.training.train_adapter`
+weights, the tiny tokenizer), trains a LoRA adapter on it with `veritune.train.training.train_adapter`
 at `quantization: nf4` (the `train` stage's function: bitsandbytes nf4 with double
-quantisation, bf16 compute), exports it with `veritune.export.export_merged` (the `export`
+quantisation, bf16 compute), exports it with `veritune.train.export.export_merged` (the `export`
 stage's function, nf4 branch: merged onto the de-quantised weights), and compares logits on
 held-out text of
 
@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune import chat  # noqa: E402
-from veritune.config import TrainParams  # noqa: E402
-from veritune.export import export_merged  # noqa: E402
-from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer  # noqa: E402
-from veritune.training import train_adapter  # noqa: E402
+from veritune.core import chat  # noqa: E402
+from veritune.core.config import TrainParams  # noqa: E402
+from veritune.train.export import export_merged  # noqa: E402
+from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer  # noqa: E402
+from veritune.train.training import train_adapter  # noqa: E402
 
 FACTS = [f"Product {i} retails for ${100 + 7 * i} and ships in {2 + i % 5} days." for i in range(64)]
 

@@ -2,10 +2,10 @@
 
     python bench/recipe_smollm2.py GGUF SWEEP_DIR OUT_JSONL NAME:key=value,key=value ...
 
-Runs the project's own code for each configuration: `veritune.training.train_adapter` (TRL +
+Runs the project's own code for each configuration: `veritune.train.training.train_adapter` (TRL +
 PEFT, params `train` from params.yaml with the configuration's overrides), then RAG answers on
 the test split with the passages `evaluate` retrieves (precomputed into SWEEP_DIR, hybrid top
-2), scored by `veritune.evaluation`, and the agent test tasks (constrained calls, no search
+2), scored by `veritune.eval.evaluation`, and the agent test tasks (constrained calls, no search
 tool: a relative measure only). SWEEP_DIR holds train.jsonl and val.jsonl (data/sft),
 test_passages.json ({"questions", "passages": {mode: [...]}}) and agent/ (data/agent).
 
@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune import chat  # noqa: E402
-from veritune.config import load_params  # noqa: E402
-from veritune.evaluation import prompts_for, score_all, summarize  # noqa: E402
-from veritune.generation import generate  # noqa: E402
-from veritune.io import read_jsonl  # noqa: E402
-from veritune.modeling import PACKAGED, load_model, load_tokenizer, materialize_gguf  # noqa: E402
-from veritune.training import train_adapter  # noqa: E402
+from veritune.core import chat  # noqa: E402
+from veritune.core.config import load_params  # noqa: E402
+from veritune.eval.evaluation import prompts_for, score_all, summarize  # noqa: E402
+from veritune.infer.decode import generate  # noqa: E402
+from veritune.core.io import read_jsonl  # noqa: E402
+from veritune.model.modeling import PACKAGED, load_model, load_tokenizer, materialize_gguf  # noqa: E402
+from veritune.train.training import train_adapter  # noqa: E402
 
 
 TRIALS = int(os.environ.get("SWEEP_AGENT_TRIALS", "2"))
@@ -60,10 +60,10 @@ def trim_turns(example: dict, turns: int) -> dict:
 
 
 def agent_scores(model, tokenizer, sweep: Path) -> dict:
-    from veritune.agent import AgentLimits, ModelPolicy
-    from veritune.agent_tasks import evaluate_policy, summarise
-    from veritune.constrained import ToolCallGrammar
-    from veritune.tools import tool_definitions
+    from veritune.agent.loop import AgentLimits, ModelPolicy
+    from veritune.agent.tasks import evaluate_policy, summarise
+    from veritune.infer.constraints import ToolCallGrammar
+    from veritune.agent.tools import tool_definitions
 
     sp, ap, ep = (load_params(s) for s in ("build_sft", "agent_db", "agent_eval"))
     tasks = read_jsonl(sweep / "agent/tasks_test.jsonl")

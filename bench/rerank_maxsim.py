@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from veritune.config import load_params  # noqa: E402
-from veritune.io import read_jsonl, write_json  # noqa: E402
-from veritune.retrieval import Retriever, embedding_text, retrieval_metrics  # noqa: E402
-from veritune.scoring import bootstrap_ci  # noqa: E402
+from veritune.core.config import load_params  # noqa: E402
+from veritune.core.io import read_jsonl, write_json  # noqa: E402
+from veritune.retrieval.search import Retriever, embedding_text, retrieval_metrics  # noqa: E402
+from veritune.eval.scoring import bootstrap_ci  # noqa: E402
 
 CANDIDATES = 20
 KS = (1, 2, 3, 5, 10)

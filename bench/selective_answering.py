@@ -26,12 +26,12 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from groundedness_auroc import auroc  # noqa: E402
-from veritune.config import load_params  # noqa: E402
-from veritune.evaluation import prompts_for, score_all  # noqa: E402
-from veritune.generation import stop_token_ids  # noqa: E402
-from veritune.io import read_jsonl, write_json  # noqa: E402
-from veritune.modeling import load_model, load_tokenizer  # noqa: E402
-from veritune.retrieval import Retriever  # noqa: E402
+from veritune.core.config import load_params  # noqa: E402
+from veritune.eval.evaluation import prompts_for, score_all  # noqa: E402
+from veritune.infer.decode import stop_token_ids  # noqa: E402
+from veritune.core.io import read_jsonl, write_json  # noqa: E402
+from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
+from veritune.retrieval.search import Retriever  # noqa: E402
 
 BATCH = 32
 MAX_NEW_TOKENS = 24  # as evaluate.max_new_tokens

@@ -7,7 +7,7 @@ Builds the Llama 3.1 8B architecture (hidden 4096, 32 layers, 32 heads / 8 KV he
 14336, vocab 128256, llama3 RoPE scaling) with random weights directly on the device -
 throughput depends on the shapes, not on the weights' values - and measures, in one process:
 
-  * `engine`: `veritune.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
+  * `engine`: `veritune.serve.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
     mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
     request the moment its last one finished, 2 x in-flight requests (at least 8) of
     `--prompt-tokens` +-25% and exactly `--max-new-tokens` new tokens (no stop token). Reported:
@@ -47,8 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune.batching import GenerationRequest  # noqa: E402
-from veritune.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E402
+from veritune.serve.batching import GenerationRequest  # noqa: E402
+from veritune.serve.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):

@@ -5,7 +5,7 @@
 Builds LoRA (the default's r=32 on all linear layers) on `models/base` and times optimizer
 steps on real batches of `data/sft/train.jsonl` (8 examples of like length, padded on the
 right as the trainer pads them: nine QA batches of 220-430 tokens and one of tool-calling
-trajectories of ~950), under bf16 autocast, with the loss of `veritune.training` computed
+trajectories of ~950), under bf16 autocast, with the loss of `veritune.train.training` computed
 three ways in the same run, fastest last:
   mask       the padding mask passed to attention, SDPA in bf16 (the step before this change)
   no_mask    right padding under causal attention: no mask, so SDPA takes its causal kernel
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from veritune.io import read_jsonl, write_json  # noqa: E402
-from veritune.modeling import load_model, load_tokenizer, use_fp32_attention  # noqa: E402
-from veritune.sft import is_tool_conversation, tokenize_example  # noqa: E402
-from veritune.training import label_position_loss  # noqa: E402
+from veritune.core.io import read_jsonl, write_json  # noqa: E402
+from veritune.model.modeling import load_model, load_tokenizer, use_fp32_attention  # noqa: E402
+from veritune.data.sft import is_tool_conversation, tokenize_example  # noqa: E402
+from veritune.train.training import label_position_loss  # noqa: E402
 
 REPEATS = 1  # passes over the 10 batches per timing
 ROUNDS = 5  # timings per configuration, interleaved; the median is reported

@@ -7,8 +7,8 @@
 Random weights (speed and memory do not depend on their values), sequence 2048, 4 sequences
 = 8,192 tokens per step, LoRA r=16 / alpha 32 on all linear layers of every block, AdamW.
 Every mode runs in its own process (clean peak-memory reading, no kernel patching shared
-between modes) through the same calls the `train` stage makes: veritune.modeling.load_model,
-veritune.training.lora_config, veritune.fast_lora.prepare_for_training.
+between modes) through the same calls the `train` stage makes: veritune.model.modeling.load_model,
+veritune.train.training.lora_config, veritune.train.fast_lora.prepare_for_training.
 
 A mode is `qlora_nf4` or `lora_bf16`, then `+flag` / `-flag` to switch one of fused_lora,
 liger, ckpt (activation checkpointing), liger_ce, compile (torch.compile per decoder layer)
@@ -157,10 +157,10 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from veritune.config import TrainParams
-    from veritune.fast_lora import prepare_for_training
-    from veritune.modeling import load_model
-    from veritune.training import lora_config
+    from veritune.core.config import TrainParams
+    from veritune.train.fast_lora import prepare_for_training
+    from veritune.model.modeling import load_model
+    from veritune.train.training import lora_config
 
     name, flags = parse_mode(mode)
     torch.cuda.reset_peak_memory_stats()

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from veritune.config import parse_params
-from veritune.evaluation import prompts_for, score_all, summarize
-from veritune.io import read_json, read_jsonl, write_jsonl
+from veritune.core.config import parse_params
+from veritune.eval.evaluation import prompts_for, score_all, summarize
+from veritune.core.io import read_json, read_jsonl, write_jsonl
 
 PASSAGES = Path("sweep/test_passages.jsonl")
 
@@ -64,7 +64,7 @@ def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
 
 
 def prepare() -> None:
-    from veritune.retrieval import Retriever
+    from veritune.retrieval.search import Retriever
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     ip, sp = parse_params("index", raw["index"]), parse_params("build_sft", raw["build_sft"])
@@ -79,10 +79,10 @@ def run_one(name: str, overrides: dict[str, object], raw: dict) -> dict:
     import torch
     from peft import PeftModel
 
-    from veritune.generation import generate
-    from veritune.modeling import load_model, load_tokenizer
-    from veritune.pretrain import build_tiny_base
-    from veritune.training import train_adapter
+    from veritune.infer.decode import generate
+    from veritune.model.modeling import load_model, load_tokenizer
+    from veritune.model.pretrain import build_tiny_base
+    from veritune.train.training import train_adapter
 
     # The tiny model is small enough for bf16 LoRA on any GPU; nf4 would only add noise.
     overrides = dict(overrides)

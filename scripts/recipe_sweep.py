@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.getcwd())
-from veritune import chat
-from veritune.config import BuildSftParams
-from veritune.generation import generate
-from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
-from veritune.pretrain import make_window
-from veritune.scoring import is_abstention, token_f1, exact_match
-from veritune.sft import build_examples, tokenize_example
+from veritune.core import chat
+from veritune.core.config import BuildSftParams
+from veritune.infer.decode import generate
+from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+from veritune.model.pretrain import make_window
+from veritune.eval.scoring import is_abstention, token_f1, exact_match
+from veritune.data.sft import build_examples, tokenize_example
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CACHE = Path("sweep/recipe")
@@ -269,13 +269,13 @@ def prepare():
     """Cache the retrieval-dependent inputs (needs the index; CPU is fine)."""
     import dataclasses, json
     from pathlib import Path
-    from veritune.config import load_params
-    from veritune.io import read_jsonl
-    from veritune.retrieval import Retriever
-    from veritune.evaluation import oracle_passages
+    from veritune.core.config import load_params
+    from veritune.core.io import read_jsonl
+    from veritune.retrieval.search import Retriever
+    from veritune.eval.evaluation import oracle_passages
     from datetime import date
-    from veritune import chat
-    from veritune.tools import tool_definitions, TOOL_NAMES
+    from veritune.core import chat
+    from veritune.agent.tools import tool_definitions, TOOL_NAMES
 
     out = CACHE; out.mkdir(parents=True, exist_ok=True)
     ip = load_params("index")

@@ -13,10 +13,10 @@ import logging
 from collections import Counter
 from datetime import date
 
-from veritune.agent_tasks import TaskError, expected_state, validate_tasks
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.tools import TABLES, build_database
+from veritune.agent.tasks import TaskError, expected_state, validate_tasks
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.agent.tools import TABLES, build_database
 
 log = logging.getLogger("veritune.agent_db")
 

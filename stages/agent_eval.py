@@ -18,15 +18,15 @@ import logging
 from collections import defaultdict
 from datetime import date
 
-from veritune import chat
-from veritune.agent import AgentLimits, ModelPolicy, OraclePolicy
-from veritune.agent_tasks import evaluate_policy, summarise
-from veritune.config import as_dict, load_params
-from veritune.constrained import ToolCallGrammar
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.modeling import load_model, load_tokenizer
-from veritune.retrieval import open_retriever
-from veritune.tools import kb_search, tool_definitions
+from veritune.core import chat
+from veritune.agent.loop import AgentLimits, ModelPolicy, OraclePolicy
+from veritune.agent.tasks import evaluate_policy, summarise
+from veritune.core.config import as_dict, load_params
+from veritune.infer.constraints import ToolCallGrammar
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.retrieval.search import open_retriever
+from veritune.agent.tools import kb_search, tool_definitions
 
 log = logging.getLogger("veritune.agent_eval")
 DB = "data/agent/business.sqlite"
@@ -89,7 +89,7 @@ def main() -> None:
         if metrics["oracle"]["claimed_undone_rate"] != 0.0:
             misread = [r["task_id"] for r in oracle if r["claimed_undone"]]
             raise RuntimeError(f"gold answers of tasks {misread[:10]} read as claims their gold calls do not back: "
-                               "fix veritune.agent_tasks.CLAIMS or the tasks")
+                               "fix veritune.agent.tasks.CLAIMS or the tasks")
 
         model = load_model("models/base")
         grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=p.max_string_chars) \

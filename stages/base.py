@@ -16,11 +16,11 @@ writes models/base/ (Hugging Face layout + base_config.json) and metrics/base.js
 
 import logging
 
-from veritune.chat import LLAMA3, TODAY_DATE, formatted_messages
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_json, read_jsonl, write_json
-from veritune.modeling import PACKAGED, check_checkpoint, locate_packaged, materialize_checkpoint, materialize_gguf
-from veritune.pretrain import build_tiny_base
+from veritune.core.chat import LLAMA3, TODAY_DATE, formatted_messages
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_json, read_jsonl, write_json
+from veritune.model.modeling import PACKAGED, check_checkpoint, locate_packaged, materialize_checkpoint, materialize_gguf
+from veritune.model.pretrain import build_tiny_base
 
 log = logging.getLogger("veritune.base")
 

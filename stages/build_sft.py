@@ -16,11 +16,11 @@ import logging
 from datetime import date
 from pathlib import Path
 
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.retrieval import open_retriever
-from veritune.sft import build_agent_examples, build_examples
-from veritune.tools import kb_search
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.retrieval.search import open_retriever
+from veritune.data.sft import build_agent_examples, build_examples
+from veritune.agent.tools import kb_search
 
 log = logging.getLogger("veritune.build_sft")
 

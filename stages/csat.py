@@ -8,18 +8,18 @@ Reads models/base/, models/adapter/, data/index/, data/split/questions_test.json
 (per model: mean CSAT with a bootstrap 95% interval, the 1..5 distribution, resolution,
 wrong-refusal and misled rates, per persona) and reports/csat/ (conversations.jsonl with every
 turn and verdict, csat_histogram.png, csat_config.json). The personas and the rubric are in
-veritune/csat.py's docstring.
+veritune/eval/csat.py's docstring.
 """
 
 import dataclasses
 import logging
 
-from veritune.config import as_dict, load_params
-from veritune.csat import csat_score, make_customers, plot_histogram, simulate, summarize_csat, turn_messages
-from veritune.generation import generate
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.modeling import load_model, load_tokenizer
-from veritune.retrieval import open_retriever
+from veritune.core.config import as_dict, load_params
+from veritune.eval.csat import csat_score, make_customers, plot_histogram, simulate, summarize_csat, turn_messages
+from veritune.infer.decode import generate
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.retrieval.search import open_retriever
 
 log = logging.getLogger("veritune.csat")
 

@@ -16,15 +16,15 @@ import dataclasses
 import logging
 import random
 
-from veritune.config import as_dict, load_params
-from veritune.evaluation import (MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_passages,
+from veritune.core.config import as_dict, load_params
+from veritune.eval.evaluation import (MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_passages,
                                  prompts_for, score_all, summarize)
-from veritune.generation import generate
-from veritune.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
-from veritune.judge import judge_answers, load_judge, summarize_judge
-from veritune.modeling import load_model, load_tokenizer
-from veritune.report import write_eval_report
-from veritune.retrieval import open_retriever
+from veritune.infer.decode import generate
+from veritune.core.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from veritune.eval.judge import judge_answers, load_judge, summarize_judge
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.eval.report import write_eval_report
+from veritune.retrieval.search import open_retriever
 
 log = logging.getLogger("veritune.evaluate")
 

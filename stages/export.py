@@ -11,9 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-from veritune.config import load_params
-from veritune.export import export_merged
-from veritune.io import atomic_path, write_json
+from veritune.core.config import load_params
+from veritune.train.export import export_merged
+from veritune.core.io import atomic_path, write_json
 
 log = logging.getLogger("veritune.export")
 

@@ -21,11 +21,11 @@ import re
 import sys
 from pathlib import Path
 
-from veritune.config import load_params
-from veritune.csat import rubric_text
-from veritune.gate import build_release, check_criteria, describe_failure, withdraw_release
-from veritune.io import atomic_path, read_json, write_json
-from veritune.report import plot_retrieval_curve, release_blocks, write_release_report
+from veritune.core.config import load_params
+from veritune.eval.csat import rubric_text
+from veritune.eval.gate import build_release, check_criteria, describe_failure, withdraw_release
+from veritune.core.io import atomic_path, read_json, write_json
+from veritune.eval.report import plot_retrieval_curve, release_blocks, write_release_report
 
 log = logging.getLogger("veritune.gate")
 

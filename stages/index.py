@@ -17,9 +17,9 @@ import logging
 from importlib.metadata import version
 from pathlib import Path
 
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json
-from veritune.retrieval import Retriever, build_index, chunk_document, is_local_uri, load_embedder, retrieval_metrics
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json
+from veritune.retrieval.search import Retriever, build_index, chunk_document, is_local_uri, load_embedder, retrieval_metrics
 
 DOCUMENTS = Path("data/validated/documents.jsonl")
 QUESTIONS = {"val": Path("data/split/questions_val.jsonl"), "test": Path("data/split/questions_test.jsonl")}

@@ -13,12 +13,12 @@ answers_vs_noise.png, predictions.jsonl, rag_config.json).
 import dataclasses
 import logging
 
-from veritune.config import as_dict, load_params
-from veritune.evaluation import prompts_for, score_all
-from veritune.generation import generate
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.modeling import load_model, load_tokenizer
-from veritune.rag_eval import (
+from veritune.core.config import as_dict, load_params
+from veritune.eval.evaluation import prompts_for, score_all
+from veritune.infer.decode import generate
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.eval.rag_eval import (
     answer_summary,
     injection_cases,
     injection_messages,
@@ -30,7 +30,7 @@ from veritune.rag_eval import (
     with_ci,
     write_rag_report,
 )
-from veritune.retrieval import Retriever, iterative_search, retrieval_metrics
+from veritune.retrieval.search import Retriever, iterative_search, retrieval_metrics
 
 log = logging.getLogger("veritune.rag_eval")
 

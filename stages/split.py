@@ -8,9 +8,9 @@ data/split/questions_{train,val,test}.jsonl, data/split/doc_split.json and metri
 
 import logging
 
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.splitting import SPLITS, assign_documents, assign_questions, check_no_leak, split_summary
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.data.splitting import SPLITS, assign_documents, assign_questions, check_no_leak, split_summary
 
 log = logging.getLogger("veritune.split")
 

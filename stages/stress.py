@@ -22,9 +22,9 @@ import platform
 import secrets
 from pathlib import Path
 
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json
-from veritune.stress import ServerProcess, drive_load, free_port, plot_latency, server_counter, summarize
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json
+from veritune.serve.stress import ServerProcess, drive_load, free_port, plot_latency, server_counter, summarize
 
 log = logging.getLogger("veritune.stress")
 
@@ -63,7 +63,7 @@ def check_upstream(sp) -> None:
     """Fail before any load if the upstream does not answer (the stage does not start it)."""
     import httpx
 
-    from veritune.upstream import API_KEY_ENV, completions_url
+    from veritune.serve.upstream import API_KEY_ENV, completions_url
 
     url = completions_url(sp.upstream_url).rsplit("/", 1)[0] + "/models"
     key = os.environ.get(API_KEY_ENV)

@@ -12,9 +12,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from veritune.config import as_dict, load_params
-from veritune.io import atomic_path, read_jsonl, write_json
-from veritune.training import is_main_process, launch_data_parallel, train_adapter
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json
+from veritune.train.training import is_main_process, launch_data_parallel, train_adapter
 
 log = logging.getLogger("veritune.train")
 

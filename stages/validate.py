@@ -8,7 +8,7 @@ Writes  data/validated/documents.jsonl, data/validated/questions.jsonl  (the rec
         metrics/validate.json     record counts by kind, n_failures (always 0 when written)
         reports/validation.json   every Great Expectations expectation, its outcome and counts
 
-The checks live in `veritune.validation`. If any record breaks the contract, every problem
+The checks live in `veritune.data.validation`. If any record breaks the contract, every problem
 is printed to stderr as `questions.jsonl:12 id=q-0042 field=doc_ids[0]: unknown document id
 'doc-9999' ...`, nothing is written, and the stage exits with status 1.
 """
@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from veritune.config import load_params
-from veritune.io import write_json, write_jsonl
-from veritune.validation import DOCUMENTS_FILE, QUESTIONS_FILE, format_failures, read_raw, validate
+from veritune.core.config import load_params
+from veritune.core.io import write_json, write_jsonl
+from veritune.data.validation import DOCUMENTS_FILE, QUESTIONS_FILE, format_failures, read_raw, validate
 
 RAW_DIR = Path("data/raw")
 VALIDATED_DIR = Path("data/validated")

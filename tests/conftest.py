@@ -22,7 +22,7 @@ CORPUS = [
 
 def _write_tiny(path: Path, chat_format: str, max_positions: int) -> Path:
     """A 2-layer Llama-architecture model and its tokenizer, saved with save_pretrained."""
-    from veritune.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
+    from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600, chat_format=chat_format)
     arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tests.conftest import LLAMA3_TOKENIZER, REPO
-from veritune import chat
-from veritune.agent import AgentLimits, OraclePolicy, advance, parse_reply, run_episodes, start_episode
-from veritune.agent_tasks import (evaluate_policy, expected_state, missing_facts, pass_hat_k, summarise,
+from veritune.core import chat
+from veritune.agent.loop import AgentLimits, OraclePolicy, advance, parse_reply, run_episodes, start_episode
+from veritune.agent.tasks import (evaluate_policy, expected_state, missing_facts, pass_hat_k, summarise,
                                   validate_tasks)
-from veritune.io import read_jsonl
-from veritune.modeling import load_tokenizer
-from veritune.sft import tokenize_example
-from veritune.tools import (TABLES, TODAY, BusinessDataError, Toolbox, ToolError, authorised_writes,
+from veritune.core.io import read_jsonl
+from veritune.model.modeling import load_tokenizer
+from veritune.data.sft import tokenize_example
+from veritune.agent.tools import (TABLES, TODAY, BusinessDataError, Toolbox, ToolError, authorised_writes,
                             build_database, calculate, db_fingerprint, episode_database, tool_definitions)
 
 SYSTEM = "You are a support agent."
@@ -356,7 +356,7 @@ def replies_in_turn(*replies):
 def test_run_agent_writes_only_valid_authorised_calls(shop, tmp_path):
     """Bad or unrequested calls never reach the database, even with writes persisted; a valid,
     requested write lands only where `persist_writes` says, once (idempotent)."""
-    from veritune.agent import run_agent
+    from veritune.agent.loop import run_agent
 
     db, _ = shop
     live = episode_database(db, tmp_path, "live")
@@ -383,7 +383,7 @@ def test_run_agent_writes_only_valid_authorised_calls(shop, tmp_path):
 
 
 def test_run_agent_reports_the_limit_that_ended_it(shop, tmp_path):
-    from veritune.agent import STOPPED, run_agent
+    from veritune.agent.loop import STOPPED, run_agent
 
     db, _ = shop
     result = run_agent([{"role": "user", "content": "Where is my order 1001?"}],
@@ -504,8 +504,8 @@ def test_tool_trajectory_loss_covers_exactly_the_assistant_turns(tiny_checkpoint
 
 def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
     """An untrained tiny model writes noise: the loop still ends every episode cleanly."""
-    from veritune.agent import ModelPolicy
-    from veritune.modeling import load_model
+    from veritune.agent.loop import ModelPolicy
+    from veritune.model.modeling import load_model
 
     db, tasks = shop
     model = load_model(tiny_checkpoint)
@@ -520,9 +520,9 @@ def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
 def test_model_policy_replies_as_if_each_prompt_were_decoded_alone(tiny_checkpoint, shop):
     """Episodes are batched by prompt length, their shared system turn prefilled once and its
     cache copied into each batch: each episode still gets the reply of its own whole prompt."""
-    from veritune.agent import ModelPolicy, start_episode
-    from veritune.modeling import load_model
-    from veritune.tools import Toolbox
+    from veritune.agent.loop import ModelPolicy, start_episode
+    from veritune.model.modeling import load_model
+    from veritune.agent.tools import Toolbox
 
     db, _ = shop
     model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
@@ -604,7 +604,7 @@ def test_the_agent_loop_cannot_reach_another_customers_order(shop, tmp_path):
     """A model doing what the probe's did (reads and refunds other customers' orders), with
     writes persisted: every call is refused as not found, and nothing foreign reaches the
     model, the steps or the answer."""
-    from veritune.agent import run_agent
+    from veritune.agent.loop import run_agent
 
     db, _ = shop
     live = episode_database(db, tmp_path, "live-scope")
@@ -671,7 +671,7 @@ def test_arbitrary_json_into_every_tool_raises_nothing_but_tool_error(shop, tmp_
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from veritune.tools import TOOLS, check_call
+    from veritune.agent.tools import TOOLS, check_call
 
     db, _ = shop
     box = Toolbox(episode_database(db, tmp_path, "fuzz"), search=keyword_search, customer_id=CUSTOMER)
@@ -733,7 +733,7 @@ def test_arbitrary_json_into_every_tool_raises_nothing_but_tool_error(shop, tmp_
 def test_claimed_but_undone_actions_are_counted(shop):
     """Known values: an answerer that claims a refund it never made scores 1.0; the oracle,
     whose answers claim exactly what its calls did, 0.0."""
-    from veritune.agent_tasks import undone_claims
+    from veritune.agent.tasks import undone_claims
 
     db, tasks = shop
     task = next(t for t in tasks if t["kind"] == "refund_faulty")

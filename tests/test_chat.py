@@ -3,8 +3,8 @@
 import pytest
 
 from tests.conftest import LLAMA3_TOKENIZER
-from veritune import chat
-from veritune.modeling import load_tokenizer
+from veritune.core import chat
+from veritune.model.modeling import load_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Answer from the documents."},

@@ -10,12 +10,12 @@ import jinja2
 import pytest
 import torch
 
-from veritune import chat
-from veritune.agent import AgentLimits, OraclePolicy, advance, parse_reply, start_episode
-from veritune.constrained import ToolCallGrammar
-from veritune.modeling import CheckpointError, PACKAGED, load_tokenizer, materialize_gguf
-from veritune.sft import tokenize_example
-from veritune.tools import check_call
+from veritune.core import chat
+from veritune.agent.loop import AgentLimits, OraclePolicy, advance, parse_reply, start_episode
+from veritune.infer.constraints import ToolCallGrammar
+from veritune.model.modeling import CheckpointError, PACKAGED, load_tokenizer, materialize_gguf
+from veritune.data.sft import tokenize_example
+from veritune.agent.tools import check_call
 
 # SmolLM2-135M-Instruct's own chat template, as its GGUF ships it.
 SMOLLM2_TEMPLATE = (
@@ -138,7 +138,7 @@ def test_oracle_runs_the_agent_loop_in_chatml(tmp_path):
     """The scripted oracle writes ChatML calls; the loop parses them, runs the tool, answers."""
     import sqlite3
 
-    from veritune.tools import Toolbox
+    from veritune.agent.tools import Toolbox
 
     db = tmp_path / "shop.sqlite"
     with sqlite3.connect(db) as con:
@@ -165,7 +165,7 @@ def test_packaged_gguf_becomes_a_plain_checkpoint_with_the_same_logits(tmp_path)
     template; the saved checkpoint computes the logits the GGUF itself does."""
     from transformers import AutoModelForCausalLM
 
-    from veritune.modeling import check_checkpoint, load_model, locate_packaged
+    from veritune.model.modeling import check_checkpoint, load_model, locate_packaged
 
     path = locate_packaged(GGUF)
     with pytest.raises(CheckpointError, match="sha256"):

@@ -1,4 +1,4 @@
-"""Constrained tool calls (veritune.constrained): every call the grammar lets through is valid
+"""Constrained tool calls (veritune.infer.constraints): every call the grammar lets through is valid
 for its tool's schema, complete calls end in <|eom_id|>, answers are left alone, and both
 generation loops (transformers' `generate`, the server's `generate_batch`) apply it per row."""
 
@@ -10,13 +10,13 @@ import torch
 from transformers import LogitsProcessorList
 
 from tests.conftest import LLAMA3_TOKENIZER
-from veritune import chat
-from veritune.agent import parse_reply
-from veritune.batching import GenerationRequest, generate_batch
-from veritune.constrained import NUMBER_BOUND, ConstrainedCalls, ToolCallGrammar, call_schema
-from veritune.generation import stop_token_ids
-from veritune.modeling import load_model, load_tokenizer
-from veritune.tools import MAX_ID, TOOLS, check_call
+from veritune.core import chat
+from veritune.agent.loop import parse_reply
+from veritune.serve.batching import GenerationRequest, generate_batch
+from veritune.infer.constraints import NUMBER_BOUND, ConstrainedCalls, ToolCallGrammar, call_schema
+from veritune.infer.decode import stop_token_ids
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.agent.tools import MAX_ID, TOOLS, check_call
 
 GOOD_CALLS = [
     {"name": "get_order", "parameters": {"order_id": 1042}},

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (veritune.engine) on the tiny model, eagerly on the CPU: its
+"""The continuous-batching engine (veritune.serve.engine) on the tiny model, eagerly on the CPU: its
 own forward over the static cache decodes exactly as transformers' greedy `generate`, requests
 join and leave between steps, prompts are prefilled in pieces riding on decode steps (mixed
 steps), and each request keeps its own limit, stop, stream, cancel and grammar. (The CUDA-graph
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from tests.test_serve import call, call_many, chat, index_uri, load_talkative, loaded, make_app, sse_lines  # noqa: F401
-from veritune.agent import parse_reply
-from veritune.batching import BatcherStopped, GenerationRequest, generate_batch
-from veritune.constrained import ToolCallGrammar
-from veritune.engine import ContinuousBatchingEngine
-from veritune.generation import stop_token_ids
-from veritune.tools import check_call
+from veritune.agent.loop import parse_reply
+from veritune.serve.batching import BatcherStopped, GenerationRequest, generate_batch
+from veritune.infer.constraints import ToolCallGrammar
+from veritune.serve.engine import ContinuousBatchingEngine
+from veritune.infer.decode import stop_token_ids
+from veritune.agent.tools import check_call
 
 QUESTIONS = ["Kettle?", "How long is parental leave for employees who adopt?", "Reset the router", "VPN",
              "What does E4 on the display mean, and how do I descale the heating plate?", "Returns?"]
@@ -111,7 +111,7 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
 def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     model, _ = talkative
     engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=200)
-    from veritune.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
+    from veritune.serve.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
 
     def waiting(*lengths):
         engine._prefilling = [_Running(GenerationRequest([5] * n, 4), None, slot, 0, -1)

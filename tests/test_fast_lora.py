@@ -8,13 +8,13 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from veritune import chat
-from veritune.config import TrainParams
-from veritune.export import export_merged, merged_model
-from veritune.fast_lora import fuse_lora_layers, prepare_for_training
-from veritune.modeling import load_model, load_tokenizer
-from veritune.sft import tokenize_example
-from veritune.training import lora_config
+from veritune.core import chat
+from veritune.core.config import TrainParams
+from veritune.train.export import export_merged, merged_model
+from veritune.train.fast_lora import fuse_lora_layers, prepare_for_training
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.data.sft import tokenize_example
+from veritune.train.training import lora_config
 
 
 VOCAB = 200  # below the tiny tokenizer's vocabulary size

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from veritune.cli import main
-from veritune.groundedness import Claim, extract_claims, is_supported, score_groundedness, score_records
+from veritune.eval.groundedness import Claim, extract_claims, is_supported, score_groundedness, score_records
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

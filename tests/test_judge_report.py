@@ -5,9 +5,9 @@ import copy
 import struct
 import zlib
 
-from veritune.evaluation import score_all, summarize
-from veritune.judge import judge_answers, judge_messages, load_judge, parse_scores, summarize_judge
-from veritune.report import release_blocks, render_html, render_markdown, write_release_report
+from veritune.eval.evaluation import score_all, summarize
+from veritune.eval.judge import judge_answers, judge_messages, load_judge, parse_scores, summarize_judge
+from veritune.eval.report import release_blocks, render_html, render_markdown, write_release_report
 
 QUESTIONS = [{"id": "q1", "question": "What does the Aurora K3 Kettle cost?", "kind": "single_hop",
               "answers": ["$149"], "doc_status": "unseen", "doc_ids": ["d1"]},
@@ -84,7 +84,7 @@ def test_release_report_puts_the_decision_first_and_embeds_images(tmp_path):
 
 
 def test_release_report_retrieval_section(tmp_path):
-    from veritune.report import plot_retrieval_curve
+    from veritune.eval.report import plot_retrieval_curve
 
     retrieval = {"test": {"recall@1": 0.5, "recall@5": 0.9, "all_recall@1": 0.25, "all_recall@5": 0.75, "mrr": 0.7,
                           "n": 10}, "n_chunks": 3}

@@ -9,12 +9,12 @@ import random
 import pytest
 
 from tests.conftest import REPO
-from veritune.config import CsatRubric, GateCriterion, parse_params
-from veritune.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
-from veritune.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_passages, score_all,
+from veritune.core.config import CsatRubric, GateCriterion, parse_params
+from veritune.eval.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
+from veritune.eval.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_passages, score_all,
                                  summarize)
-from veritune.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
-from veritune.io import read_jsonl
+from veritune.eval.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
+from veritune.core.io import read_jsonl
 
 ABSTAIN = "The documents don't say."
 HEDGE = "The documents don't say, but it costs $999."  # a refusal around an invented price
@@ -192,7 +192,7 @@ def simulate_with(how: str, questions):
 
 
 def test_off_topic_customers_ask_every_off_topic_question(sample):
-    from veritune.csat import OFF_TOPIC_QUESTIONS
+    from veritune.eval.csat import OFF_TOPIC_QUESTIONS
 
     customers = make_customers(sample[0], 5 * len(PERSONAS), seed=0)
     asked = [c["off_topic"] for c in customers if c["persona"] == "off_topic"]
@@ -313,7 +313,7 @@ def test_release_exists_only_when_built_and_is_withdrawn(tmp_path, tiny_checkpoi
 
 
 def test_gate_params_reject_bad_criteria():
-    from veritune.config import ParamsError
+    from veritune.core.config import ParamsError
 
     with pytest.raises(ParamsError, match="gate.criteria must list at least one criterion"):
         parse_params("gate", {"criteria": []})
@@ -367,7 +367,7 @@ def test_shipped_gate_passes_gold_answers_and_blocks_random_ones(sample, tmp_pat
     never blocks a perfect model; random words fail the hallucination ones."""
     import yaml
 
-    from veritune.io import write_json
+    from veritune.core.io import write_json
 
     criteria = [c for c in parse_params("gate", yaml.safe_load((REPO / "params.yaml").read_text())["gate"]).criteria
                 if c.metric.startswith("eval.json:headline.")]
@@ -420,7 +420,7 @@ KNOWN_BAD = {
 def agent_metrics(how: str) -> dict:
     """agent.json of a known answerer: `oracle` looks the order up and reports it; the bad ones
     send a malformed call and then claim a refund the episode never made."""
-    from veritune.agent_tasks import score_episode, summarise
+    from veritune.agent.tasks import score_episode, summarise
 
     task = {"id": "t1", "facts": ["shipped"], "gold_calls": [{"name": "get_order", "parameters": {"order_id": 1042}}]}
     if how == "oracle":
@@ -441,7 +441,7 @@ def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_pat
     invented price) or a known leak, and must fail there, while the gold answerer passes."""
     import yaml
 
-    from veritune.io import write_json
+    from veritune.core.io import write_json
 
     criteria = parse_params("gate", yaml.safe_load((REPO / "params.yaml").read_text())["gate"]).criteria
     unknown = [c.metric for c in criteria if c.metric not in KNOWN_BAD]

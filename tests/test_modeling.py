@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from veritune import chat
-from veritune.modeling import CheckpointError, check_checkpoint, load_model, load_tokenizer, materialize_checkpoint
+from veritune.core import chat
+from veritune.model.modeling import CheckpointError, check_checkpoint, load_model, load_tokenizer, materialize_checkpoint
 
 
 def test_tiny_model_has_the_llama31_architecture(tiny_checkpoint):
@@ -99,7 +99,7 @@ def test_base_stage_takes_a_local_checkpoint_by_params_alone(tiny_checkpoint, tm
 
 
 def test_nf4_needs_a_gpu():
-    from veritune.modeling import resolve_quantization
+    from veritune.model.modeling import resolve_quantization
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -109,7 +109,7 @@ def test_nf4_needs_a_gpu():
 
 
 def test_bf16_autocast_follows_the_precision_param(monkeypatch):
-    from veritune import modeling
+    from veritune.model import modeling
 
     assert modeling.use_bf16("bf16") and not modeling.use_bf16("fp32")
     monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: False)
@@ -129,8 +129,8 @@ def _tool_conversation(order_id: int) -> list[dict]:
 
 
 def test_tiny_base_learns_the_tool_format_from_the_sft_conversations(tmp_path):
-    from veritune.config import BaseParams, PretrainParams, TinyModelParams
-    from veritune.pretrain import build_tiny_base
+    from veritune.core.config import BaseParams, PretrainParams, TinyModelParams
+    from veritune.model.pretrain import build_tiny_base
 
     documents = [{"id": f"d{i}", "title": f"Kettle K{i}", "text": f"The Kettle K{i} costs ${i}9 and weighs {i} kg."}
                  for i in range(40)]

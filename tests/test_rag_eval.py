@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from veritune.config import ParamsError, load_params, parse_params
-from veritune.rag_eval import (
+from veritune.core.config import ParamsError, load_params, parse_params
+from veritune.eval.rag_eval import (
     INJECTIONS,
     answer_summary,
     injection_cases,
@@ -24,7 +24,7 @@ from veritune.rag_eval import (
     stratified_sample,
     with_ci,
 )
-from veritune.retrieval import Retriever, build_index, chunk_document, iterative_search, load_embedder
+from veritune.retrieval.search import Retriever, build_index, chunk_document, iterative_search, load_embedder
 
 # Ten documents. The catalogue names part 77812 once in a long text while the wand's price
 # list names a look-alike part and a price, so the embedding prefers the wrong one and only an
@@ -113,7 +113,7 @@ def test_bad_mode_is_rejected_with_the_choices(index):
 def test_an_index_built_before_full_text_search_says_to_rebuild(tmp_path):
     from pymilvus import DataType
 
-    from veritune.retrieval import connect, disconnect
+    from veritune.retrieval.search import connect, disconnect
 
     uri = str(tmp_path / "old.db")
     client = connect(uri)
@@ -282,7 +282,7 @@ def test_stage_writes_metrics_report_and_plots(tmp_path, monkeypatch, index, tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages import rag_eval as stage
-    from veritune.io import write_jsonl
+    from veritune.core.io import write_jsonl
 
     project = tmp_path / "project"
     shutil.copytree(REPO / "stages", project / "stages")

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from veritune.retrieval import (
+from veritune.retrieval.search import (
     Hit,
     Retriever,
     build_index,
@@ -141,12 +141,12 @@ def test_every_consumer_retrieves_in_the_one_params_mode(lite_index):
     import ast
     from pathlib import Path
 
-    from veritune.config import IndexParams, load_params
+    from veritune.core.config import IndexParams, load_params
 
     repo = Path(__file__).resolve().parents[1]
     assert IndexParams().retrieval_mode == load_params("index", repo / "params.yaml").retrieval_mode == "hybrid"
     for path in ("stages/build_sft.py", "stages/evaluate.py", "stages/csat.py", "stages/agent_eval.py",
-                 "veritune/server.py", "veritune/cli.py"):
+                 "veritune/serve/app.py", "veritune/cli.py"):
         calls = {node.func.id for node in ast.walk(ast.parse((repo / path).read_text()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
         assert "open_retriever" in calls and "Retriever" not in calls, path

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from veritune.evaluation import score_all, summarize
-from veritune.scoring import bootstrap_ci, exact_match, is_abstention, normalize, numeric_match, token_f1
+from veritune.eval.evaluation import score_all, summarize
+from veritune.eval.scoring import bootstrap_ci, exact_match, is_abstention, normalize, numeric_match, token_f1
 
 QUESTIONS = [
     {"id": "q1", "kind": "single_hop", "answers": ["$149"], "doc_status": "seen"},

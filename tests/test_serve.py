@@ -18,14 +18,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from veritune.batching import BatcherStopped, GenerationRequest, MicroBatcher, generate_batch
-from veritune.config import ServeParams
-from veritune.generation import generate, stop_token_ids
-from veritune.modeling import load_model, load_tokenizer
-from veritune.retrieval import Retriever, build_index, chunk_document, load_embedder
-from veritune.server import (AgentSettings, RateLimiter, Service, create_app, load_api_keys, load_key_customers,
+from veritune.serve.batching import BatcherStopped, GenerationRequest, MicroBatcher, generate_batch
+from veritune.core.config import ServeParams
+from veritune.infer.decode import generate, stop_token_ids
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.retrieval.search import Retriever, build_index, chunk_document, load_embedder
+from veritune.serve.app import (AgentSettings, RateLimiter, Service, create_app, load_api_keys, load_key_customers,
                              match_key, unknown_customers)
-from veritune.stress import ServerProcess, check_stream, free_port
+from veritune.serve.stress import ServerProcess, check_stream, free_port
 
 DOCS = [
     {"id": "kettle", "title": "Aquila K2 Kettle", "text": "The Aquila K2 kettle boils 1.7 litres of water in three "
@@ -404,8 +404,8 @@ def test_concurrent_requests_are_decoded_in_one_batch(make_app):
 @pytest.fixture(scope="module")
 def shop_db(tmp_path_factory) -> Path:
     """The shop database built from the committed raw tables."""
-    from veritune.io import read_jsonl
-    from veritune.tools import TABLES, build_database
+    from veritune.core.io import read_jsonl
+    from veritune.agent.tools import TABLES, build_database
 
     path = tmp_path_factory.mktemp("shop") / "business.sqlite"
     build_database({t: read_jsonl(REPO / "data" / "raw" / "business" / f"{t}.jsonl") for t in TABLES}, path)
@@ -424,17 +424,17 @@ def scripted(*replies):
 
 
 def tool_call(name: str, parameters: dict) -> str:
-    from veritune import chat as fmt
+    from veritune.core import chat as fmt
 
     return fmt.PYTHON_TAG + fmt.tool_call_text(name, parameters) + fmt.EOM
 
 
 def test_agent_mode_is_501_without_the_agent_and_503_without_its_database(make_app, shop_db, monkeypatch, tmp_path):
-    from veritune import server
+    from veritune.serve import app as server
 
     _, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
     assert "veritune-agent" in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
-    monkeypatch.setattr(server, "_agent_entry_point", lambda: None)  # a build whose veritune.agent fails to import
+    monkeypatch.setattr(server, "_agent_entry_point", lambda: None)  # a build whose veritune.agent.loop fails to import
     assert "veritune-agent" not in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
     r = call(app, "POST", "/v1/chat/completions", json=chat(model="veritune-agent"))
     assert r.status_code == 501 and "agent" in r.json()["error"]["message"]
@@ -448,9 +448,9 @@ def test_agent_mode_is_501_without_the_agent_and_503_without_its_database(make_a
 def test_raw_generation_keeps_the_call_tokens_the_agent_parses(make_app, loaded):
     """`generate_raw` decodes as `ModelPolicy` does (special tokens kept) and appends the stop
     token the engine stopped on, so a call ends in <|eom_id|> and parses as a call."""
-    from veritune import chat as fmt
-    from veritune.agent import ModelPolicy, parse_reply, start_episode
-    from veritune.tools import tool_definitions
+    from veritune.core import chat as fmt
+    from veritune.agent.loop import ModelPolicy, parse_reply, start_episode
+    from veritune.agent.tools import tool_definitions
 
     model, tokenizer, _ = loaded
     service, _ = make_app()
@@ -475,7 +475,7 @@ def test_raw_generation_keeps_the_call_tokens_the_agent_parses(make_app, loaded)
 def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     """A scripted model through `run_agent` (search_kb on the real index via the server's
     batcher), then the same through the HTTP API."""
-    from veritune.agent import run_agent
+    from veritune.agent.loop import run_agent
 
     replies = (tool_call("search_kb", {"query": "reset the Nimbus R7 router"}),
                tool_call("get_order", {"order_id": 1001}),
@@ -517,7 +517,7 @@ def test_agent_over_http_acts_only_for_the_customer_bound_to_the_key(make_app, s
     """The key is bound to C-101; the request claims to be C-131. Every tool call on another
     customer's order is "not found", with writes persisted the database is unchanged, and no
     foreign data is in the reply. A key bound to nobody, or no keys, gets 403."""
-    from veritune.tools import db_fingerprint, episode_database
+    from veritune.agent.tools import db_fingerprint, episode_database
 
     live = episode_database(shop_db, tmp_path, "live")
     before = db_fingerprint(live)

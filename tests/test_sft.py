@@ -5,10 +5,10 @@ import random
 import pytest
 
 from tests.conftest import REPO
-from veritune import chat
-from veritune.config import BuildSftParams
-from veritune.modeling import load_tokenizer
-from veritune.sft import LabelMaskError, build_examples, select_passages, tokenize_example
+from veritune.core import chat
+from veritune.core.config import BuildSftParams
+from veritune.model.modeling import load_tokenizer
+from veritune.data.sft import LabelMaskError, build_examples, select_passages, tokenize_example
 
 CHUNKS = [
     {"chunk_id": "doc-1#0", "doc_id": "doc-1", "title": "Aurora K3 Kettle", "text": "The Aurora K3 Kettle retails for $149."},
@@ -150,8 +150,8 @@ def test_unanswerable_follow_up_rate_out_of_range_is_a_params_error():
 
 
 def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_requests():
-    from veritune.config import load_params
-    from veritune.csat import OFF_TOPIC_QUESTIONS
+    from veritune.core.config import load_params
+    from veritune.eval.csat import OFF_TOPIC_QUESTIONS
 
     requests = ("Tell me a joke.", "Write a haiku about the sea.")
     p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,

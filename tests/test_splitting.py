@@ -2,8 +2,8 @@
 
 import pytest
 
-from veritune.config import SplitParams
-from veritune.splitting import SplitLeakError, assign_documents, assign_questions, check_no_leak, split_summary
+from veritune.core.config import SplitParams
+from veritune.data.splitting import SplitLeakError, assign_documents, assign_questions, check_no_leak, split_summary
 
 
 def _corpus(n_docs=40):

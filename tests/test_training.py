@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from veritune import chat
-from veritune.config import TrainParams
-from veritune.modeling import load_model, load_tokenizer
-from veritune.sft import tokenize_example
-from veritune.training import train_adapter
+from veritune.core import chat
+from veritune.core.config import TrainParams
+from veritune.model.modeling import load_model, load_tokenizer
+from veritune.data.sft import tokenize_example
+from veritune.train.training import train_adapter
 
 EXAMPLES = [
     {"id": f"q{i}", "messages": chat.rag_messages(
@@ -110,7 +110,7 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
     the Trainer never falls back to DataParallel. The GPU count is faked: this checks the plan."""
     import subprocess
 
-    from veritune import training
+    from veritune.train import training
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -131,7 +131,7 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
 
 
 def test_length_buckets_cover_every_example_once_and_interleave_lengths():
-    from veritune.training import LengthBucketSampler
+    from veritune.train.training import LengthBucketSampler
 
     lengths = [700 + i % 50 if i % 10 == 0 else 300 + i % 80 for i in range(1000)]  # 10% long (tool trajectories)
     sampler = LengthBucketSampler(lengths, batch_size=8, seed=0)
@@ -151,7 +151,7 @@ def test_length_buckets_cover_every_example_once_and_interleave_lengths():
 
 
 def test_same_seed_same_batches():
-    from veritune.training import LengthBucketSampler
+    from veritune.train.training import LengthBucketSampler
 
     lengths = list(range(100, 400))
     assert list(LengthBucketSampler(lengths, 8, seed=3)) == list(LengthBucketSampler(lengths, 8, seed=3))
@@ -162,7 +162,7 @@ def test_label_position_loss_equals_trls_fused_head(tiny_checkpoint):
     prompt tokens masked out (fp32)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from veritune.training import label_position_loss
+    from veritune.train.training import label_position_loss
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     tokenizer.padding_side = "right"
@@ -218,7 +218,7 @@ def test_both_loss_heads_train_alike(tiny_checkpoint, tmp_path):
 def test_padding_mask_dropped_only_where_causal_attention_makes_it_redundant(tiny_checkpoint):
     """Right padding: the loss without the mask is the loss of each row on its own. Left
     padding: the mask is kept, and the loss still matches each row on its own."""
-    from veritune.training import is_right_padded, label_position_loss
+    from veritune.train.training import is_right_padded, label_position_loss
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     texts = ["Product 3 retails for $103.", "Returns are accepted within 30 days of delivery, says the policy."]
@@ -245,8 +245,8 @@ def test_fp32_attention_under_bf16_autocast(tiny_checkpoint):
     function as float32 SDPA outside it, and the model's loss moves only by bf16 rounding."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from veritune.modeling import FP32_ATTENTION, sdpa_fp32_attention, use_fp32_attention
-    from veritune.training import label_position_loss
+    from veritune.model.modeling import FP32_ATTENTION, sdpa_fp32_attention, use_fp32_attention
+    from veritune.train.training import label_position_loss
 
     torch.manual_seed(0)
     module = torch.nn.Module()

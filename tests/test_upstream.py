@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_serve import KEY, chat, index_uri, live_project, start_server  # noqa: F401 (fixtures)
-from veritune.stress import ServerProcess, free_port
+from veritune.serve.stress import ServerProcess, free_port
 
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 QUESTION = chat("How do I reset the Nimbus router?", max_tokens=12)
@@ -138,9 +138,9 @@ def test_stress_stage_through_an_upstream_loses_nothing(live_project):
 def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(live_project, tiny_checkpoint):
     """The agent's raw turns (`Service.generate_raw`) come back from the upstream exactly as the
     built-in backend writes them: special tokens kept, the stop token that ended the turn appended."""
-    from veritune.config import ServeParams
-    from veritune.modeling import load_model, load_tokenizer
-    from veritune.server import AgentSettings, Service
+    from veritune.core.config import ServeParams
+    from veritune.model.modeling import load_model, load_tokenizer
+    from veritune.serve.app import AgentSettings, Service
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     free_calls = AgentSettings(constrained_calls=False)  # an upstream decodes calls freely

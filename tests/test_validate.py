@@ -12,8 +12,8 @@ import pytest
 
 import stages.validate as stage
 from stages.validate import main
-from veritune.config import ValidateParams
-from veritune.validation import (
+from veritune.core.config import ValidateParams
+from veritune.data.validation import (
     Failure,
     find_card_number,
     format_failures,

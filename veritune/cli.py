@@ -6,17 +6,17 @@
 
 `score` reads JSON Lines records with `question`, `contexts` (strings or {"text": ...}
 objects) and `answer`, and writes each record back with a `groundedness` field
-(see `veritune.groundedness.score_groundedness`) to `-o`, by default
+(see `veritune.eval.groundedness.score_groundedness`) to `-o`, by default
 `<input stem>.scored.jsonl` beside the input. The file is written atomically; a one-line
 summary goes to stderr. Exit status 2 on a missing file or a bad record.
 
 `serve` runs the OpenAI-compatible HTTP API over the released model (see
-`veritune.server`): params.yaml `serve` (flags override it), `index` for the retrieval index
+`veritune.serve.app`): params.yaml `serve` (flags override it), `index` for the retrieval index
 and `build_sft.system_prompt` for the grounded prompt; the agent mode takes its prompt and
 limits from `build_sft`, `agent_db` and `agent_eval` as `veritune agent` does. Read from the
 current directory.
 
-`agent` runs one customer request through the tool-using loop (veritune.agent) with the
+`agent` runs one customer request through the tool-using loop (veritune.agent.loop) with the
 fine-tuned model (models/base + models/adapter by default) on a private copy of the shop
 database (data/agent/business.sqlite: the original is never written), as the customer
 `--customer` names (the tools see only that customer's orders), printing each tool call,
@@ -33,8 +33,8 @@ import json
 import sys
 from pathlib import Path
 
-from veritune.groundedness import score_records
-from veritune.io import read_jsonl, write_jsonl
+from veritune.eval.groundedness import score_records
+from veritune.core.io import read_jsonl, write_jsonl
 
 
 def run_score(args: argparse.Namespace) -> None:
@@ -56,8 +56,8 @@ def run_serve(args: argparse.Namespace) -> None:
     import dataclasses
     import logging
 
-    from veritune.config import ParamsError, load_params
-    from veritune.server import agent_settings, serve
+    from veritune.core.config import ParamsError, load_params
+    from veritune.serve.app import agent_settings, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     params = load_params("serve", args.params)
@@ -81,10 +81,10 @@ def run_agent(args: argparse.Namespace) -> None:
     import tempfile
     from datetime import date
 
-    from veritune.agent import AgentLimits, ModelPolicy, run_episodes, start_episode
-    from veritune.config import load_params
-    from veritune.modeling import load_model, load_tokenizer
-    from veritune.tools import Toolbox, authorised_writes, episode_database, kb_search, tool_definitions
+    from veritune.agent.loop import AgentLimits, ModelPolicy, run_episodes, start_episode
+    from veritune.core.config import load_params
+    from veritune.model.modeling import load_model, load_tokenizer
+    from veritune.agent.tools import Toolbox, authorised_writes, episode_database, kb_search, tool_definitions
 
     for path in (args.base, args.db) + (() if args.adapter == "none" else (args.adapter,)):
         if not Path(path).exists():
@@ -100,7 +100,7 @@ def run_agent(args: argparse.Namespace) -> None:
     model.eval()
     grammar = None
     if ep.constrained_calls and not args.free_calls:
-        from veritune.constrained import ToolCallGrammar
+        from veritune.infer.constraints import ToolCallGrammar
 
         grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=ep.max_string_chars)
     policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, batch_size=1, grammar=grammar)
@@ -108,7 +108,7 @@ def run_agent(args: argparse.Namespace) -> None:
                          max_seconds=ep.max_seconds)
     retriever = None
     if not args.no_search:
-        from veritune.retrieval import open_retriever
+        from veritune.retrieval.search import open_retriever
 
         retriever = open_retriever(ip)
     try:
@@ -117,7 +117,7 @@ def run_agent(args: argparse.Namespace) -> None:
             with Toolbox(episode_database(args.db, tmp, "cli"), search=search,
                          allowed_writes=authorised_writes(args.request), today=today, customer_id=args.customer,
                          max_writes=ep.max_writes) as box:
-                from veritune import chat
+                from veritune.core import chat
 
                 episode = start_episode("cli", args.request, box, sp.agent_system_prompt,
                                         tool_definitions(sp.agent_tool_definitions), chat.header_date(today),

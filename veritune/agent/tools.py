@@ -1,0 +1,491 @@
+"""The shop's tools: JSON-schema specs, the SQLite business database and the implementations.
+
+Read tools (`get_order`, `list_orders`, `search_kb`, `calculate`) never change anything.
+Order tools are scoped to one customer (`Toolbox(customer_id=...)`): another customer's
+order is "not found". Every argument is checked against its tool's schema, bounds included
+(ids, amounts, string lengths), before any query runs. Write tools (`open_ticket`,
+`request_refund`) are guarded further: business rules are checked, every statement is
+parameterised, an episode may write at most `max_writes` rows, the connection is confined
+to the shop's tables by an SQLite authorizer, and a repeated call returns the first call's
+result instead of writing again (idempotent). Writes only ever touch the per-episode copy
+of the database a `Toolbox` is opened on (`episode_database`).
+
+Every tool returns a JSON object; a refused call returns `{"error": "..."}` whose message
+says what to fix, so the model can retry.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import operator
+import re
+import shutil
+import sqlite3
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Callable
+
+from jsonschema import Draft202012Validator
+
+TODAY = date(2024, 7, 26)  # the shop's today: the "Today Date" of the system header
+
+# Short descriptions on purpose: every definition sits in every prompt, indented by 4.
+MAX_ID = 2**31 - 1  # ids and amounts beyond these are refused by the schema, before SQLite sees them
+MAX_AMOUNT = 1_000_000
+MAX_SUMMARY_CHARS = 300
+MAX_TEXT_CHARS = 500  # search queries; a calculator expression has its own 200
+ORDER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+
+# Short descriptions on purpose: every definition sits in every prompt, indented by 4.
+TOOLS = [
+    {"name": "get_order", "description": "Look up an order with its shipment and policy.",
+     "parameters": {"type": "object", "properties": {"order_id": ORDER_ID},
+                    "required": ["order_id"], "additionalProperties": False}},
+    {"name": "list_orders", "description": "List a customer's orders.",
+     "parameters": {"type": "object", "properties": {"customer_id": {"type": "string", "maxLength": 32}},
+                    "required": ["customer_id"], "additionalProperties": False}},
+    {"name": "search_kb", "description": "Search the help centre.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": MAX_TEXT_CHARS}},
+                    "required": ["query"], "additionalProperties": False}},
+    {"name": "calculate", "description": "Arithmetic on numbers and dates (2024-07-01 + 30).",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 200}},
+                    "required": ["expression"], "additionalProperties": False}},
+    {"name": "open_ticket", "description": "Open a support ticket.",
+     "parameters": {"type": "object", "properties": {
+         "order_id": ORDER_ID, "category": {"enum": ["delivery", "warranty"]},
+         "summary": {"type": "string", "maxLength": MAX_SUMMARY_CHARS}},
+         "required": ["order_id", "category", "summary"], "additionalProperties": False}},
+    {"name": "request_refund", "description": "Refund a delivered order.",
+     "parameters": {"type": "object", "properties": {
+         "order_id": ORDER_ID, "amount": {"type": "number", "minimum": 0, "maximum": MAX_AMOUNT},
+         "reason": {"enum": ["faulty", "unwanted"]}},
+         "required": ["order_id", "amount", "reason"], "additionalProperties": False}},
+]
+TOOL_NAMES = tuple(t["name"] for t in TOOLS)
+
+
+def compact_definition(tool: dict) -> dict:
+    """A tool as the prompt shows it when context is scarce: each parameter maps to its
+    type (or its allowed values). The JSON Schema in `TOOLS` still validates every call."""
+    def kind(schema: dict) -> str:
+        return " or ".join(schema["enum"]) if "enum" in schema else schema["type"]
+    return {"name": tool["name"], "description": tool["description"],
+            "parameters": {k: kind(v) for k, v in tool["parameters"]["properties"].items()}}
+
+
+def tool_definitions(style: str) -> list[dict]:
+    """`json_schema`: the full JSON Schemas (for a real checkpoint); `compact`: see
+    `compact_definition` (a fifth of the tokens on the tiny tokenizer)."""
+    if style == "json_schema":
+        return TOOLS
+    if style == "compact":
+        return [compact_definition(t) for t in TOOLS]
+    raise ValueError(f"tool definition style must be 'json_schema' or 'compact', got {style!r}")
+WRITE_TOOLS = ("open_ticket", "request_refund")
+VALIDATORS = {t["name"]: Draft202012Validator(t["parameters"]) for t in TOOLS}
+
+SCHEMA = """
+CREATE TABLE customers (customer_id TEXT PRIMARY KEY, name TEXT NOT NULL);
+CREATE TABLE products (sku TEXT PRIMARY KEY, name TEXT NOT NULL, category TEXT NOT NULL,
+    price INTEGER NOT NULL, warranty_months INTEGER NOT NULL, return_window_days INTEGER NOT NULL);
+CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id TEXT NOT NULL REFERENCES customers,
+    sku TEXT NOT NULL REFERENCES products, quantity INTEGER NOT NULL, order_date TEXT NOT NULL,
+    status TEXT NOT NULL);
+CREATE TABLE shipments (order_id INTEGER PRIMARY KEY REFERENCES orders, carrier TEXT NOT NULL,
+    tracking TEXT NOT NULL, shipped_date TEXT NOT NULL, delivered_date TEXT);
+CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders,
+    category TEXT NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL);
+CREATE TABLE refunds (refund_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL UNIQUE REFERENCES orders,
+    amount REAL NOT NULL, reason TEXT NOT NULL);
+"""
+# table -> (key column, {column: python type}, {column: referenced table}); refunds start empty.
+TABLES = {
+    "customers": ("customer_id", {"customer_id": str, "name": str}, {}),
+    "products": ("sku", {"sku": str, "name": str, "category": str, "price": int, "warranty_months": int,
+                         "return_window_days": int}, {}),
+    "orders": ("order_id", {"order_id": int, "customer_id": str, "sku": str, "quantity": int, "order_date": str,
+                            "status": str}, {"customer_id": "customers", "sku": "products"}),
+    "shipments": ("order_id", {"order_id": int, "carrier": str, "tracking": str, "shipped_date": str,
+                               "delivered_date": (str, type(None))}, {"order_id": "orders"}),
+    "tickets": ("ticket_id", {"ticket_id": str, "order_id": int, "category": str, "status": str, "summary": str},
+                {"order_id": "orders"}),
+}
+ORDER_STATUSES = ("processing", "shipped", "delivered")
+DATE_COLUMNS = ("order_date", "shipped_date", "delivered_date")
+
+
+class BusinessDataError(ValueError):
+    """A raw business record is malformed; the message names the table, the id and the field."""
+
+
+class ToolError(ValueError):
+    """A tool call the toolbox refuses; the message is shown to the model."""
+
+
+# --------------------------------------------------------------------------- the database
+
+
+def validate_business(tables: dict[str, list[dict]]) -> list[str]:
+    """Every problem of the raw tables: fields and types, unique ids, foreign keys, dates."""
+    problems = []
+    keys: dict[str, set] = {}
+    for table, (key, columns, _) in TABLES.items():
+        seen = set()
+        for i, row in enumerate(tables.get(table, [])):
+            rid = row.get(key, f"line {i + 1}")
+            for column, kind in columns.items():
+                if column not in row:
+                    problems.append(f"{table} {rid}: field {column} is missing")
+                elif isinstance(row[column], bool) or not isinstance(row[column], kind):
+                    problems.append(f"{table} {rid}: field {column} has the wrong type ({row[column]!r})")
+            for column in set(row) - set(columns):
+                problems.append(f"{table} {rid}: field {column} is not a known column")
+            if rid in seen:
+                problems.append(f"{table} {rid}: duplicate {key}")
+            seen.add(rid)
+            for column in DATE_COLUMNS:
+                if isinstance(row.get(column), str):
+                    try:
+                        date.fromisoformat(row[column])
+                    except ValueError:
+                        problems.append(f"{table} {rid}: field {column} is not an ISO date ({row[column]!r})")
+        keys[table] = seen
+    for table, (key, _, references) in TABLES.items():
+        for row in tables.get(table, []):
+            for column, target in references.items():
+                if column in row and row[column] not in keys[target]:
+                    problems.append(f"{table} {row.get(key)}: field {column} = {row[column]!r} is not a known "
+                                    f"{TABLES[target][0]} in {target}")
+    for row in tables.get("orders", []):
+        if row.get("status") not in ORDER_STATUSES:
+            problems.append(f"orders {row.get('order_id')}: field status must be one of {ORDER_STATUSES}")
+    return problems
+
+
+def build_database(tables: dict[str, list[dict]], path: str | Path) -> None:
+    """Write the validated tables to a new SQLite file at `path`."""
+    problems = validate_business(tables)
+    if problems:
+        raise BusinessDataError("business data has problems:\n  - " + "\n  - ".join(problems[:50]))
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(SCHEMA)
+        for table, (_, columns, _) in TABLES.items():
+            names = list(columns)
+            conn.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                             [tuple(row[c] for c in names) for row in tables[table]])
+        conn.commit()
+        violations = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if violations:
+            raise BusinessDataError(f"foreign keys do not resolve: {violations[:5]}")
+    finally:
+        conn.close()
+
+
+def episode_database(source: str | Path, directory: str | Path, name: str) -> Path:
+    """A private copy of the shop database for one episode: writes never reach `source`."""
+    dst = Path(directory) / f"{name}.sqlite"
+    shutil.copyfile(source, dst)
+    return dst
+
+
+def db_state(path: str | Path) -> dict[str, list[tuple]]:
+    """The comparable content of a database: every row of every table, sorted; ticket
+    summaries (free text) are left out."""
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        out = {}
+        for table in (*TABLES, "refunds"):
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] != "summary"]
+            out[table] = sorted(conn.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall(), key=repr)
+        return out
+    finally:
+        conn.close()
+
+
+def db_fingerprint(path: str | Path) -> str:
+    return hashlib.sha256(json.dumps(db_state(path), default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- calculator
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+
+
+def calculate(expression: str) -> int | float | str:
+    """+ - * / and parentheses over numbers and ISO dates: date + days -> date,
+    date - date -> days. Parsed with `ast`, never evaluated as Python."""
+    if len(expression) > 200:
+        raise ToolError("expression is longer than 200 characters")
+    dates: list[date] = []
+
+    def stash(m: re.Match) -> str:
+        try:
+            dates.append(date.fromisoformat(m.group(0)))
+        except ValueError:
+            raise ToolError(f"{m.group(0)} is not a valid date (YYYY-MM-DD)") from None
+        return f"_d{len(dates) - 1}"
+
+    try:
+        tree = ast.parse(_ISO_DATE.sub(stash, expression.strip()), mode="eval")
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+        raise ToolError(f"cannot parse {expression!r}; use numbers, dates (YYYY-MM-DD), + - * / and ( )") from None
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.Name) and re.fullmatch(r"_d\d+", node.id):
+            return dates[int(node.id[2:])]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(a, date) or isinstance(b, date):
+                if isinstance(node.op, ast.Add) and isinstance(a, date) and isinstance(b, int):
+                    return a + timedelta(days=b)
+                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, int):
+                    return a - timedelta(days=b)
+                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, date):
+                    return (a - b).days
+                raise ToolError("dates support date + days, date - days and date - date only")
+            if isinstance(node.op, ast.Div) and b == 0:
+                raise ToolError("division by zero")
+            return _OPS[type(node.op)](a, b)
+        raise ToolError(f"unsupported element in {expression!r}; use numbers, dates, + - * / and ( )")
+
+    try:
+        value = ev(tree.body)
+    except (OverflowError, RecursionError):  # a date past year 9999, a quotient too large for a float
+        raise ToolError(f"{expression!r} is out of range; use smaller numbers") from None
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError(f"{expression!r} is out of range; use smaller numbers")
+    return round(value, 6) if isinstance(value, float) else value
+
+
+# --------------------------------------------------------------------------- the toolbox
+
+
+def check_call(name, parameters) -> None:
+    """Raise ToolError unless `name` is a tool and `parameters` match its JSON schema."""
+    if not isinstance(name, str) or name not in VALIDATORS:
+        raise ToolError(f"unknown tool {name!r}; available tools: {', '.join(TOOL_NAMES)}")
+    if not isinstance(parameters, dict):
+        raise ToolError(f"parameters of {name} must be a JSON object")
+    errors = sorted(VALIDATORS[name].iter_errors(parameters), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        where = lambda e: ".".join(map(str, e.path)) or "parameters"  # noqa: E731
+        raise ToolError(f"invalid arguments for {name}: " + "; ".join(f"{where(e)}: {_short(e.message)}"
+                                                                        for e in errors))
+    for key, value in parameters.items():
+        # JSON Schema cannot say "valid Unicode": a lone surrogate (json.loads lets "\ud800" through)
+        # would fail only inside SQLite's encoder.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ToolError(f"invalid arguments for {name}: {key} is not valid Unicode text") from None
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """A schema error quotes the offending value: keep a huge one from filling the model's context."""
+    return message if len(message) <= limit else message[:limit] + "..."
+
+
+_ALLOWED_TABLES = set(TABLES) | {"refunds"}
+
+
+def _authorizer(action, arg1, arg2, db_name, trigger):
+    # Only reads, inserts and updates of the shop's own tables: no ATTACH, no PRAGMA
+    # writes, no schema changes, whatever text reaches a query.
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION):
+        return sqlite3.SQLITE_OK
+    if action in (sqlite3.SQLITE_READ, sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE) and arg1 in _ALLOWED_TABLES:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_TRANSACTION:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+class Toolbox:
+    """The tools of one episode, over its own copy of the database.
+
+    `customer_id` is the authenticated customer the episode acts for (the server binds it to
+    the API key; `agent_eval` uses the task's own customer): every read and write sees only
+    that customer's orders, and another customer's order or id is "not found", exactly as one
+    that does not exist. None is staff scope (every customer), for offline replays of gold
+    calls only; nothing a model drives runs unscoped (`veritune.agent.loop.run_agent` needs one).
+
+    `allowed_writes` names the write tools this customer's request authorises (see
+    `authorised_writes`); any other write is refused before it reaches the database.
+    `max_writes` bounds the rows an episode may write (tickets and refunds together; an
+    idempotent repeat writes nothing); None: no bound.
+    """
+
+    def __init__(self, db_path: str | Path, search: Callable[[str], list[dict]] | None = None,
+                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, today: date = TODAY, *,
+                 customer_id: str | None = None, max_writes: int | None = None):
+        self.db_path = Path(db_path)
+        self.search = search
+        self.allowed_writes = allowed_writes
+        self.today = today
+        self.customer_id = customer_id
+        self.max_writes = max_writes
+        self.writes = 0  # rows this episode has written
+        self.conn = sqlite3.connect(f"file:{self.db_path.resolve()}?mode=rw", uri=True)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.set_authorizer(_authorizer)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Toolbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def execute(self, name: str, parameters) -> dict:
+        """Run one call; refusals come back as {"error": ...}, never as an exception."""
+        try:
+            return self._execute(name, parameters)
+        except ToolError as e:
+            return {"error": str(e)}
+        except sqlite3.Error as e:
+            self.conn.rollback()
+            return {"error": f"database refused the operation ({e})"}
+
+    def _execute(self, name: str, parameters) -> dict:
+        check_call(name, parameters)
+        if name in WRITE_TOOLS and name not in self.allowed_writes:
+            raise ToolError(f"{name} needs the customer's explicit request; they did not ask for it")
+        return getattr(self, f"_{name}")(**parameters)
+
+    def _check_write_budget(self) -> None:
+        """Refuse a write past `max_writes` (called just before an INSERT)."""
+        if self.max_writes is not None and self.writes >= self.max_writes:
+            raise ToolError(f"this conversation already made {self.writes} change(s), the most one conversation "
+                            "may make; tell the customer what was done and offer a human agent for the rest")
+
+    # -- reads
+
+    def _order_row(self, order_id: int) -> sqlite3.Row:
+        row = self.conn.execute(
+            "SELECT o.*, p.name AS product, p.category, p.price, p.warranty_months, p.return_window_days "
+            "FROM orders o JOIN products p ON p.sku = o.sku WHERE o.order_id = ? AND (? IS NULL OR o.customer_id = ?)",
+            (int(order_id), self.customer_id, self.customer_id)).fetchone()
+        if row is None:  # another customer's order reads exactly like a missing one
+            raise ToolError(f"no order {order_id}")
+        return row
+
+    def _get_order(self, order_id: int) -> dict:
+        o = self._order_row(order_id)
+        out = {"order_id": o["order_id"], "customer_id": o["customer_id"], "product": o["product"],
+               "category": o["category"], "price": o["price"], "order_date": o["order_date"], "status": o["status"],
+               "return_window_days": o["return_window_days"], "warranty_months": o["warranty_months"]}
+        s = self.conn.execute("SELECT * FROM shipments WHERE order_id = ?", (o["order_id"],)).fetchone()
+        if s is not None:
+            out.update(carrier=s["carrier"], tracking=s["tracking"], shipped_date=s["shipped_date"],
+                       delivered_date=s["delivered_date"])
+        tickets = self.conn.execute("SELECT ticket_id, category, status, summary FROM tickets WHERE order_id = ? "
+                                    "ORDER BY ticket_id", (o["order_id"],)).fetchall()
+        if tickets:
+            out["tickets"] = [dict(t) for t in tickets]
+        refund = self.conn.execute("SELECT amount, reason FROM refunds WHERE order_id = ?", (o["order_id"],)).fetchone()
+        if refund is not None:
+            out["refund"] = dict(refund)
+        return out
+
+    def _list_orders(self, customer_id: str) -> dict:
+        customer = None
+        if self.customer_id is None or customer_id == self.customer_id:
+            customer = self.conn.execute("SELECT * FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
+        if customer is None:  # another customer reads exactly like an unknown one
+            raise ToolError(f"no customer {customer_id!r} (ids look like C-101)")
+        rows = self.conn.execute("SELECT o.order_id, p.name AS product, o.order_date, o.status FROM orders o "
+                                 "JOIN products p ON p.sku = o.sku WHERE o.customer_id = ? ORDER BY o.order_id",
+                                 (customer_id,)).fetchall()
+        return {"customer_id": customer_id, "name": customer["name"], "orders": [dict(r) for r in rows]}
+
+    def _search_kb(self, query: str) -> dict:
+        if self.search is None:
+            raise ToolError("the help centre search is not available")
+        if not query.strip():
+            raise ToolError("query must not be empty")
+        return {"results": self.search(query)}
+
+    def _calculate(self, expression: str) -> dict:
+        return {"result": calculate(expression)}
+
+    # -- writes: checked, parameterised, idempotent
+
+    def _open_ticket(self, order_id: int, category: str, summary: str) -> dict:
+        o = self._order_row(order_id)
+        summary = summary.strip()
+        if not summary or len(summary) > MAX_SUMMARY_CHARS:
+            raise ToolError(f"summary must be 1-{MAX_SUMMARY_CHARS} characters")
+        existing = self.conn.execute("SELECT ticket_id FROM tickets WHERE order_id = ? AND category = ? "
+                                     "AND status = 'open'", (o["order_id"], category)).fetchone()
+        if existing is not None:
+            return {"ticket_id": existing["ticket_id"], "status": "open", "already_open": True}
+        numbers = [int(r[0][2:]) for r in self.conn.execute("SELECT ticket_id FROM tickets")]
+        ticket_id = f"T-{max(numbers, default=0) + 1:04d}"
+        self._check_write_budget()
+        with self.conn:
+            self.conn.execute("INSERT INTO tickets (ticket_id, order_id, category, status, summary) "
+                              "VALUES (?, ?, ?, 'open', ?)", (ticket_id, o["order_id"], category, summary))
+        self.writes += 1
+        return {"ticket_id": ticket_id, "status": "open"}
+
+    def _request_refund(self, order_id: int, amount: float, reason: str) -> dict:
+        o = self._order_row(order_id)
+        amount = round(float(amount), 2)
+        existing = self.conn.execute("SELECT refund_id, amount, reason FROM refunds WHERE order_id = ?",
+                                     (o["order_id"],)).fetchone()
+        if existing is not None:
+            if abs(existing["amount"] - amount) < 0.005 and existing["reason"] == reason:
+                return {"refund_id": existing["refund_id"], "amount": existing["amount"], "already_requested": True}
+            raise ToolError(f"a refund of {existing['amount']:.2f} was already requested for order {o['order_id']}")
+        if o["status"] != "delivered":
+            raise ToolError(f"order {o['order_id']} is {o['status']}; only delivered orders can be refunded")
+        deadline = date.fromisoformat(o["order_date"]) + timedelta(days=o["return_window_days"])
+        if deadline < self.today:
+            raise ToolError(f"order {o['order_id']} is past its {o['return_window_days']}-day return window "
+                            f"(ended {deadline.isoformat()})")
+        if not 0 < amount <= o["price"]:
+            raise ToolError(f"amount must be more than 0 and at most the price paid ({o['price']})")
+        refund_id = f"R-{o['order_id']}"
+        self._check_write_budget()
+        with self.conn:
+            self.conn.execute("INSERT INTO refunds (refund_id, order_id, amount, reason) VALUES (?, ?, ?, ?)",
+                              (refund_id, o["order_id"], amount, reason))
+        self.writes += 1
+        return {"refund_id": refund_id, "amount": amount, "status": "requested"}
+
+
+def authorised_writes(request: str) -> tuple[str, ...]:
+    """The write tools a customer's own words ask for: a refund, a ticket. A coarse guard
+    against writes nobody asked for (a looping model, an instruction planted in a tool
+    result); the task set words its requests so that this holds."""
+    text = request.lower()
+    allowed = []
+    if re.search(r"\bticket", text):
+        allowed.append("open_ticket")
+    if re.search(r"\brefund", text):
+        allowed.append("request_refund")
+    return tuple(allowed)
+
+
+def kb_search(retriever, k: int, readable: set[str] | None = None) -> Callable[[str], list[dict]]:
+    """`search_kb` over a `veritune.retrieval.search.Retriever`: the top `k` chunks of a query,
+    only from `readable` documents when given (training trajectories never see held-out ones)."""
+    def search(query: str) -> list[dict]:
+        hits = retriever.search([query], k=k if readable is None else 4 * k)[0]
+        return [{"doc_id": h.doc_id, "title": h.title, "text": h.text}
+                for h in hits if readable is None or h.doc_id in readable][:k]
+    return search

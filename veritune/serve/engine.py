@@ -1,0 +1,627 @@
+"""Continuous batching over a static KV cache: the built-in serving engine on a GPU.
+
+    engine = ContinuousBatchingEngine(model, stop_ids, max_batch=64, max_len=2048).start()
+    future = engine.submit(GenerationRequest(prompt_ids=[...], max_new_tokens=128))
+    completion = future.result()          # a veritune.batching.Completion
+    engine.stop()                         # finishes what was accepted, then the worker exits
+
+One worker thread owns the model. A request taken from the queue gets a free slot of a cache
+allocated once, `[layers][slots, kv_heads, max_len, head_dim]`, and its prompt is prefilled
+into that slot in pieces. While no slot is decoding, a prefill forward takes up to
+`prefill_tokens` prompt tokens. While slots are decoding, the pieces ride along with the
+decode step instead (a *mixed step*, the chunked prefill of vLLM and SGLang): one forward
+whose linear layers run over the decode tokens of every running slot followed by up to
+`mixed_tokens` prompt tokens, so the weights read for decoding also serve the prefill's
+compute and decoding never stops for a prefill. In a mixed step each decode row attends over
+its slot's cache, masked past its own position, as in a pure decode step; each prompt piece
+attends causally over its own slot's cache before it and itself. A prompt's last piece gives
+its first token. How many prompt tokens ride on one step follows the backlog: a quarter of
+the prompt tokens waiting (at least MIN_CHUNK, at most `mixed_tokens`), so the prefill keeps
+pace with the requests that leave and free slots refill within a few steps; a step with a
+small piece costs little more than a pure decode step. A request leaves the batch the step
+it finishes (stop token, its own `max_new_tokens`, cancelled), and its slot goes to the next
+one waiting, so requests join and leave between any two steps; nothing is recomputed and no
+cache is moved. `mixed=False` keeps prefill and decode in separate forwards (whole prompts,
+`prefill_tokens` per pass, then a decode step), the engine before mixed steps.
+
+The forward is written here over the weights of a transformers `LlamaForCausalLM` (RMSNorm,
+RoPE from the model's own rotary tables, grouped-query attention over the cache, SwiGLU),
+which makes the decode step a fixed sequence of kernels on fixed buffers. On CUDA each step
+is captured once as a CUDA graph per (batch bucket, length bucket) and replayed, so a step
+of 32 layers costs a few launches instead of ~600: the eager step of an 8B model at batch
+64 spends most of its time launching kernels, not reading weights. Buckets: batches of
+1, 2, 4, 8, 16, 32, 64, 128 (slots are handed out lowest first, so the batch is the highest
+slot in use, rounded up), lengths in multiples of 256. Graphs are captured on first use
+(`warmup` captures them ahead). Mixed steps run eagerly: with a few hundred prompt tokens in
+them they are compute-bound, and launches hide behind the matrix products. Greedy picking and
+the grammar masks of constrained tool calls run outside the graph on its logits, per request,
+as in `generate_batch`.
+
+The same code runs eagerly on a CPU (the tests), where the server keeps `generate_batch`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from veritune.serve.batching import BatcherStopped, Completion, GenerationRequest, QueueFull, apply_mask
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LENGTH_STEP = 256  # length buckets: multiples of this (a step reads at most this much masked cache per slot)
+MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add eager steps
+BACKLOG_SPREAD = 4  # a mixed step takes 1/this of the waiting prompt tokens: prefill keeps pace with the load
+
+
+def supported(model) -> str | None:
+    """None if the engine can run `model`, else why not (then the server keeps `generate_batch`)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not llama"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "attention or MLP biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: statistics in float32, scaled in the input's dtype.
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+EAGER_OPS = {"rms": _rms_norm, "add_rms": _add_rms_norm, "rope_qk": _rope_qk, "silu_mul": _silu_mul}
+
+
+def fused_ops() -> dict:
+    """The element-wise pieces compiled into one kernel each (Triton, through torch.compile;
+    shapes dynamic, so one compilation serves every batch and prompt length). In the eager form
+    RMSNorm alone is seven kernels: ~1,400 launches a step on 32 layers, milliseconds of a
+    decode step that reads the weights in ~4 ms."""
+    return {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER_OPS.items()}
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    future: Future
+    slot: int
+    position: int  # where the next token's key and value go (= tokens in the cache)
+    token: int  # the last token picked: the next step's input
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+class ContinuousBatchingEngine:
+    """Continuous batching of greedy generation over a static KV cache (see the module docstring).
+
+    Same interface as `veritune.batching.MicroBatcher` for the server: `start`, `submit`,
+    `pending`, `stop`, `batch_stats`; requests and completions are those of `generate_batch`.
+    """
+
+    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 64, max_len: int = 2048,
+                 prefill_tokens: int = 8192, cuda_graphs: bool = True, max_pending: int = 0,
+                 name: str = "engine", fuse: bool = True, mixed_tokens: int = 1024, mixed: bool = True):
+        why = supported(model)
+        if why is not None:
+            raise ValueError(f"the continuous-batching engine runs bias-free Llama models with SwiGLU; this one has {why}")
+        if max_batch < 1 or max_batch > BATCH_BUCKETS[-1]:
+            raise ValueError(f"max_batch must be in 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        if mixed_tokens < 1:
+            raise ValueError(f"mixed_tokens must be >= 1, got {mixed_tokens}")
+        cfg = model.config
+        self.model, self.name = model, name
+        self.max_batch, self.prefill_tokens, self.max_pending = max_batch, prefill_tokens, max_pending
+        self.mixed_tokens, self.mixed = mixed_tokens, mixed
+        self.stop_ids = sorted(set(int(s) for s in stop_ids))
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.ops = EAGER_OPS
+        if fuse and self.device.type == "cuda":
+            self.ops = self._try_fused()
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.group = self.n_heads // self.n_kv
+        self.scale = self.head_dim ** -0.5
+        # Lengths are bucketed in steps of LENGTH_STEP; the cache holds whole buckets.
+        positions = int(getattr(cfg, "max_position_embeddings", max_len))
+        self.max_len = min(-(-max_len // LENGTH_STEP) * LENGTH_STEP, -(-positions // LENGTH_STEP) * LENGTH_STEP)
+        self.positions = min(positions, self.max_len)  # a request's prompt + new tokens must fit this
+
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = [_Layer(l.input_layernorm.weight, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
+                              l.self_attn.v_proj.weight, l.self_attn.o_proj.weight, l.post_attention_layernorm.weight,
+                              l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
+                       for l in inner.layers]
+        with torch.inference_mode():
+            # The model's own rotary tables (llama3 scaling, attention scaling), in its dtype, as its forward uses them.
+            probe = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=self.dtype)
+            cos, sin = inner.rotary_emb(probe, torch.arange(self.max_len, device=self.device)[None])
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+            shape = (max_batch, self.n_kv, self.max_len, self.head_dim)
+            self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+            self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+            # Static inputs of the decode step; the row of (slot s, kv head h) at position p in a
+            # layer's flattened cache is (s * n_kv + h) * max_len + p.
+            self.in_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+            self.in_positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+            self.row_base = ((torch.arange(max_batch, device=self.device)[:, None] * self.n_kv
+                              + torch.arange(self.n_kv, device=self.device)[None]) * self.max_len)
+            self.t_index = torch.arange(self.max_len, device=self.device)
+        self._host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._host_positions = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting: list[tuple[GenerationRequest, Future]] = []  # taken from the queue, not yet admitted
+        self._running: dict[int, _Running] = {}
+        self._prefilling: list[_Running] = []  # slot held, prompt partly in the cache (`position` tokens), in arrival order
+        self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch bucket small
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run
+        self.step_rows = 0  # requests summed over decode steps (mean batch = step_rows / steps)
+        self.max_in_flight = 0
+        self.prefills = 0  # forwards that carried prompt tokens
+        self.mixed_steps = 0  # of those, the ones that also decoded
+        self.on_batch = None  # (size, seconds) after each decode step, as MicroBatcher reports batches
+
+    def _try_fused(self) -> dict:
+        """The compiled element-wise ops, checked against the eager ones on this device; the
+        eager ones where compilation is unavailable (no Triton) or disagrees."""
+        try:
+            ops = fused_ops()
+            x = torch.randn(3, 64, device=self.device, dtype=self.dtype)
+            w = torch.randn(64, device=self.device, dtype=self.dtype)
+            cos, sin = torch.randn(2, 3, 1, 16, device=self.device, dtype=self.dtype)
+            q, k = x.view(3, 4, 16), x[:, :32].reshape(3, 2, 16)
+            checks = [(ops["rms"](x, w, 1e-5), _rms_norm(x, w, 1e-5)),
+                      (ops["add_rms"](x, x, w, 1e-5)[1], _add_rms_norm(x, x, w, 1e-5)[1]),
+                      (ops["rope_qk"](q, k, cos, sin)[1], _rope_qk(q, k, cos, sin)[1]),
+                      (ops["silu_mul"](x, x), _silu_mul(x, x))]
+            tol = 1e-2 if self.dtype == torch.bfloat16 else 1e-4
+            if all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in checks):
+                return ops
+            log.warning("%s: compiled element-wise ops disagree with eager ones; running eager", self.name)
+        except Exception as e:  # no Triton / no compiler on this machine
+            log.warning("%s: element-wise ops not compiled (%s: %s); running eager", self.name, type(e).__name__, e)
+        return EAGER_OPS
+
+    # ------------------------------------------------------------------ the forward passes
+
+    def _decode_forward(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for slots [0, batch): inputs in `in_tokens` / `in_positions`; attention over
+        the first `length` positions of each slot's cache, masked past the slot's own position."""
+        ops, eps = self.ops, self.eps
+        tokens, positions = self.in_tokens[:batch], self.in_positions[:batch]
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
+        visible = self.t_index[:length][None] <= positions[:, None]
+        # One additive mask for all layers ([batch, 1, 1, length]; SDPA would convert a boolean one per call).
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~visible, float("-inf"))[:, None, None, :]
+        rows = (self.row_base[:batch] + positions[:, None]).reshape(-1)
+        d, hkv = self.head_dim, self.n_kv
+        h = ops["rms"](x, self.layers[0].ln1, eps)
+        for i, w in enumerate(self.layers):
+            q, k = ops["rope_qk"](F.linear(h, w.q).view(batch, self.n_heads, d),
+                                  F.linear(h, w.k).view(batch, hkv, d), cos, sin)
+            v = F.linear(h, w.v).view(batch, hkv, d)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+            # The query heads of one kv head side by side as its "query length": GQA without copies.
+            o = F.scaled_dot_product_attention(q.view(batch, hkv, self.group, d), kc[:batch, :, :length],
+                                               vc[:batch, :, :length], attn_mask=mask, scale=self.scale)
+            x, h = ops["add_rms"](x, F.linear(o.reshape(batch, -1), w.o), w.ln2, eps)
+            down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
+            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            x, h = ops["add_rms"](x, down, nxt, eps)
+        logits = F.linear(h, self.lm_head)
+        return logits, logits.argmax(-1)
+
+    def _mixed_forward(self, dec_tokens: Sequence[int], dec_positions: Sequence[int], length: int,
+                       pieces: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
+        """One forward over the decode tokens of slots [0, len(dec_tokens)) (attention over the
+        first `length` positions of each slot's cache, masked past its own position) followed by
+        prompt pieces `(slot, start, tokens)`: tokens at positions start.. of that slot, attending
+        causally over the slot's cache before `start` and the piece itself. Linear layers run on
+        all rows at once. Returns the logits of the decode rows, then of each piece's last token:
+        [len(dec_tokens) + len(pieces), vocab]."""
+        dev, d, hkv, ops, eps = self.device, self.head_dim, self.n_kv, self.ops, self.eps
+        batch = len(dec_tokens)
+        sizes = [len(t) for _, _, t in pieces]
+        tokens = torch.tensor(list(dec_tokens) + [t for _, _, toks in pieces for t in toks], dtype=torch.long,
+                              device=dev)
+        positions = torch.tensor(list(dec_positions) + [start + i for (_, start, _), n in zip(pieces, sizes)
+                                                         for i in range(n)], dtype=torch.long, device=dev)
+        slot_of = torch.tensor(list(range(batch)) + [slot for (slot, _, _), n in zip(pieces, sizes)
+                                                     for _ in range(n)], dtype=torch.long, device=dev)
+        rows = ((slot_of[:, None] * hkv + torch.arange(hkv, device=dev)[None]) * self.max_len
+                + positions[:, None]).reshape(-1)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        if batch:
+            visible = self.t_index[:length][None] <= positions[:batch, None]
+            dec_mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(
+                ~visible, float("-inf"))[:, None, None, :]
+        # A piece after earlier ones attends over its slot's cache prefix too: key j is visible to
+        # the piece's query i when j <= start + i, causal aligned bottom-right (SDPA's is_causal is
+        # top-left); as a CausalBias it runs in the flash / memory-efficient kernels, no mask built.
+        piece_masks = [causal_lower_right(n, start + n) for (_, start, _), n in zip(pieces, sizes)]
+        x = F.embedding(tokens, self.embed)
+        h = ops["rms"](x, self.layers[0].ln1, eps)
+        for i, w in enumerate(self.layers):
+            q, k = ops["rope_qk"](F.linear(h, w.q).view(-1, self.n_heads, d), F.linear(h, w.k).view(-1, hkv, d),
+                                  cos, sin)
+            v = F.linear(h, w.v).view(-1, hkv, d)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+            outs = []
+            if batch:
+                # The query heads of one kv head side by side as its "query length": GQA without copies.
+                o = F.scaled_dot_product_attention(q[:batch].view(batch, hkv, self.group, d), kc[:batch, :, :length],
+                                                   vc[:batch, :, :length], attn_mask=dec_mask, scale=self.scale)
+                outs.append(o.reshape(batch, -1))
+            at = batch
+            for (slot, start, _), n, mask in zip(pieces, sizes, piece_masks):
+                qp = q[at:at + n].transpose(0, 1)[None]  # [1, heads, n, d]
+                if start == 0:
+                    kp, vp = k[at:at + n].transpose(0, 1), v[at:at + n].transpose(0, 1)
+                else:
+                    kp, vp = kc[slot, :, :start + n], vc[slot, :, :start + n]
+                # kv head j serves query heads j*group ... (j+1)*group-1
+                kp = kp.repeat_interleave(self.group, dim=0)[None]
+                vp = vp.repeat_interleave(self.group, dim=0)[None]
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+                outs.append(o[0].transpose(0, 1).reshape(n, -1))
+                at += n
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x, h = ops["add_rms"](x, F.linear(o, w.o), w.ln2, eps)
+            down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
+            if i + 1 < len(self.layers):
+                x, h = ops["add_rms"](x, down, self.layers[i + 1].ln1, eps)
+            else:
+                x = x + down
+        ends = torch.tensor(sizes, dtype=torch.long, device=dev).cumsum(0) - 1 + batch
+        keep = torch.cat([torch.arange(batch, device=dev), ends])
+        # The LM head only on the rows that pick a token (the others are 4 bytes x vocab each).
+        return F.linear(ops["rms"](x[keep], self.norm, eps), self.lm_head)
+
+    def _prefill_forward(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Whole prompts into their slots' cache, nothing decoding: the logits of each prompt's
+        last position [n, vocab]."""
+        return self._mixed_forward([], [], 0, [(slot, 0, p) for slot, p in zip(slots, prompts)])
+
+    def _step(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cuda_graphs:
+            return self._decode_forward(batch, length)
+        key = (batch, length)
+        if key not in self._graphs:
+            self._capture(batch, length)
+        graph, logits, picked = self._graphs[key]
+        graph.replay()
+        return logits, picked
+
+    def _capture(self, batch: int, length: int) -> None:
+        started = time.perf_counter()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # Warm-up runs rewrite the same cache entries with the same values: harmless.
+            for _ in range(2):
+                self._decode_forward(batch, length)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, picked = self._decode_forward(batch, length)
+        self._graphs[(batch, length)] = (graph, logits, picked)
+        log.info("%s: captured the decode step for batch %d, length %d (%.2f s)", self.name, batch, length,
+                 time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def warmup(self, batches: Sequence[int] = BATCH_BUCKETS, lengths: Sequence[int] = (LENGTH_STEP,)) -> None:
+        """Capture the decode graphs for these buckets now (else each is captured on first use).
+        Call before `start`: the worker thread owns the model once it runs."""
+        if not self.cuda_graphs:
+            return
+        for b in batches:
+            if b <= self.max_batch:
+                for t in lengths:
+                    key = (self._batch_bucket(b), self._length_bucket(t))
+                    if key not in self._graphs:
+                        self._capture(*key)
+        torch.cuda.synchronize()
+
+    def _batch_bucket(self, n: int) -> int:
+        return min(next(b for b in BATCH_BUCKETS if b >= n), self.max_batch)
+
+    def _length_bucket(self, n: int) -> int:
+        return min(-(-n // LENGTH_STEP) * LENGTH_STEP, self.max_len)
+
+    # ------------------------------------------------------------------ the interface
+
+    def start(self) -> "ContinuousBatchingEngine":
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: GenerationRequest) -> Future:
+        """Queue a request; BatcherStopped once stop() has begun, QueueFull past `max_pending` waiting."""
+        if len(request.prompt_ids) + request.max_new_tokens > self.positions:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds the engine's {self.positions} positions per request")
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        with self._lock:
+            if not self._accepting:
+                raise BatcherStopped(f"{self.name} is not running")
+            if self.max_pending and self.pending() >= self.max_pending:
+                raise QueueFull(f"{self.name}: {self.max_pending} requests already pending")
+            future: Future = Future()
+            self._queue.put((request, future))
+        return future
+
+    def pending(self) -> int:
+        """Requests accepted and not yet admitted to the batch."""
+        return self._queue.qsize() + len(self._waiting)
+
+    def in_flight(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    def batch_stats(self) -> dict:
+        return {"batches": self.steps, "max_batch_size_seen": self.max_in_flight,
+                "mean_batch_size": round(self.step_rows / self.steps, 3) if self.steps else 0.0}
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish those accepted, then end the worker."""
+        with self._lock:
+            was, self._accepting = self._accepting, False
+            if was:
+                self._queue.put(None)  # wakes an idle worker
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                busy = self._running or self._waiting or self._prefilling
+                self._take(block=not (busy or self._stopping))
+                if self._stopping and not (self._running or self._waiting or self._prefilling):
+                    return
+                try:
+                    self._admit()
+                    pieces = self._plan()
+                    if pieces and self.mixed:
+                        self._prefill_step(pieces, decode=bool(self._running))
+                    else:
+                        if pieces:
+                            self._prefill_step(pieces, decode=False)
+                        if self._running:
+                            self._decode()
+                except BaseException as e:  # a failed forward fails what it held; the worker goes on
+                    log.exception("%s: step failed", self.name)
+                    for run in list(self._running.values()) + self._prefilling:
+                        self._finish(run, None, error=e)
+                    self._prefilling.clear()
+
+    def _take(self, block: bool) -> None:
+        """Move queued requests to `_waiting` (blocking for one when the engine is idle)."""
+        while True:
+            try:
+                entry = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if entry is None:
+                self._stopping = True
+                continue
+            request, future = entry
+            if future.set_running_or_notify_cancel():
+                self._waiting.append((request, future))
+
+    def _admit(self) -> None:
+        """Give waiting requests free slots (lowest first); drop those cancelled before their first token."""
+        for run in [r for r in self._prefilling if r.request.cancelled.is_set()]:
+            self._prefilling.remove(run)
+            heapq.heappush(self._free, run.slot)
+            run.future.set_result(Completion([], "cancelled", len(run.request.prompt_ids), 0))
+        while self._waiting and self._free:
+            request, future = self._waiting.pop(0)
+            if request.cancelled.is_set():
+                future.set_result(Completion([], "cancelled", len(request.prompt_ids), 0))
+                continue
+            self._prefilling.append(_Running(request, future, heapq.heappop(self._free), position=0, token=-1))
+
+    def _plan(self) -> list[tuple[_Running, int, int]]:
+        """The prompt pieces of the next forward, `(run, start, count)`, in arrival order. Mixed
+        steps take a share of the backlog (see the module docstring) and split prompts anywhere;
+        a forward with nothing decoding takes up to `prefill_tokens` (`mixed=False`: whole
+        prompts, the first one whatever its length)."""
+        if not self._prefilling:
+            return []
+        if self.mixed and self._running:
+            backlog = sum(len(r.request.prompt_ids) - r.position for r in self._prefilling)
+            budget = min(self.mixed_tokens, max(MIN_CHUNK, -(-backlog // BACKLOG_SPREAD)))
+        else:
+            budget = self.prefill_tokens
+        pieces = []
+        for run in self._prefilling:
+            rest = len(run.request.prompt_ids) - run.position
+            if not self.mixed:
+                if pieces and rest > budget:
+                    break
+                count = rest
+            else:
+                count = min(rest, budget)
+            if count <= 0:
+                break
+            pieces.append((run, run.position, count))
+            budget -= count
+        return pieces
+
+    def _prefill_step(self, pieces: Sequence[tuple[_Running, int, int]], decode: bool) -> None:
+        """One forward over the prompt pieces and, with `decode`, one token of every running slot
+        (a mixed step, eager); runs whose prompt is complete get their first token from it."""
+        started = time.perf_counter()
+        runs = sorted(self._running.values(), key=lambda r: r.slot) if decode else []
+        batch = runs[-1].slot + 1 if runs else 0
+        tokens, positions = [0] * batch, [self.max_len - 1] * batch  # free slots run a dummy token (see _decode)
+        for run in runs:
+            tokens[run.slot], positions[run.slot] = run.token, run.position
+        # Lengths bucketed as in the graphs: a handful of attention shapes (cuDNN plans one per shape).
+        length = self._length_bucket(max(positions[r.slot] for r in runs) + 1) if runs else 0
+        logits = self._mixed_forward(tokens, positions, length,
+                                     [(run.slot, start, run.request.prompt_ids[start:start + count])
+                                      for run, start, count in pieces])
+        self.prefills += 1
+        if runs:
+            self.mixed_steps += 1
+            self.steps += 1
+            self.step_rows += len(runs)
+            for run in runs:
+                run.position += 1
+        rows = [run.slot for run in runs]
+        for j, (run, start, count) in enumerate(pieces):
+            run.position = start + count
+            if run.position == len(run.request.prompt_ids):
+                self._prefilling.remove(run)
+                self._running[run.slot] = run
+                runs.append(run)
+                rows.append(batch + j)
+        self.max_in_flight = max(self.max_in_flight, len(self._running))
+        self._pick(runs, rows, logits, logits.argmax(-1))
+        if self.on_batch is not None:
+            self.on_batch(len(runs), time.perf_counter() - started)
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        top = max(self._running) + 1
+        batch = self._batch_bucket(top)
+        length = self._length_bucket(max(r.position for r in self._running.values()) + 1)
+        # Free slots inside the bucket run a dummy token written at the last position of their
+        # slot: a request reads only positions it wrote itself, and never writes that one (prompt +
+        # new tokens fit `positions` <= max_len, and the last token picked is not fed back), so a
+        # slot between two pieces of its prompt keeps what it has.
+        tokens, positions = [0] * batch, [self.max_len - 1] * batch
+        for slot, run in self._running.items():
+            tokens[slot], positions[slot] = run.token, run.position
+        self._host_tokens[:batch] = torch.tensor(tokens)
+        self._host_positions[:batch] = torch.tensor(positions)
+        self.in_tokens[:batch].copy_(self._host_tokens[:batch], non_blocking=True)
+        self.in_positions[:batch].copy_(self._host_positions[:batch], non_blocking=True)
+        logits, picked = self._step(batch, length)
+        runs = sorted(self._running.values(), key=lambda r: r.slot)
+        for run in runs:
+            run.position += 1
+        self.steps += 1
+        self.step_rows += len(runs)
+        self.max_in_flight = max(self.max_in_flight, len(runs))
+        self._pick(runs, [r.slot for r in runs], logits, picked)
+        if self.on_batch is not None:
+            self.on_batch(len(runs), time.perf_counter() - started)
+
+    def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor,
+              picked: torch.Tensor) -> None:
+        """The next token of each run (its row of the logits: its slot among the decode rows, or
+        its piece's row after them in a prefill or mixed step), under its grammar when it has one;
+        then finish those that are done."""
+        constrained = [(row, run) for row, run in zip(rows, runs) if run.request.constraint is not None]
+        tokens = picked.tolist()
+        for row, run in constrained:
+            allowed = run.request.constraint.mask()
+            if allowed is not None:
+                masked = logits[row].clone()
+                apply_mask(masked, allowed)
+                tokens[row] = int(masked.argmax())
+        now = time.perf_counter()
+        for row, run in zip(rows, runs):
+            token, r = tokens[row], run.request
+            if r.constraint is not None:
+                r.constraint.consume(token)
+            if r.cancelled.is_set():
+                self._finish(run, "cancelled")
+            elif token in self.stop_ids:
+                self._finish(run, "stop", stop_token=token)
+            else:
+                run.generated.append(token)
+                run.token = token
+                if run.first_token_at is None:
+                    run.first_token_at = now
+                if r.on_token is not None:
+                    r.on_token(token)
+                if len(run.generated) >= r.max_new_tokens:
+                    self._finish(run, "length")
+
+    def _finish(self, run: _Running, reason: str | None, stop_token: int | None = None,
+                error: BaseException | None = None) -> None:
+        self._running.pop(run.slot, None)
+        heapq.heappush(self._free, run.slot)
+        if error is not None:
+            run.future.set_exception(error)
+            return
+        run.future.set_result(Completion(token_ids=run.generated, finish_reason=reason,
+                                         prompt_tokens=len(run.request.prompt_ids),
+                                         batch_size=len(self._running) + 1, stop_token_id=stop_token))
