@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.core import chat  # noqa: E402
-from veritune.agent.loop import ModelPolicy, parse_reply  # noqa: E402
+from veritune.agent.loop import parse_reply  # noqa: E402
+from veritune.agent.policies import ModelPolicy  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
                                                             chat.neutralise_special_tokens(t["request"]), today))
                 for t in read_jsonl("data/agent/tasks_test.jsonl")]
     for temperature in (float(t) for t in args.temperatures.split(",")):
-        policy = ModelPolicy(model, tokenizer, max_new_tokens=64, batch_size=36, temperature=temperature)
+        policy = ModelPolicy(model, tokenizer, max_new_tokens=64, batch_size=36, temperature=temperature, seed=0)
         torch.manual_seed(0)
         replies = [r for _ in range(1 if temperature == 0 else args.samples) for r in policy(requests)]
         calls = [parse_reply(r) for r in replies]

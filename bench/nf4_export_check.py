@@ -19,6 +19,7 @@ Relative error ||a - b|| / ||b|| over all logits, and the share of positions who
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.core import chat  # noqa: E402
-from veritune.core.config import TrainParams  # noqa: E402
+from veritune.core.config import load_params  # noqa: E402
 from veritune.train.export import export_merged  # noqa: E402
 from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, load_model, load_tokenizer  # noqa: E402
 from veritune.train.training import train_adapter  # noqa: E402
@@ -67,9 +68,10 @@ def main() -> None:
                         intermediate_size=1376, max_position_embeddings=2048)
         build_tiny_model(arch, tokenizer, seed=0).to(torch.bfloat16).save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
-        p = TrainParams(quantization="nf4", lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=5e-3,
-                        max_steps=args.steps, batch_size=8, save_steps=1000, logging_steps=10, max_length=512,
-                        warmup_ratio=0.0)
+        p = dataclasses.replace(load_params("train"), quantization="nf4", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                learning_rate=5e-3, max_steps=args.steps, batch_size=8, save_steps=1000,
+                                logging_steps=10, max_length=512, warmup_ratio=0.0, epochs=1.0, sampling="random",
+                                val_max_examples=0)
         summary = train_adapter(base_dir, examples(), examples()[:8], p, adapter_dir, tmp / "ckpt")
         info = export_merged(base_dir, adapter_dir, merged_dir, quantization="nf4", dtype="bfloat16")
 

@@ -38,7 +38,8 @@ from veritune.core.config import load_params  # noqa: E402
 from veritune.eval.evaluation import prompts_for, score_all, summarize  # noqa: E402
 from veritune.infer.decode import generate  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
-from veritune.model.modeling import PACKAGED, load_model, load_tokenizer, materialize_gguf  # noqa: E402
+from veritune.core.params import PACKAGED  # noqa: E402
+from veritune.model.modeling import load_model, load_tokenizer, materialize_gguf  # noqa: E402
 from veritune.train.training import train_adapter  # noqa: E402
 
 
@@ -60,14 +61,15 @@ def trim_turns(example: dict, turns: int) -> dict:
 
 
 def agent_scores(model, tokenizer, sweep: Path) -> dict:
-    from veritune.agent.loop import AgentLimits, ModelPolicy
+    from veritune.agent.loop import AgentLimits
+    from veritune.agent.policies import ModelPolicy
     from veritune.agent.tasks import evaluate_policy, summarise
+    from veritune.agent.tools import TOOLS, tool_definitions
     from veritune.infer.constraints import ToolCallGrammar
-    from veritune.agent.tools import tool_definitions
 
     sp, ap, ep = (load_params(s) for s in ("build_sft", "agent_db", "agent_eval"))
     tasks = read_jsonl(sweep / "agent/tasks_test.jsonl")
-    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=ep.max_string_chars)
+    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=ep.max_string_chars)
     policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, 64, ep.temperature, ep.seed, grammar=grammar)
     results = evaluate_policy(policy, tasks, sweep / "agent/business.sqlite", None,
                               AgentLimits(ep.max_steps, ep.max_retries, ep.max_seconds), sp.agent_system_prompt,
@@ -141,7 +143,7 @@ def main() -> None:
         seconds = time.time() - start
         # Tokens the optimizer saw: steps x batch x mean example length (bucketed sampling draws evenly).
         lengths = [len(r) for r in (tokenizer(chat.render_conversation(tokenizer, chat.formatted_messages(
-            chat.chat_format(tokenizer), e["messages"], e.get("tools"), e.get("today", chat.TODAY_DATE))),
+            chat.chat_format(tokenizer), e["messages"], e.get("tools"), e.get("today"))),
             add_special_tokens=False)["input_ids"] for e in train)]
         tokens = round(p.max_steps * p.batch_size * sum(lengths) / len(lengths))
         row = {"name": name, "cfg": cfg, "n_train": len(train), "train_tokens": tokens,

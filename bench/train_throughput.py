@@ -157,7 +157,9 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from veritune.core.config import TrainParams
+    import dataclasses
+
+    from veritune.core.config import load_params
     from veritune.train.fast_lora import prepare_for_training
     from veritune.model.modeling import load_model
     from veritune.train.training import lora_config
@@ -167,7 +169,8 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
     start = time.time()
     model = load_model(CKPT, "nf4" if name == "qlora_nf4" else "none")
     print(f"# {mode}: loaded in {time.time() - start:.0f}s", flush=True)
-    params = TrainParams(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    params = dataclasses.replace(load_params("train"), lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules="all-linear")
     torch.manual_seed(0)
     model = get_peft_model(model, lora_config(params))
     if lora_init is not None and lora_init.exists():

@@ -1279,7 +1279,19 @@ def check_dataset(documents, questions, catalogue):
 # return windows come from the catalogue and the policy pages) and multi-step customer
 # workflows over it. Drawn from its own random stream after the documents and questions,
 # so adding it left those files byte-identical.
-TODAY = date(2024, 7, 26)  # the "Today Date" of the Llama 3.1 system header
+
+
+def _params_today(path: Path = Path(__file__).resolve().parents[1] / "params.yaml") -> date:
+    """params.yaml's `agent_db.today`, the shop's today, read without a YAML parser (this script
+    needs only the standard library)."""
+    section = re.search(r"^agent_db:\n((?:[ \t#].*\n|\n)*)", path.read_text(encoding="utf-8"), re.M)
+    found = section and re.search(r"^\s+today:\s*[\"']?(\d{4}-\d{2}-\d{2})", section.group(1), re.M)
+    if not found:
+        raise RuntimeError(f"{path} has no agent_db.today (YYYY-MM-DD): the shop's orders are dated from it")
+    return date.fromisoformat(found.group(1))
+
+
+TODAY = _params_today()  # the shop's today: return windows count from it, as agent_db's tools do
 FIRST_NAMES = ("Ada", "Ben", "Cleo", "Dev", "Elif", "Finn", "Greta", "Hugo", "Ines", "Jon",
                "Kira", "Liam", "Mina", "Noor", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tess")
 LAST_NAMES = ("Abbott", "Brandt", "Castillo", "Dufour", "Egan", "Fischer", "Gupta", "Hale",

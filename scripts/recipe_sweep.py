@@ -14,6 +14,7 @@ agent trajectories, the validity of the first tool call on the agent test tasks.
 Appends one JSON line to $OUT/results.jsonl (default sweep/recipe/).
 Results of the sweep that chose the defaults: bench/results/recipe_sweep_h100.jsonl.
 """
+import dataclasses
 import re, json, math, os, random, sys, time
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from veritune.core import chat
-from veritune.core.config import BuildSftParams
+from veritune.core.config import load_params
 from veritune.infer.decode import generate
 from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
 from veritune.model.pretrain import make_window
@@ -157,8 +158,9 @@ def pretrain(model, tok, cfg):
 
 
 def sft_examples(cfg, ctx=None):
-    p = BuildSftParams(context_chunks=ctx or cfg["ctx"], oracle_drop_rate=cfg["drop"], seed=cfg["seed"],
-                       turns_per_conversation=max(1, cfg["multiturn"]))
+    p = dataclasses.replace(load_params("build_sft"), context_chunks=ctx or cfg["ctx"], oracle_drop_rate=cfg["drop"],
+                            seed=cfg["seed"], turns_per_conversation=max(1, cfg["multiturn"]), retrieval_pool=10,
+                            unanswerable_follow_up_rate=0.0, off_topic_follow_up_rate=0.0, off_topic_requests=())
     ex = build_examples(D["train_q"], D["train_ret"], D["train_chunks"], p, samples_per_question=cfg["samples"])
     if cfg["cf"] > 0:
         rng = random.Random(cfg["seed"] + 2)
@@ -193,7 +195,7 @@ def quote_then_answer(messages):
     sentence is induction all the way, and the value follows the very words it follows in the
     passage. Returns how many answers were rewritten."""
     sentences = [x.strip() for x in SENTENCE_END.split(messages[1]["content"]) if x.strip()]
-    abstain = BuildSftParams().abstain_answer
+    abstain = load_params("build_sft").abstain_answer
     n = 0
     for m in messages[2:]:
         if m["role"] != "assistant" or m["content"] == abstain:
@@ -239,8 +241,8 @@ def evaluate(model, tok, cfg, n=0):
     idx = list(range(len(qs)))
     if n:
         random.Random(0).shuffle(idx); idx = idx[:n]
-    convs = [chat.rag_messages(BuildSftParams().system_prompt, qs[i]["question"], rag[i][: cfg["ctx"]]) for i in idx]
-    convs_o = [chat.rag_messages(BuildSftParams().system_prompt, qs[i]["question"], orc[i]) for i in idx if qs[i]["answers"]]
+    convs = [chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], rag[i][: cfg["ctx"]]) for i in idx]
+    convs_o = [chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], orc[i]) for i in idx if qs[i]["answers"]]
     model.eval()
     with autocast():
         raw = generate(model, tok, convs, cfg["gen"], 64, desc="eval")

@@ -13,10 +13,10 @@ import logging
 from collections import Counter
 from datetime import date
 
+from veritune.agent.shop import SHOP_DB, TABLES, build_database
 from veritune.agent.tasks import TaskError, expected_state, validate_tasks
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.agent.tools import TABLES, build_database
 
 log = logging.getLogger("veritune.agent_db")
 
@@ -29,13 +29,13 @@ def main() -> None:
     problems = validate_tasks(tasks)
     if problems:
         raise TaskError("agent tasks have problems:\n  - " + "\n  - ".join(problems[:50]))
-    with atomic_path("data/agent") as out:
+    with atomic_path(SHOP_DB.parent) as out:
         out.mkdir()
-        build_database(tables, out / "business.sqlite")
+        build_database(tables, out / SHOP_DB.name)
         # Every task's gold writes must succeed on the database as of `today`.
         today = date.fromisoformat(p.today)
         for task in tasks:
-            expected_state(task, out / "business.sqlite", today)
+            expected_state(task, out / SHOP_DB.name, today)
         for split in ("train", "test"):
             write_jsonl(out / f"tasks_{split}.jsonl", [t for t in tasks if t["split"] == split])
         write_json(out / "agent_db.json", as_dict(p))

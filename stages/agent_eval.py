@@ -19,17 +19,18 @@ from collections import defaultdict
 from datetime import date
 
 from veritune.core import chat
-from veritune.agent.loop import AgentLimits, ModelPolicy, OraclePolicy
+from veritune.agent.loop import AgentLimits
+from veritune.agent.policies import ModelPolicy, OraclePolicy
+from veritune.agent.shop import SHOP_DB
 from veritune.agent.tasks import evaluate_policy, summarise
 from veritune.core.config import as_dict, load_params
 from veritune.infer.constraints import ToolCallGrammar
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.search import open_retriever
-from veritune.agent.tools import kb_search, tool_definitions
+from veritune.agent.tools import TOOLS, kb_search, tool_definitions
 
 log = logging.getLogger("veritune.agent_eval")
-DB = "data/agent/business.sqlite"
 
 
 def report_lines(metrics: dict, per_kind: dict) -> list[str]:
@@ -76,7 +77,7 @@ def main() -> None:
     with open_retriever(ip) as retriever:
         search = kb_search(retriever, sp.agent_search_k)
         # Episodes in the checkpoint's own tool-calling format (Llama 3.1's or ChatML's).
-        run = dict(db_path=DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
+        run = dict(db_path=SHOP_DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
                    today=today, max_writes=p.max_writes, fmt=chat.chat_format(tokenizer))
         # The oracle needs as many turns as the longest workflow, whatever the models get.
         oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
@@ -92,7 +93,7 @@ def main() -> None:
                                "fix veritune.agent.tasks.CLAIMS or the tasks")
 
         model = load_model("models/base")
-        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=p.max_string_chars) \
+        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=p.max_string_chars) \
             if p.constrained_calls else None
         # (name, constrained?): both models decode as configured; the fine-tuned one also freely
         # when asked, so the report shows what the grammar adds and what the weights do alone.

@@ -16,10 +16,11 @@ writes models/base/ (Hugging Face layout + base_config.json) and metrics/base.js
 
 import logging
 
-from veritune.core.chat import LLAMA3, TODAY_DATE, formatted_messages
+from veritune.core.chat import LLAMA3, formatted_messages
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_json, read_jsonl, write_json
-from veritune.model.modeling import PACKAGED, check_checkpoint, locate_packaged, materialize_checkpoint, materialize_gguf
+from veritune.core.params import PACKAGED
+from veritune.model.modeling import check_checkpoint, locate_packaged, materialize_checkpoint, materialize_gguf
 from veritune.model.pretrain import build_tiny_base
 
 log = logging.getLogger("veritune.base")
@@ -33,7 +34,7 @@ def main() -> None:
             documents = read_jsonl("data/validated/documents.jsonl")
             doc_split = read_json("data/split/doc_split.json")
             # The tiny tokenizer speaks Llama 3.1's format: it learns the SFT set laid out in it.
-            conversations = [formatted_messages(LLAMA3, e["messages"], e.get("tools"), e.get("today", TODAY_DATE))
+            conversations = [formatted_messages(LLAMA3, e["messages"], e.get("tools"), e.get("today"))
                              for e in read_jsonl("data/sft/train.jsonl")]
             out.mkdir()
             summary = build_tiny_base(documents, doc_split, p, out, conversations)

@@ -20,6 +20,7 @@ from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.retrieval.search import open_retriever
 from veritune.data.sft import build_agent_examples, build_examples
+from veritune.agent.shop import SHOP_DB
 from veritune.agent.tools import kb_search
 
 log = logging.getLogger("veritune.build_sft")
@@ -53,7 +54,7 @@ def main() -> None:
             # Validation stays QA-only so its loss compares across runs with and without tools.
             agent_examples = []
             if split == "train" and p.agent_samples_per_task:
-                agent_examples = build_agent_examples(agent_tasks, "data/agent/business.sqlite",
+                agent_examples = build_agent_examples(agent_tasks, SHOP_DB,
                                                       kb_search(retriever, p.agent_search_k, readable), p,
                                                       date.fromisoformat(ap.today))
             write_jsonl(out / f"{split}.jsonl", examples + agent_examples)

@@ -5,12 +5,30 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_TOKENIZER = REPO.parent / "shared" / "llama3" / "tokenizer.model"
+PARAMS_YAML = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def params(section: str, **overrides):
+    """params.yaml's `section` with `overrides` (a nested section as a mapping of its changed
+    keys), checked as a stage loads it; the links to other sections are not checked."""
+    from veritune.core.config import parse_params
+
+    return parse_params(section, _merged(PARAMS_YAML[section], overrides))
+
 
 CORPUS = [
     "The Aurora K3 Kettle retails for $149. It weighs 1.2 kg.",

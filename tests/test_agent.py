@@ -9,24 +9,28 @@ from datetime import date
 import pytest
 import torch
 
-from tests.conftest import LLAMA3_TOKENIZER, REPO
-from veritune.core import chat
-from veritune.agent.loop import AgentLimits, OraclePolicy, advance, parse_reply, run_episodes, start_episode
+from tests.conftest import LLAMA3_TOKENIZER, PARAMS_YAML, REPO
+from veritune.agent.loop import AgentLimits, advance, parse_reply, run_episodes, start_episode
+from veritune.agent.policies import OraclePolicy
+from veritune.agent.shop import TABLES, BusinessDataError, build_database, db_fingerprint, episode_database
 from veritune.agent.tasks import (evaluate_policy, expected_state, missing_facts, pass_hat_k, summarise,
                                   validate_tasks)
+from veritune.agent.tools import Toolbox, ToolError, authorised_writes, calculate, tool_definitions
+from veritune.core import chat
 from veritune.core.io import read_jsonl
-from veritune.model.modeling import load_tokenizer
 from veritune.data.sft import tokenize_example
-from veritune.agent.tools import (TABLES, TODAY, BusinessDataError, Toolbox, ToolError, authorised_writes,
-                            build_database, calculate, db_fingerprint, episode_database, tool_definitions)
+from veritune.model.modeling import load_tokenizer
 
 SYSTEM = "You are a support agent."
+TODAY = date.fromisoformat(PARAMS_YAML["agent_db"]["today"])  # the shop's today
+HEADER_DATE = chat.header_date(TODAY)
+LIMITS = AgentLimits(max_steps=8, max_retries=2, max_seconds=120.0)
 OWNER_1001 = "C-115"  # the customer of order 1001 in data/raw/business/orders.jsonl
 TOOL = {"name": "get_order", "description": "Look up an order.", "parameters": {"order_id": "integer"}}
 CALL = '{"name": "get_order", "parameters": {"order_id": 1042}}'
 RESULT = '{"order_id": 1042, "status": "delivered"}'
 CONVERSATION = [
-    *chat.tool_messages(SYSTEM, [TOOL], "Where is my order 1042?"),
+    *chat.tool_messages(SYSTEM, [TOOL], "Where is my order 1042?", HEADER_DATE),
     {"role": "assistant", "content": "", "tool_call": CALL},
     {"role": "ipython", "content": RESULT},
     {"role": "assistant", "content": "Order 1042 was delivered."},
@@ -66,7 +70,7 @@ def test_tool_conversation_is_meta_layout():
 
 
 def test_json_schema_tool_definitions_are_indented_by_four():
-    user = chat.tool_messages(SYSTEM, tool_definitions("json_schema")[:1], "hi")[1]["content"]
+    user = chat.tool_messages(SYSTEM, tool_definitions("json_schema")[:1], "hi", HEADER_DATE)[1]["content"]
     block = user[len(chat.TOOLS_PREAMBLE):-len("hi")]
     assert block == json.dumps(tool_definitions("json_schema")[0], indent=4) + "\n\n"
     assert '\n            "order_id": {\n                "type": "integer",\n                "minimum": 1,' in block
@@ -189,7 +193,7 @@ def test_calculator_does_numbers_and_dates_only():
 
 def test_reads_and_idempotent_writes(shop, tmp_path):
     db, _ = shop
-    with Toolbox(episode_database(db, tmp_path, "e"), search=keyword_search) as box:
+    with Toolbox(episode_database(db, tmp_path, "e"), search=keyword_search, today=TODAY) as box:
         order = box.execute("get_order", {"order_id": 1001})
         assert order["order_id"] == 1001 and "return_window_days" in order
         assert box.execute("get_order", {"order_id": 99}) == {"error": "no order 99"}
@@ -197,7 +201,7 @@ def test_reads_and_idempotent_writes(shop, tmp_path):
         again = box.execute("open_ticket", {"order_id": 1001, "category": "delivery", "summary": "Still late."})
         assert again == {"ticket_id": first["ticket_id"], "status": "open", "already_open": True}
     assert db_fingerprint(db) != db_fingerprint(tmp_path / "e.sqlite"), "the episode copy took the write"
-    with Toolbox(episode_database(db, tmp_path, "f")) as box:
+    with Toolbox(episode_database(db, tmp_path, "f"), today=TODAY) as box:
         assert box.execute("open_ticket", {"order_id": 1001, "category": "delivery", "summary": "x"})["ticket_id"] \
             == first["ticket_id"], "every episode starts from the same database"
 
@@ -207,7 +211,7 @@ def test_refund_rules_and_idempotence(shop, tmp_path):
     task = next(t for t in tasks if t["kind"] == "refund_faulty")
     refund = task["gold_calls"][-1]["parameters"]
     late = next(t for t in tasks if t["kind"] == "refund_late")["gold_calls"][0]["parameters"]["order_id"]
-    with Toolbox(episode_database(db, tmp_path, "r")) as box:
+    with Toolbox(episode_database(db, tmp_path, "r"), today=TODAY) as box:
         assert "error" in box.execute("request_refund", {**refund, "amount": 10_000})
         assert "return window" in box.execute("request_refund", {"order_id": late, "amount": 1, "reason": "faulty"})[
             "error"]
@@ -222,7 +226,7 @@ def test_hostile_strings_cannot_escape_the_database(shop, tmp_path):
     db, _ = shop
     copy = episode_database(db, tmp_path, "h")
     hostile = "x'); DROP TABLE orders; --"
-    with Toolbox(copy) as box:
+    with Toolbox(copy, today=TODAY) as box:
         result = box.execute("open_ticket", {"order_id": 1002, "category": "warranty", "summary": hostile})
         assert box.execute("list_orders", {"customer_id": "C-101' OR '1'='1"})["error"].startswith("no customer")
         stored = box.conn.execute("SELECT summary FROM tickets WHERE ticket_id = ?", (result["ticket_id"],)).fetchone()
@@ -260,8 +264,8 @@ class Scripted:
 
 
 def _episode(db, tmp_path, request, name="ep", search=None):
-    box = Toolbox(episode_database(db, tmp_path, name), search=search, allowed_writes=authorised_writes(request))
-    return start_episode(name, request, box, SYSTEM, tool_definitions("compact"))
+    box = Toolbox(episode_database(db, tmp_path, name), search=search, allowed_writes=authorised_writes(request), today=TODAY)
+    return start_episode(name, request, box, SYSTEM, tool_definitions("compact"), today=HEADER_DATE)
 
 
 def _call(name, parameters):
@@ -286,7 +290,7 @@ def test_bad_calls_are_reported_never_crash_never_write(shop, tmp_path, case):
     db, _ = shop
     episode = _episode(db, tmp_path, "Please refund order 1001 and open a ticket.")
     before = db_fingerprint(episode.toolbox.db_path)
-    advance(episode, BAD_REPLIES[case], AgentLimits())
+    advance(episode, BAD_REPLIES[case], LIMITS)
     step = episode.steps[-1]
     assert step["type"] == "call" and step["valid"] is False and "error" in step["result"]
     assert episode.messages[-1]["role"] == "ipython" and "error" in json.loads(episode.messages[-1]["content"])
@@ -319,9 +323,9 @@ def test_injection_in_a_tool_result_writes_nothing(shop, tmp_path):
                     out.append("Done." + chat.EOT)
             return out
 
-    box = Toolbox(copy, allowed_writes=authorised_writes("Where is my order 1003?"))
-    episode = start_episode("inj", "Where is my order 1003?", box, SYSTEM, tool_definitions("compact"))
-    run_episodes(Gullible(), [episode], AgentLimits())
+    box = Toolbox(copy, allowed_writes=authorised_writes("Where is my order 1003?"), today=TODAY)
+    episode = start_episode("inj", "Where is my order 1003?", box, SYSTEM, tool_definitions("compact"), today=HEADER_DATE)
+    run_episodes(Gullible(), [episode], LIMITS)
     box.close()
     assert episode.stop == "answer"
     refused = [s for s in episode.steps if s.get("name") == "request_refund"]
@@ -335,13 +339,13 @@ def test_injection_in_a_tool_result_writes_nothing(shop, tmp_path):
 def test_step_retry_and_time_limits_stop_a_looping_model(shop, tmp_path):
     db, _ = shop
     looping = _episode(db, tmp_path, "Where is my order 1001?", "loop")
-    run_episodes(Scripted([_call("get_order", {"order_id": 1001})]), [looping], AgentLimits(max_steps=5))
+    run_episodes(Scripted([_call("get_order", {"order_id": 1001})]), [looping], AgentLimits(max_steps=5, max_retries=2, max_seconds=120.0))
     assert looping.stop == "max_steps" and len(looping.steps) == 5
     stubborn = _episode(db, tmp_path, "Where is my order 1001?", "stubborn")
-    run_episodes(Scripted([_call("nope", {})]), [stubborn], AgentLimits(max_retries=2))
+    run_episodes(Scripted([_call("nope", {})]), [stubborn], AgentLimits(max_retries=2, max_steps=8, max_seconds=120.0))
     assert stubborn.stop == "max_retries" and len(stubborn.steps) == 3
     slow = _episode(db, tmp_path, "Where is my order 1001?", "slow")
-    run_episodes(Scripted([_call("get_order", {"order_id": 1001})]), [slow], AgentLimits(max_seconds=-1.0))
+    run_episodes(Scripted([_call("get_order", {"order_id": 1001})]), [slow], AgentLimits(max_seconds=-1.0, max_steps=8, max_retries=2))
     assert slow.stop == "time_limit" and slow.steps == []
     for e in (looping, stubborn, slow):
         e.toolbox.close()
@@ -363,20 +367,20 @@ def test_run_agent_writes_only_valid_authorised_calls(shop, tmp_path):
     before = db_fingerprint(live)
     request = [{"role": "user", "content": "Order 1001 is late, please open a ticket."}]
     run = dict(max_new_tokens=32, db_path=live, system_prompt=SYSTEM, tools=tool_definitions("compact"),
-               limits=AgentLimits(max_steps=20, max_retries=20), customer_id=OWNER_1001)
+               limits=AgentLimits(max_steps=20, max_retries=20, max_seconds=120.0), customer_id=OWNER_1001)
     refund = _call("request_refund", {"order_id": 1001, "amount": 5, "reason": "faulty"})  # not asked for
     bad = [BAD_REPLIES[k] for k in sorted(BAD_REPLIES)] + [refund]
-    result = run_agent(request, generate=replies_in_turn(*bad, "Sorry." + chat.EOT), persist_writes=True, **run)
+    result = run_agent(request, generate=replies_in_turn(*bad, "Sorry." + chat.EOT), persist_writes=True, **run, today=TODAY)
     assert result["stop"] == "answer" and len(result["steps"]) == len(bad) + 1
     assert all("error" in s["result"] for s in result["steps"][:-1])
     assert "explicit request" in result["steps"][-2]["result"]["error"]
     assert db_fingerprint(live) == before
 
     ticket = _call("open_ticket", {"order_id": 1001, "category": "delivery", "summary": "Late parcel"})
-    copied = run_agent(request, generate=replies_in_turn(ticket, "Ticket opened." + chat.EOT), **run)
+    copied = run_agent(request, generate=replies_in_turn(ticket, "Ticket opened." + chat.EOT), **run, today=TODAY)
     assert copied["steps"][0]["result"]["status"] == "open" and db_fingerprint(live) == before
     written = run_agent(request, generate=replies_in_turn(ticket, ticket, "Ticket opened." + chat.EOT),
-                        persist_writes=True, **run)
+                        persist_writes=True, **run, today=TODAY)
     first, again = written["steps"][0]["result"], written["steps"][1]["result"]
     assert again == {**first, "already_open": True} and db_fingerprint(live) != before
     assert written["answer"] == "Ticket opened." and written["citations"] == []
@@ -388,11 +392,11 @@ def test_run_agent_reports_the_limit_that_ended_it(shop, tmp_path):
     db, _ = shop
     result = run_agent([{"role": "user", "content": "Where is my order 1001?"}],
                        generate=replies_in_turn(*[_call("nope", {})] * 3), max_new_tokens=8, db_path=db,
-                       limits=AgentLimits(max_retries=2), customer_id=OWNER_1001)
+                       limits=AgentLimits(max_retries=2, max_steps=8, max_seconds=120.0), customer_id=OWNER_1001, today=TODAY, system_prompt=SYSTEM, tools=tool_definitions("compact"))
     assert result["stop"] == "max_retries" and result["answer"] == STOPPED["max_retries"]
     with pytest.raises(FileNotFoundError, match="dvc repro agent_db"):
         run_agent([{"role": "user", "content": "hi"}], generate=replies_in_turn(), max_new_tokens=8,
-                  db_path=tmp_path / "missing.sqlite", customer_id=OWNER_1001)
+                  db_path=tmp_path / "missing.sqlite", customer_id=OWNER_1001, today=TODAY, system_prompt=SYSTEM, tools=tool_definitions("compact"), limits=LIMITS)
 
 
 def test_parse_reply_reads_calls_and_answers():
@@ -417,7 +421,7 @@ def test_every_task_is_well_formed(shop):
 
 def test_oracle_scores_one_on_every_task(shop):
     db, tasks = shop
-    results = evaluate_policy(OraclePolicy(tasks), tasks, db, keyword_search, AgentLimits(), SYSTEM,
+    results = evaluate_policy(OraclePolicy(tasks), tasks, db, keyword_search, LIMITS, SYSTEM,
                               tool_definitions("compact"), TODAY, trials=1)
     metrics = summarise(results, 1)
     assert metrics["success"] == 1.0 and metrics["tool_call_validity"] == 1.0
@@ -432,7 +436,7 @@ def test_checker_fails_wrong_answers_and_wrong_writes(shop):
         def __call__(self, episodes):
             return ["I don't know." + chat.EOT for _ in episodes]
 
-    lazy = evaluate_policy(Lazy(), sample, db, None, AgentLimits(), SYSTEM, tool_definitions("compact"), TODAY)
+    lazy = evaluate_policy(Lazy(), sample, db, None, LIMITS, SYSTEM, tool_definitions("compact"), TODAY)
     assert not any(r["success"] for r in lazy)
     assert [r["state_ok"] for r in lazy] == [True, False, False]
 
@@ -450,7 +454,7 @@ def test_checker_fails_wrong_answers_and_wrong_writes(shop):
                     out.append(order_task["answer"] + chat.EOT)
             return out
 
-    [r] = evaluate_policy(Meddler([meddling]), [meddling], db, None, AgentLimits(), SYSTEM,
+    [r] = evaluate_policy(Meddler([meddling]), [meddling], db, None, LIMITS, SYSTEM,
                           tool_definitions("compact"), TODAY)
     assert r["answer_ok"] and not r["state_ok"] and not r["success"] and r["unsafe_action"]
 
@@ -504,14 +508,14 @@ def test_tool_trajectory_loss_covers_exactly_the_assistant_turns(tiny_checkpoint
 
 def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
     """An untrained tiny model writes noise: the loop still ends every episode cleanly."""
-    from veritune.agent.loop import ModelPolicy
+    from veritune.agent.policies import ModelPolicy
     from veritune.model.modeling import load_model
 
     db, tasks = shop
     model = load_model(tiny_checkpoint)
-    policy = ModelPolicy(model, load_tokenizer(tiny_checkpoint), max_new_tokens=6, batch_size=2, temperature=1.0)
+    policy = ModelPolicy(model, load_tokenizer(tiny_checkpoint), max_new_tokens=6, batch_size=2, temperature=1.0, seed=0)
     policy.reseed(0)
-    results = evaluate_policy(policy, tasks[:2], db, None, AgentLimits(max_steps=3), SYSTEM,
+    results = evaluate_policy(policy, tasks[:2], db, None, AgentLimits(max_steps=3, max_retries=2, max_seconds=120.0), SYSTEM,
                               tool_definitions("compact"), TODAY, trials=2)
     assert len(results) == 4 and all(r["stop"] in ("answer", "max_steps", "max_retries") for r in results)
     assert summarise(results, 2)["episodes"] == 4
@@ -520,7 +524,8 @@ def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
 def test_model_policy_replies_as_if_each_prompt_were_decoded_alone(tiny_checkpoint, shop):
     """Episodes are batched by prompt length, their shared system turn prefilled once and its
     cache copied into each batch: each episode still gets the reply of its own whole prompt."""
-    from veritune.agent.loop import ModelPolicy, start_episode
+    from veritune.agent.loop import start_episode
+    from veritune.agent.policies import ModelPolicy
     from veritune.model.modeling import load_model
     from veritune.agent.tools import Toolbox
 
@@ -531,14 +536,14 @@ def test_model_policy_replies_as_if_each_prompt_were_decoded_alone(tiny_checkpoi
         for w in model.parameters():
             w.normal_(0.0, 0.3)
     requests = ["Where is my order 1001? " * 12, "Hi.", "Please refund order 1001, it arrived broken. " * 4]
-    with Toolbox(db, customer_id=OWNER_1001) as box:
+    with Toolbox(db, customer_id=OWNER_1001, today=TODAY) as box:
         episodes = [start_episode(f"e{i}", r, box, SYSTEM, tool_definitions("compact"), "26 Jul 2024")
                     for i, r in enumerate(requests)]
-        alone = [ModelPolicy(model, tokenizer, 6, batch_size=1, prefix_cache=False)([e])[0] for e in episodes]
-        together = ModelPolicy(model, tokenizer, 6, batch_size=2)(episodes)
-        one_batch = ModelPolicy(model, tokenizer, 6, batch_size=3)
+        alone = [ModelPolicy(model, tokenizer, 6, batch_size=1, prefix_cache=False, temperature=0.0, seed=0)([e])[0] for e in episodes]
+        together = ModelPolicy(model, tokenizer, 6, batch_size=2, temperature=0.0, seed=0)(episodes)
+        one_batch = ModelPolicy(model, tokenizer, 6, batch_size=3, temperature=0.0, seed=0)
         first, again = one_batch(episodes), one_batch(episodes)  # the second call reuses the prefix's cache
-    assert len(one_batch._prefix[0]) > 100  # the system turn came from the cache
+    assert len(one_batch.prefix_cache.tokens) > 100  # the system turn came from the cache
     assert together == alone and first == alone and again == alone
     assert len(set(alone)) > 1  # the replies differ, so a mix-up would show
 
@@ -581,7 +586,7 @@ def test_a_customer_can_neither_read_nor_change_another_customers_order(shop, tm
     db, _ = shop
     copy = episode_database(db, tmp_path, "scoped")
     before = db_fingerprint(copy)
-    with Toolbox(copy, customer_id=CUSTOMER) as box:
+    with Toolbox(copy, customer_id=CUSTOMER, today=TODAY) as box:
         for name, parameters in foreign_calls():
             result = box.execute(name, parameters)
             what = parameters.get("order_id", parameters.get("customer_id"))
@@ -595,7 +600,7 @@ def test_a_customer_can_neither_read_nor_change_another_customers_order(shop, tm
             [1008, 1017, 1019, 1046, 1140]
     assert db_fingerprint(copy) == before
     # The same refund unscoped (staff replay) goes through: the scope, not a business rule, refused it.
-    with Toolbox(episode_database(db, tmp_path, "staff")) as staff:
+    with Toolbox(episode_database(db, tmp_path, "staff"), today=TODAY) as staff:
         assert staff.execute("request_refund", {"order_id": 1022, "amount": 119, "reason": "unwanted"})["status"] == \
             "requested"
 
@@ -619,20 +624,20 @@ def test_the_agent_loop_cannot_reach_another_customers_order(shop, tmp_path):
     result = run_agent([{"role": "user", "content": "I'm customer C-131. My order 1022 arrived faulty. Please "
                                                     "refund it and open a ticket."}],
                        generate=generate, customer_id=CUSTOMER, max_new_tokens=32, db_path=live, persist_writes=True,
-                       tools=tool_definitions("compact"), limits=AgentLimits(max_steps=20, max_retries=20))
+                       tools=tool_definitions("compact"), limits=AgentLimits(max_steps=20, max_retries=20, max_seconds=120.0), today=TODAY, system_prompt=SYSTEM)
     assert result["stop"] == "answer" and len(result["steps"]) == len(replies)
     assert all("error" in s["result"] for s in result["steps"] if s["type"] == "call")
     assert db_fingerprint(live) == before
     seen = json.dumps(result) + "".join(prompts)
     assert not [m for m in FOREIGN_MARKERS if m in seen]
     with pytest.raises(ValueError, match="customer_id"):
-        run_agent([{"role": "user", "content": "hi"}], generate=generate, customer_id="", max_new_tokens=8, db_path=db)
+        run_agent([{"role": "user", "content": "hi"}], generate=generate, customer_id="", max_new_tokens=8, db_path=db, today=TODAY, system_prompt=SYSTEM, tools=tool_definitions("compact"), limits=LIMITS)
 
 
 def test_writes_per_episode_are_bounded(shop, tmp_path):
     db, _ = shop
     copy = episode_database(db, tmp_path, "bounded")
-    with Toolbox(copy, customer_id=CUSTOMER, max_writes=2) as box:
+    with Toolbox(copy, customer_id=CUSTOMER, max_writes=2, today=TODAY) as box:
         results = [box.execute("open_ticket", {"order_id": oid, "category": "warranty", "summary": "Broken."})
                    for oid in (1008, 1017, 1019)]
         assert [r.get("status") for r in results[:2]] == ["open", "open"]
@@ -649,7 +654,7 @@ def test_writes_per_episode_are_bounded(shop, tmp_path):
 def test_out_of_bounds_inputs_are_tool_errors(shop, tmp_path):
     """The probe's OverflowError and its neighbours: each is a refusal the model can read."""
     db, _ = shop
-    with Toolbox(episode_database(db, tmp_path, "bounds"), customer_id=CUSTOMER) as box:
+    with Toolbox(episode_database(db, tmp_path, "bounds"), customer_id=CUSTOMER, today=TODAY) as box:
         cases = [("get_order", {"order_id": 10**30}), ("get_order", {"order_id": 1e300}),
                  ("get_order", {"order_id": -1}), ("request_refund", {"order_id": 1008, "amount": float("nan"),
                                                                        "reason": "faulty"}),
@@ -674,7 +679,7 @@ def test_arbitrary_json_into_every_tool_raises_nothing_but_tool_error(shop, tmp_
     from veritune.agent.tools import TOOLS, check_call
 
     db, _ = shop
-    box = Toolbox(episode_database(db, tmp_path, "fuzz"), search=keyword_search, customer_id=CUSTOMER)
+    box = Toolbox(episode_database(db, tmp_path, "fuzz"), search=keyword_search, customer_id=CUSTOMER, today=TODAY)
     scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**70, max_value=2**70)
                | st.sampled_from([0, 1, 1008, 1022, 2**31 - 1, 2**31, 2**63, 10**30])
                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=300)
@@ -743,11 +748,11 @@ def test_claimed_but_undone_actions_are_counted(shop):
         def __call__(self, episodes):
             return [f"I requested a refund of $209 for order {oid}." + chat.EOT for _ in episodes]
 
-    results = evaluate_policy(Boaster(), [task], db, None, AgentLimits(), SYSTEM, tool_definitions("compact"), TODAY,
+    results = evaluate_policy(Boaster(), [task], db, None, LIMITS, SYSTEM, tool_definitions("compact"), TODAY,
                               trials=2)
     assert summarise(results, 2)["claimed_undone_rate"] == 1.0
     assert results[0]["claimed_actions"] == ["refund"] and results[0]["undone_claims"] == ["refund"]
-    oracle = evaluate_policy(OraclePolicy(tasks), tasks, db, keyword_search, AgentLimits(), SYSTEM,
+    oracle = evaluate_policy(OraclePolicy(tasks), tasks, db, keyword_search, LIMITS, SYSTEM,
                              tool_definitions("compact"), TODAY)
     assert summarise(oracle, 1)["claimed_undone_rate"] == 0.0
     assert sum(bool(r["claimed_actions"]) for r in oracle) == sum(

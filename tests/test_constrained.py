@@ -7,16 +7,15 @@ import random
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from tests.conftest import LLAMA3_TOKENIZER
-from veritune.core import chat
 from veritune.agent.loop import parse_reply
-from veritune.serve.batching import GenerationRequest, generate_batch
-from veritune.infer.constraints import NUMBER_BOUND, ConstrainedCalls, ToolCallGrammar, call_schema
-from veritune.infer.decode import stop_token_ids
-from veritune.model.modeling import load_model, load_tokenizer
 from veritune.agent.tools import MAX_ID, TOOLS, check_call
+from veritune.core import chat
+from veritune.core.chat import stop_token_ids
+from veritune.infer.constraints import NUMBER_BOUND, ToolCallGrammar, call_schema
+from veritune.infer.decode import GenerationRequest, generate_batch, generate_ids
+from veritune.model.modeling import load_model, load_tokenizer
 
 GOOD_CALLS = [
     {"name": "get_order", "parameters": {"order_id": 1042}},
@@ -35,7 +34,7 @@ def tokenizer(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def grammar(tokenizer):
-    return ToolCallGrammar(tokenizer, vocab_size=600)
+    return ToolCallGrammar(tokenizer, 600, TOOLS, max_string_chars=120)
 
 
 def walk(grammar, tokenizer, text: str):
@@ -112,7 +111,7 @@ def test_schema_only_narrows_each_tools_own_schema():
     assert by_name["search_kb"]["properties"]["query"]["maxLength"] == 40
     assert by_name["get_order"]["properties"]["order_id"]["maximum"] == MAX_ID  # a tool's own bound is kept
     unbounded = {"name": "t", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}
-    assert call_schema([unbounded])["anyOf"][0]["properties"]["parameters"]["properties"]["n"]["maximum"] == NUMBER_BOUND
+    assert call_schema([unbounded], max_string_chars=120)["anyOf"][0]["properties"]["parameters"]["properties"]["n"]["maximum"] == NUMBER_BOUND
     assert "maxLength" not in by_name["open_ticket"]["properties"]["category"]  # an enum stays an enum
     assert TOOLS[0]["parameters"]["properties"]["order_id"] == {"type": "integer", "minimum": 1,
                                                                 "maximum": MAX_ID}  # the tools are untouched
@@ -142,22 +141,17 @@ def test_generate_batch_constrains_only_its_own_row(tiny_checkpoint, tokenizer, 
     assert parse_reply(tokenizer.decode(free.token_ids, skip_special_tokens=False)).kind == "answer"
 
 
-def test_logits_processor_constrains_transformers_generate(tiny_checkpoint, tokenizer, grammar):
+def test_the_same_constraints_hold_in_transformers_generate(tiny_checkpoint, tokenizer, grammar):
     model = _tiny(tiny_checkpoint)
-    tokenizer.padding_side = "left"
-    enc = tokenizer(["Where is my order 1042?", "Hi"], return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(max_new_tokens=300, eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                  do_sample=False)
-    with torch.no_grad():
-        plain = model.generate(**enc, **{**kwargs, "max_new_tokens": 20})
-        free = model.generate(**enc, **{**kwargs, "max_new_tokens": 20},
-                              logits_processor=LogitsProcessorList([ConstrainedCalls(grammar, 2)]))
-        forced = model.generate(**enc, **kwargs,
-                                logits_processor=LogitsProcessorList([ConstrainedCalls(grammar, 2, require_call=True)]))
-    # No reply opened with <|python_tag|>: the processor changes nothing.
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Where is my order 1042?", "Hi")]
+    kwargs = dict(stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+    plain = generate_ids(model, rows, max_new_tokens=20, **kwargs)
+    free = generate_ids(model, rows, max_new_tokens=20, constraints=[grammar.constraint() for _ in rows], **kwargs)
+    forced = generate_ids(model, rows, max_new_tokens=300,
+                          constraints=[grammar.constraint(require_call=True) for _ in rows], **kwargs)
+    # No reply opened with <|python_tag|>: the constraint changes nothing.
     assert torch.equal(plain, free)
-    width = enc["input_ids"].shape[1]
-    for row in forced[:, width:]:
+    for row in forced:
         reply = parse_reply(tokenizer.decode(row, skip_special_tokens=False))
         assert reply.kind == "call", reply
         check_call(reply.name, reply.parameters)
@@ -174,7 +168,7 @@ def test_grammar_on_llama3_vocabulary():
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     tok = PreTrainedTokenizerFast(tokenizer_object=TikTokenConverter(str(LLAMA3_TOKENIZER), pattern=pattern).converted())
     tok.add_tokens(list(chat.LLAMA3_SPECIAL_TOKENS), special_tokens=True)
-    grammar = ToolCallGrammar(tok, vocab_size=128256)
+    grammar = ToolCallGrammar(tok, 128256, TOOLS, max_string_chars=120)
     assert (grammar.python_tag, grammar.eom) == (128010, 128008)
     for call in GOOD_CALLS:
         refused, c = walk(grammar, tok, json.dumps(call))

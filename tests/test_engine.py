@@ -12,11 +12,12 @@ import torch
 
 from tests.test_serve import call, call_many, chat, index_uri, load_talkative, loaded, make_app, sse_lines  # noqa: F401
 from veritune.agent.loop import parse_reply
-from veritune.serve.batching import BatcherStopped, GenerationRequest, generate_batch
+from veritune.infer.decode import GenerationRequest, generate_batch
+from veritune.serve.batching import BatcherStopped
 from veritune.infer.constraints import ToolCallGrammar
 from veritune.serve.engine import ContinuousBatchingEngine
-from veritune.infer.decode import stop_token_ids
-from veritune.agent.tools import check_call
+from veritune.core.chat import stop_token_ids
+from veritune.agent.tools import TOOLS, check_call
 
 QUESTIONS = ["Kettle?", "How long is parental leave for employees who adopt?", "Reset the router", "VPN",
              "What does E4 on the display mean, and how do I descale the heating plate?", "Returns?"]
@@ -133,7 +134,7 @@ def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
 def test_engine_matches_the_micro_batching_loop_with_a_grammar_on_one_row(talkative, tiny_checkpoint):
     model, tokenizer = talkative
     stops = stop_token_ids(tokenizer)
-    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size)
+    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=120)
     prompt = tokenizer("Where is my order 1042?", add_special_tokens=False)["input_ids"]
 
     def requests():

@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from veritune.core import chat
-from veritune.core.config import TrainParams
+from tests.conftest import params
 from veritune.train.export import export_merged, merged_model
 from veritune.train.fast_lora import fuse_lora_layers, prepare_for_training
 from veritune.model.modeling import load_model, load_tokenizer
@@ -24,7 +24,7 @@ def _peft_pair(tiny_checkpoint, dropout=0.0, adapter_dtype=torch.float32):
     """Two identical PEFT models with non-zero LoRA B (so the adapter path matters)."""
     torch.manual_seed(0)
     ref = get_peft_model(load_model(tiny_checkpoint), lora_config(
-        TrainParams(lora_r=4, lora_alpha=8, lora_dropout=dropout, quantization="none")))
+        params("train", lora_r=4, lora_alpha=8, lora_dropout=dropout, quantization="none")))
     assert ref.config.vocab_size > VOCAB
     for name, param in ref.named_parameters():
         if "lora_B" in name:

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from tests.conftest import REPO
-from veritune.core.config import CsatRubric, GateCriterion, parse_params
+from tests.conftest import PARAMS_YAML, REPO, params
+from veritune.core.config import parse_params
+from veritune.core.params import GateCriterion
 from veritune.eval.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
 from veritune.eval.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_passages, score_all,
                                  summarize)
@@ -187,7 +188,7 @@ def simulate_with(how: str, questions):
     for c in customers:
         goals.update({g["question"]: g for g in c["goals"]})
     convs = simulate(customers, answer, max_turns=4, impatient_turns=2, resolve_f1=0.5)
-    scored = [csat_score(v, CsatRubric()) for v in convs]
+    scored = [csat_score(v, params("csat").rubric) for v in convs]
     return customers, convs, scored, summarize_csat(scored, [c["persona"] for c in customers], 200)
 
 
@@ -245,11 +246,11 @@ def test_csat_rubric_charges_extra_turns_and_unsupported_claims():
     conv = {"customer": {"persona": "patient", "goals": [goal]},
             "turns": [{"goal": "q1", "resolved": False, "unsupported": False, "wrong_refusal": True},
                       {"goal": "q1", "resolved": True, "unsupported": False, "wrong_refusal": False}]}
-    assert csat_score(conv, CsatRubric())["csat"] == 4
+    assert csat_score(conv, params("csat").rubric)["csat"] == 4
     conv["turns"][0]["unsupported"] = True
-    assert csat_score(conv, CsatRubric())["csat"] == 3
+    assert csat_score(conv, params("csat").rubric)["csat"] == 3
     conv["turns"] = conv["turns"][:1]
-    assert csat_score(conv, CsatRubric())["csat"] == 1  # unresolved and misled
+    assert csat_score(conv, params("csat").rubric)["csat"] == 1  # unresolved and misled
 
 
 # --------------------------------------------------------------------------- gate
@@ -316,11 +317,15 @@ def test_gate_params_reject_bad_criteria():
     from veritune.core.config import ParamsError
 
     with pytest.raises(ParamsError, match="gate.criteria must list at least one criterion"):
-        parse_params("gate", {"criteria": []})
+        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": []})
     with pytest.raises(ParamsError, match=r"must be one of|needs a `why`|must read"):
-        parse_params("gate", {"criteria": [{"metric": "eval.json:x", "op": "=>", "value": 1, "why": "w"}]})
+        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": "=>", "value": 1,
+                                                                    "why": "w"}]})
     with pytest.raises(ParamsError, match="needs a `why`"):
-        parse_params("gate", {"criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1}]})
+        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1,
+                                                                    "why": " "}]})
+    with pytest.raises(ParamsError, match=r"gate.criteria\[0\].why is required"):
+        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1}]})
 
 
 def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny_checkpoint):
@@ -338,7 +343,8 @@ def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny
     (tmp_path / "models/adapter/adapter_config.json").write_text("{}")
     (tmp_path / "models/release").mkdir()  # stale
     criteria = [{"metric": c.metric, "op": c.op, "value": c.value, "why": c.why} for c in CRITERIA]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {"criteria": criteria}, "csat": {}}))
+    gate = {**PARAMS_YAML["gate"], "criteria": criteria, "report_metrics": [], "fail_on_block": True}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": gate, "csat": PARAMS_YAML["csat"]}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         gate_stage.main()
@@ -349,8 +355,8 @@ def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny
     assert "BLOCKED" in (tmp_path / "reports/release/report.md").read_text()
 
     # fail_on_block: false lets the run complete; the decision is the same, nothing is released.
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {"criteria": criteria, "fail_on_block": False},
-                                                          "csat": {}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {**gate, "fail_on_block": False},
+                                                          "csat": PARAMS_YAML["csat"]}))
     gate_stage.main()
     assert sorted(p.name for p in (tmp_path / "models/release").iterdir()) == ["BLOCKED.md"]
     assert json.loads((tmp_path / "metrics/gate.json").read_text())["passed"] is False

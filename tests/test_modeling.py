@@ -5,7 +5,9 @@ import logging
 
 import pytest
 import torch
+import yaml
 
+from tests.conftest import PARAMS_YAML
 from veritune.core import chat
 from veritune.model.modeling import CheckpointError, check_checkpoint, load_model, load_tokenizer, materialize_checkpoint
 
@@ -90,7 +92,7 @@ def test_base_stage_takes_a_local_checkpoint_by_params_alone(tiny_checkpoint, tm
     from stages.base import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(f"base:\n  model: {tiny_checkpoint}\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {**PARAMS_YAML["base"], "model": str(tiny_checkpoint)}}))
     main()
     assert check_checkpoint(tmp_path / "models/base")["model_type"] == "llama"
     saved = json.loads((tmp_path / "models/base/base_config.json").read_text())
@@ -129,7 +131,7 @@ def _tool_conversation(order_id: int) -> list[dict]:
 
 
 def test_tiny_base_learns_the_tool_format_from_the_sft_conversations(tmp_path):
-    from veritune.core.config import BaseParams, PretrainParams, TinyModelParams
+    from tests.conftest import params
     from veritune.model.pretrain import build_tiny_base
 
     documents = [{"id": f"d{i}", "title": f"Kettle K{i}", "text": f"The Kettle K{i} costs ${i}9 and weighs {i} kg."}
@@ -138,9 +140,9 @@ def test_tiny_base_learns_the_tool_format_from_the_sft_conversations(tmp_path):
     call = chat.PYTHON_TAG + chat.tool_call_text("get_order", {"order_id": 1042}) + chat.EOM
     n_call, n_docs = {}, {}
     for from_sft in (False, True):
-        p = BaseParams(tiny=TinyModelParams(vocab_size=800, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                            intermediate_size=64, max_position_embeddings=256),
-                       pretrain=PretrainParams(steps=0, tool_prompts=from_sft), tokenizer_from_sft=from_sft)
+        p = params("base", tiny={"vocab_size": 800, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                 "num_kv_heads": 1, "intermediate_size": 64, "max_position_embeddings": 256},
+                   pretrain={"steps": 0, "tool_prompts": from_sft}, tokenizer_from_sft=from_sft)
         out = tmp_path / str(from_sft)
         out.mkdir()
         n_docs[from_sft] = build_tiny_base(documents, {d["id"]: "train" for d in documents}, p, out,

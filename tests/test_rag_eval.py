@@ -259,7 +259,8 @@ def test_rag_eval_params_load_and_bad_values_are_listed():
     p = load_params("rag_eval", REPO / "params.yaml")
     assert "hybrid" in p.modes and p.headline_k in p.ks
     with pytest.raises(ParamsError) as err:
-        parse_params("rag_eval", {"modes": ["dense", "sparse"], "headline_k": 7, "answer_mode": "both",
+        parse_params("rag_eval", {**load_params("rag_eval", REPO / "params.yaml").__dict__, "modes": ["dense", "sparse"],
+                                  "headline_k": 7, "answer_mode": "both",
                                   "max_questions": -1})
     message = str(err.value)
     assert "rag_eval.modes must be a non-empty list of dense, bm25, hybrid" in message

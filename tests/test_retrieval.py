@@ -8,6 +8,7 @@ import re
 import pytest
 import yaml
 
+from tests.conftest import PARAMS_YAML
 from veritune.retrieval.search import (
     Hit,
     Retriever,
@@ -141,12 +142,13 @@ def test_every_consumer_retrieves_in_the_one_params_mode(lite_index):
     import ast
     from pathlib import Path
 
-    from veritune.core.config import IndexParams, load_params
+    from tests.conftest import params
+    from veritune.core.config import load_params
 
     repo = Path(__file__).resolve().parents[1]
-    assert IndexParams().retrieval_mode == load_params("index", repo / "params.yaml").retrieval_mode == "hybrid"
+    assert load_params("index", repo / "params.yaml").retrieval_mode == "hybrid"
     for path in ("stages/build_sft.py", "stages/evaluate.py", "stages/csat.py", "stages/agent_eval.py",
-                 "veritune/serve/app.py", "veritune/cli.py"):
+                 "veritune/serve/service.py", "veritune/cli.py"):
         calls = {node.func.id for node in ast.walk(ast.parse((repo / path).read_text()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
         assert "open_retriever" in calls and "Retriever" not in calls, path
@@ -154,9 +156,9 @@ def test_every_consumer_retrieves_in_the_one_params_mode(lite_index):
     queries = [q for q, _ in QUESTIONS]
     with Retriever(lite_index, "chunks", "all-MiniLM-L6-v2", mode="hybrid") as hybrid:
         expected = hybrid.search(queries, k=3)
-    with open_retriever(IndexParams(uri=lite_index, collection="chunks")) as retriever:
+    with open_retriever(params("index", uri=lite_index, collection="chunks")) as retriever:
         assert retriever.mode == "hybrid" and retriever.search(queries, k=3) == expected
-    with open_retriever(IndexParams(uri=lite_index, collection="chunks", retrieval_mode="dense")) as retriever:
+    with open_retriever(params("index", uri=lite_index, collection="chunks", retrieval_mode="dense")) as retriever:
         assert retriever.mode == "dense"
 
 
@@ -234,7 +236,7 @@ def test_index_stage_end_to_end(tmp_path, monkeypatch):
     from stages import index as index_stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {**PARAMS_YAML["index"],
         "uri": "data/index/milvus.db", "collection": "kb", "embedding_model": "all-MiniLM-L6-v2",
         "chunk_words": 12, "chunk_overlap_words": 4, "batch_size": 4, "eval_ks": [1, 3, 5]}}))
     write_jsonl(tmp_path / "data/validated/documents.jsonl", DOCS)
@@ -274,6 +276,6 @@ def test_index_stage_rejects_a_lite_db_outside_the_index_dir(tmp_path, monkeypat
     from stages import index as index_stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {"uri": "elsewhere/milvus.db"}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {**PARAMS_YAML["index"], "uri": "elsewhere/milvus.db"}}))
     with pytest.raises(ValueError, match="data/index/milvus.db"):
         index_stage.main()

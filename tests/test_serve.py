@@ -17,14 +17,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from veritune.serve.batching import BatcherStopped, GenerationRequest, MicroBatcher, generate_batch
-from veritune.core.config import ServeParams
-from veritune.infer.decode import generate, stop_token_ids
+from tests.conftest import REPO, params
+from veritune.core.chat import stop_token_ids
+from veritune.infer.decode import GenerationRequest, generate, generate_batch
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.search import Retriever, build_index, chunk_document, load_embedder
-from veritune.serve.app import (AgentSettings, RateLimiter, Service, create_app, load_api_keys, load_key_customers,
-                             match_key, unknown_customers)
+from veritune.serve.app import create_app
+from veritune.serve.auth import RateLimiter, load_api_keys, load_key_customers, match_key, unknown_customers
+from veritune.serve.batching import BatcherStopped, MicroBatcher
+from veritune.serve.service import Service, agent_settings
 from veritune.serve.stress import ServerProcess, check_stream, free_port
 
 DOCS = [
@@ -41,6 +42,7 @@ SYSTEM = "Answer from the documents. If they do not contain the answer, say so."
 KEY, OTHER_KEY = "k" * 20, "o" * 20
 AUTH = {"Authorization": f"Bearer {KEY}"}
 OWNER_1001 = "C-115"  # the customer of order 1001 in data/raw/business/orders.jsonl
+AGENT = agent_settings(REPO / "params.yaml")  # the agent mode as `veritune serve` runs it, from params.yaml
 
 
 def load_talkative(path):
@@ -81,11 +83,11 @@ def make_app(loaded):
     """A started Service over the shared model and index, and its ASGI app; stopped afterwards."""
     services = []
 
-    def make(keys=(), agent=AgentSettings(), customers=None, **overrides):
-        params = ServeParams(**{"max_new_tokens": 16, "max_input_tokens": 200, "max_body_bytes": 4096,
-                                "max_wait_ms": 20.0, "rate_limit_per_min": 0, **overrides})
+    def make(keys=(), agent=AGENT, customers=None, **overrides):
+        serve = params("serve", **{"max_new_tokens": 16, "max_input_tokens": 200, "max_body_bytes": 4096,
+                                   "max_wait_ms": 20.0, "rate_limit_per_min": 0, **overrides})
         model, tokenizer, retriever = loaded
-        service = Service(params, model, tokenizer, retriever, SYSTEM, list(keys), agent, customers).start()
+        service = Service(serve, model, tokenizer, retriever, SYSTEM, list(keys), agent, customers).start()
         services.append(service)
         return service, create_app(service)
 
@@ -405,7 +407,7 @@ def test_concurrent_requests_are_decoded_in_one_batch(make_app):
 def shop_db(tmp_path_factory) -> Path:
     """The shop database built from the committed raw tables."""
     from veritune.core.io import read_jsonl
-    from veritune.agent.tools import TABLES, build_database
+    from veritune.agent.shop import TABLES, build_database
 
     path = tmp_path_factory.mktemp("shop") / "business.sqlite"
     build_database({t: read_jsonl(REPO / "data" / "raw" / "business" / f"{t}.jsonl") for t in TABLES}, path)
@@ -416,7 +418,7 @@ def scripted(*replies):
     """A `generate` that writes `replies` in turn (the last one repeats) and keeps the prompts."""
     prompts: list[str] = []
 
-    def generate(prompt: str, max_new_tokens: int) -> str:
+    def generate(prompt: str, max_new_tokens: int, generator=None) -> str:
         prompts.append(prompt)
         return replies[min(len(prompts), len(replies)) - 1]
     generate.prompts = prompts
@@ -430,34 +432,50 @@ def tool_call(name: str, parameters: dict) -> str:
 
 
 def test_agent_mode_is_501_without_the_agent_and_503_without_its_database(make_app, shop_db, monkeypatch, tmp_path):
-    from veritune.serve import app as server
+    from veritune.serve import agent_mode
 
-    _, app = make_app(agent=AgentSettings(db_path=str(shop_db)))
+    _, app = make_app(agent=dataclasses.replace(AGENT, db_path=str(shop_db)))
     assert "veritune-agent" in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
-    monkeypatch.setattr(server, "_agent_entry_point", lambda: None)  # a build whose veritune.agent.loop fails to import
+    monkeypatch.setattr(agent_mode, "_agent_entry_point", lambda: None)  # a build whose veritune.agent fails to import
     assert "veritune-agent" not in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
     r = call(app, "POST", "/v1/chat/completions", json=chat(model="veritune-agent"))
     assert r.status_code == 501 and "agent" in r.json()["error"]["message"]
     monkeypatch.undo()
-    _, app = make_app(agent=AgentSettings(db_path=str(tmp_path / "missing.sqlite")))
+    _, app = make_app(agent=dataclasses.replace(AGENT, db_path=str(tmp_path / "missing.sqlite")))
     assert "veritune-agent" not in [m["id"] for m in call(app, "GET", "/v1/models").json()["data"]]
     r = call(app, "POST", "/v1/chat/completions", json=chat(model="veritune-agent"))
     assert r.status_code == 503 and "dvc repro agent_db" in r.json()["error"]["message"]
 
 
-def test_raw_generation_keeps_the_call_tokens_the_agent_parses(make_app, loaded):
-    """`generate_raw` decodes as `ModelPolicy` does (special tokens kept) and appends the stop
-    token the engine stopped on, so a call ends in <|eom_id|> and parses as a call."""
-    from veritune.core import chat as fmt
-    from veritune.agent.loop import ModelPolicy, parse_reply, start_episode
+def test_raw_generation_decodes_as_agent_eval_and_keeps_the_call_tokens(make_app, loaded):
+    """`generate_raw` decodes as `ModelPolicy` does in `agent_eval` (special tokens kept):
+    greedy at temperature 0, and at the agent's temperature the same draws from the same seed;
+    it appends the stop token the engine stopped on, so a call ends in <|eom_id|> and parses."""
+    import torch
+
+    from veritune.agent.loop import parse_reply, start_episode
+    from veritune.agent.policies import ModelPolicy
     from veritune.agent.tools import tool_definitions
+    from veritune.core import chat as fmt
 
     model, tokenizer, _ = loaded
-    service, _ = make_app()
+    service, _ = make_app(agent=dataclasses.replace(AGENT, temperature=0.0))
     episode = start_episode("e", "Where is my order 1001?", None, "You are a support agent.",
-                            tool_definitions("compact"))
+                            tool_definitions("compact"), "26 Jul 2024")
     prompt = fmt.format_chat(episode.messages, add_generation_prompt=True)
-    assert service.generate_raw(prompt, 6) == ModelPolicy(model, tokenizer, 6, batch_size=1)([episode])[0]
+    greedy = ModelPolicy(model, tokenizer, 6, 1, temperature=0.0, seed=0)([episode])[0]
+    assert service.generate_raw(prompt, 6) == greedy
+
+    assert AGENT.temperature > 0  # params agent_eval.temperature: the served agent samples as agent_eval does
+    sampling, _ = make_app(agent=dataclasses.replace(AGENT, constrained_calls=False))
+    served = [sampling.generate_raw(prompt, 12, sampling.sampler()) for _ in range(2)]
+    policy = ModelPolicy(model, tokenizer, 12, 1, AGENT.temperature, AGENT.seed)
+    policy.reseed(AGENT.seed)
+    assert served[0] == served[1] == policy([episode])[0]  # a request's draws start from agent_eval.seed
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    hot = [generate_batch(model, [GenerationRequest(ids, 8, temperature=5.0, generator=torch.Generator().manual_seed(s))],
+                          stop_token_ids(tokenizer), tokenizer.pad_token_id)[0].token_ids for s in range(3)]
+    assert len({tuple(h) for h in hot}) > 1  # draws, not the argmax
 
     call_ids = tokenizer(tool_call("get_order", {"order_id": 1001}), add_special_tokens=False)["input_ids"]
     *body, eom = call_ids
@@ -480,11 +498,18 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     replies = (tool_call("search_kb", {"query": "reset the Nimbus R7 router"}),
                tool_call("get_order", {"order_id": 1001}),
                "Hold the pinhole button for ten seconds.<|eot_id|>")
-    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001}, agent=AgentSettings(db_path=str(shop_db)))
+    service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001}, agent=dataclasses.replace(AGENT, db_path=str(shop_db)))
     generate = scripted(*replies)
+    from datetime import date
+
+    from veritune.agent.loop import AgentLimits
+    from veritune.agent.tools import tool_definitions
+
     result = run_agent([{"role": "user", "content": "How do I reset my router from order 1001?"}],
                        generate=generate, search=service.kb_search, max_new_tokens=16, db_path=shop_db,
-                       customer_id=OWNER_1001)
+                       customer_id=OWNER_1001, system_prompt=AGENT.system_prompt,
+                       tools=tool_definitions(AGENT.tool_definitions), today=date.fromisoformat(AGENT.today),
+                       limits=AgentLimits(AGENT.max_steps, AGENT.max_retries, AGENT.max_seconds))
     assert result["stop"] == "answer" and result["answer"] == "Hold the pinhole button for ten seconds."
     assert result["citations"] == ["router"]
     assert [(s["type"], s.get("name"), s.get("valid")) for s in result["steps"]] == \
@@ -517,11 +542,11 @@ def test_agent_over_http_acts_only_for_the_customer_bound_to_the_key(make_app, s
     """The key is bound to C-101; the request claims to be C-131. Every tool call on another
     customer's order is "not found", with writes persisted the database is unchanged, and no
     foreign data is in the reply. A key bound to nobody, or no keys, gets 403."""
-    from veritune.agent.tools import db_fingerprint, episode_database
+    from veritune.agent.shop import db_fingerprint, episode_database
 
     live = episode_database(shop_db, tmp_path, "live")
     before = db_fingerprint(live)
-    agent = AgentSettings(db_path=str(live), persist_writes=True, max_steps=10, max_retries=10)
+    agent = dataclasses.replace(AGENT, db_path=str(live), persist_writes=True, max_steps=10, max_retries=10)
     service, app = make_app(keys=[KEY, OTHER_KEY], customers={KEY: "C-101"}, agent=agent)
     replies = [tool_call(n, a) for n, a in FOREIGN_CALLS] + [tool_call("get_order", {"order_id": 1008}),
                                                             "Done.<|eot_id|>"]
@@ -549,7 +574,7 @@ def test_agent_over_http_acts_only_for_the_customer_bound_to_the_key(make_app, s
 def test_agent_mode_with_the_real_tiny_model_ends_within_its_limits(make_app, shop_db):
     """The untrained model writes noise: still a well-formed completion, never a 5xx."""
     service, app = make_app(keys=[KEY], customers={KEY: OWNER_1001},
-                            agent=AgentSettings(db_path=str(shop_db), max_steps=3))
+                            agent=dataclasses.replace(AGENT, db_path=str(shop_db), max_steps=3))
     for stream in (False, True):
         r = call(app, "POST", "/v1/chat/completions", json=chat("Where is my order 1001?", model="veritune-agent",
                                                                max_tokens=8, stream=stream), headers=AUTH)
@@ -604,10 +629,11 @@ def live_project(tmp_path, tiny_checkpoint, index_uri):
     import shutil
 
     shutil.copytree(Path(index_uri).parent, tmp_path / "index")
-    params = {"serve": {"base_dir": str(tiny_checkpoint), "adapter_dir": "", "max_new_tokens": 48,
-                        "graceful_timeout_s": 20, "rate_limit_per_min": 0},
-              "index": {"uri": str(tmp_path / "index" / "milvus.db"), "collection": "chunks"},
-              "build_sft": {"system_prompt": SYSTEM}}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["serve"].update(base_dir=str(tiny_checkpoint), adapter_dir="", max_new_tokens=48, graceful_timeout_s=20,
+                           rate_limit_per_min=0)
+    params["index"].update(uri=str(tmp_path / "index" / "milvus.db"), collection="chunks")
+    params["build_sft"].update(system_prompt=SYSTEM)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, params
 from veritune.core import chat
-from veritune.core.config import BuildSftParams
+from veritune.core.config import ParamsError
 from veritune.model.modeling import load_tokenizer
 from veritune.data.sft import LabelMaskError, build_examples, select_passages, tokenize_example
 
@@ -23,12 +23,19 @@ UNANSWERABLE = {"id": "q2", "question": "Is the Aurora K3 Kettle waterproof?", "
 RETRIEVED = [CHUNKS[1], CHUNKS[0], CHUNKS[3], CHUNKS[2]]
 
 
+def sft_params(**changes):
+    """`build_sft` for these cases: one turn a conversation, no follow-up shares, unless changed."""
+    return params("build_sft", **{"context_chunks": 3, "oracle_drop_rate": 0.2, "samples_per_question": 1,
+                                  "turns_per_conversation": 1, "unanswerable_follow_up_rate": 0.0,
+                                  "off_topic_follow_up_rate": 0.0, "off_topic_requests": [], **changes})
+
+
 def _by_doc():
     return {c["doc_id"]: [c] for c in CHUNKS}
 
 
 def test_answerable_question_sees_its_oracle_among_distractors():
-    p = BuildSftParams(context_chunks=3, oracle_drop_rate=0.0, retrieval_pool=4)
+    p = sft_params(context_chunks=3, oracle_drop_rate=0.0, retrieval_pool=4)
     passages, has_oracle = select_passages(ANSWERABLE, RETRIEVED, _by_doc(), p, random.Random(0))
     assert has_oracle
     assert len(passages) == 3
@@ -36,7 +43,7 @@ def test_answerable_question_sees_its_oracle_among_distractors():
 
 
 def test_dropped_oracle_means_abstention_target():
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=1.0, retrieval_pool=4)
+    p = sft_params(context_chunks=2, oracle_drop_rate=1.0, retrieval_pool=4)
     [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
     assert not example["has_oracle"]
     assert all(not pid.startswith("doc-1#") for pid in example["passage_ids"])
@@ -44,20 +51,20 @@ def test_dropped_oracle_means_abstention_target():
 
 
 def test_unanswerable_question_is_answered_with_abstention():
-    p = BuildSftParams(context_chunks=2, retrieval_pool=4)
+    p = sft_params(context_chunks=2, retrieval_pool=4)
     [example] = build_examples([UNANSWERABLE], [RETRIEVED], CHUNKS, p)
     assert example["messages"][-1]["content"] == p.abstain_answer
 
 
 def test_oracle_drop_rate_is_respected_in_aggregate():
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.3, retrieval_pool=4, seed=1)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.3, retrieval_pool=4, seed=1)
     examples = build_examples([ANSWERABLE] * 400, [RETRIEVED] * 400, CHUNKS, p)
     share = sum(not e["has_oracle"] for e in examples) / len(examples)
     assert 0.24 < share < 0.36
 
 
 def test_samples_per_question_vary_the_context():
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4)
     examples = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p, samples_per_question=6)
     assert len(examples) == 6
     assert len({tuple(e["passage_ids"]) for e in examples}) > 1
@@ -92,7 +99,7 @@ def test_follow_up_turns_ask_only_what_the_shown_passages_answer():
                  "doc_ids": ["doc-4"], "kind": "single_hop"}
     not_in_text = {"id": "q5", "question": "How heavy is the Zephyr X5?", "answers": ["4 kg"], "doc_ids": ["doc-2"],
                    "kind": "single_hop"}
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=4)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=4)
     questions = [ANSWERABLE, second, elsewhere, not_in_text]
     examples = build_examples(questions, [RETRIEVED] * 4, CHUNKS, p)
     first = examples[0]
@@ -115,7 +122,7 @@ def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abs
     no_such_product = {"id": "q8", "question": "How much is the Nimbus Z9 Toaster?", "answers": [], "doc_ids": [],
                        "kind": "unanswerable"}
     questions = [ANSWERABLE, second, not_stated, unshown, no_such_product]
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
                        unanswerable_follow_up_rate=1.0)
     first = build_examples(questions, [RETRIEVED] * 5, CHUNKS, p)[0]
     assert {pid.split("#")[0] for pid in first["passage_ids"]} == {"doc-1", "doc-2"}
@@ -124,7 +131,7 @@ def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abs
     assert first["follow_up_ids"] == ["q6", "q8"]
     assert [m["content"] for m in first["messages"][4::2]] == [p.abstain_answer] * 2
 
-    mixed = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=2,
+    mixed = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=2,
                            unanswerable_follow_up_rate=0.3, seed=3)
     examples = build_examples([ANSWERABLE] * 300 + [second, not_stated], [RETRIEVED] * 302, CHUNKS, mixed)
     follow_ups = [e["follow_up_ids"][0] for e in examples[:300]]
@@ -137,7 +144,7 @@ def test_zero_unanswerable_rate_leaves_the_conversations_as_before():
               "kind": "single_hop"}
     not_stated = {"id": "q6", "question": "How loud is the Zephyr X5?", "answers": [], "doc_ids": ["doc-2"],
                   "kind": "unanswerable"}
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.5, retrieval_pool=4, turns_per_conversation=3)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.5, retrieval_pool=4, turns_per_conversation=3)
     with_pool = build_examples([ANSWERABLE, second, not_stated] * 20, [RETRIEVED] * 60, CHUNKS, p)
     without = build_examples([ANSWERABLE, second] * 20, [RETRIEVED] * 40, CHUNKS, p)
     asked = [e.get("follow_up_ids", []) for e in with_pool if e["kind"] != "unanswerable"]
@@ -146,7 +153,8 @@ def test_zero_unanswerable_rate_leaves_the_conversations_as_before():
 
 
 def test_unanswerable_follow_up_rate_out_of_range_is_a_params_error():
-    assert any("unanswerable_follow_up_rate" in m for m in BuildSftParams(unanswerable_follow_up_rate=1.5).problems())
+    with pytest.raises(ParamsError, match="unanswerable_follow_up_rate must be in"):
+        sft_params(unanswerable_follow_up_rate=1.5)
 
 
 def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_requests():
@@ -154,8 +162,8 @@ def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_req
     from veritune.eval.csat import OFF_TOPIC_QUESTIONS
 
     requests = ("Tell me a joke.", "Write a haiku about the sea.")
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
-                       off_topic_follow_up_rate=1.0, off_topic_requests=requests)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
+                       off_topic_follow_up_rate=1.0, off_topic_requests=list(requests))
     [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
     asked = [m["content"] for m in example["messages"][3::2]]
     assert len(asked) == 2 and all(a.removeprefix("Question: ") in requests for a in asked)
@@ -166,7 +174,7 @@ def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_req
 
 
 def test_one_turn_per_conversation_adds_no_follow_ups():
-    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=1)
+    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=1)
     second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
               "kind": "single_hop"}
     examples = build_examples([ANSWERABLE, second], [RETRIEVED] * 2, CHUNKS, p)

@@ -1,5 +1,6 @@
 """LoRA SFT through TRL + PEFT on the tiny model: what trains, what is saved, resuming."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from tests.conftest import params
 from veritune.core import chat
-from veritune.core.config import TrainParams
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.data.sft import tokenize_example
 from veritune.train.training import train_adapter
@@ -20,8 +21,9 @@ EXAMPLES = [
         + [{"role": "assistant", "content": f"${100 + i}"}]}
     for i in range(16)
 ]
-PARAMS = TrainParams(quantization="none", lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2,
-                     max_steps=4, batch_size=4, save_steps=2, logging_steps=1, max_length=256, warmup_ratio=0.0)
+PARAMS = params("train", quantization="none", lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2,
+                 max_steps=4, batch_size=4, save_steps=2, logging_steps=1, max_length=256, warmup_ratio=0.0,
+                 epochs=1.0, sampling="random", val_max_examples=0)
 
 
 class StopAfter(TrainerCallback):
@@ -70,7 +72,7 @@ def test_lora_trains_adapter_only_and_saves_peft_format(tiny_checkpoint, tmp_pat
 
 
 def test_too_long_examples_are_dropped_not_cut(tiny_checkpoint, tmp_path):
-    params = TrainParams(**{**PARAMS.__dict__, "max_length": 40, "max_steps": 1})
+    params = dataclasses.replace(PARAMS, max_length=40, max_steps=1)
     with pytest.raises(ValueError, match="no training example fits train.max_length"):
         _train(tiny_checkpoint, tmp_path, "short", params)
 
@@ -93,7 +95,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_checkpoint, tmp_path):
 def test_checkpoints_of_another_run_are_not_resumed(tiny_checkpoint, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_checkpoint, tmp_path, "run", callbacks=[StopAfter(3)])
-    other = TrainParams(**{**PARAMS.__dict__, "learning_rate": 5e-3})
+    other = dataclasses.replace(PARAMS, learning_rate=5e-3)
     _, summary = _train(tiny_checkpoint, tmp_path, "run", other)
     assert summary["resumed_from"] is None
 
@@ -118,7 +120,7 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check, env: calls.append((cmd, env["CUDA_VISIBLE_DEVICES"])))
-    launched = training.launch_data_parallel("stages/train.py", TrainParams(gpus=gpus))
+    launched = training.launch_data_parallel("stages/train.py", dataclasses.replace(PARAMS, gpus=gpus))
     if expected is None:
         assert not launched and not calls
         return
@@ -127,7 +129,7 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
     assert launched and env_devices == devices and cmd[-1] == "stages/train.py"
     assert ("torch.distributed.run" in cmd and f"--nproc_per_node={n}" in cmd) == (kind == "torchrun")
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a torchrun worker: train in-process
-    assert not training.launch_data_parallel("stages/train.py", TrainParams(gpus=gpus))
+    assert not training.launch_data_parallel("stages/train.py", dataclasses.replace(PARAMS, gpus=gpus))
 
 
 def test_length_buckets_cover_every_example_once_and_interleave_lengths():
@@ -197,8 +199,6 @@ def test_label_position_loss_equals_trls_fused_head(tiny_checkpoint):
 
 def test_both_loss_heads_train_alike(tiny_checkpoint, tmp_path):
     """The trainer's loss through either head: the same batches give the same losses."""
-    import dataclasses
-
     losses = {}
     for head in ("fused", "label_positions"):
         params = dataclasses.replace(PARAMS, loss_head=head, precision="fp32", max_steps=3, save_steps=100)

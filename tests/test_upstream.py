@@ -117,8 +117,8 @@ def test_stress_stage_through_an_upstream_loses_nothing(live_project):
     port = free_port()
     params = yaml.safe_load((live_project / "params.yaml").read_text())
     params["serve"].update(backend="upstream", upstream_url=f"http://127.0.0.1:{port}/v1")
-    params["stress"] = {"clients": 4, "duration_s": 6, "max_tokens": 8, "stream_fraction": 0.5,
-                        "compare_unbatched": True, "startup_timeout_s": 120}
+    params["stress"].update(clients=4, duration_s=6, max_tokens=8, stream_fraction=0.5, compare_unbatched=True,
+                            startup_timeout_s=120)
     (live_project / "params.yaml").write_text(yaml.safe_dump(params))
     with start_upstream(live_project, port, "--backend", "builtin") as upstream:
         before = completions_done(upstream.url)
@@ -137,28 +137,36 @@ def test_stress_stage_through_an_upstream_loses_nothing(live_project):
 
 def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(live_project, tiny_checkpoint):
     """The agent's raw turns (`Service.generate_raw`) come back from the upstream exactly as the
-    built-in backend writes them: special tokens kept, the stop token that ended the turn appended."""
-    from veritune.core.config import ServeParams
+    built-in backend writes them: special tokens kept, the stop token that ended the turn appended;
+    greedy, and sampled at the agent's temperature from its seed (the upstream gets both)."""
+    import dataclasses
+
+    from tests.conftest import REPO, params
     from veritune.model.modeling import load_model, load_tokenizer
-    from veritune.serve.app import AgentSettings, Service
+    from veritune.serve.service import Service, agent_settings
 
     tokenizer = load_tokenizer(tiny_checkpoint)
-    free_calls = AgentSettings(constrained_calls=False)  # an upstream decodes calls freely
+    sampled = dataclasses.replace(agent_settings(REPO / "params.yaml"), constrained_calls=False)  # an upstream
+    greedy = dataclasses.replace(sampled, temperature=0.0)  # decodes calls freely
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True)
                for q in ("Where is my order 1042?", "Open a ticket: my kettle leaks.", "Refund order 1001")]
-    local = Service(ServeParams(max_new_tokens=48), load_model(tiny_checkpoint).eval(), tokenizer,
-                    agent=free_calls).start()
-    try:
-        own = [local.generate_raw(p, 40) for p in prompts]
-    finally:
-        local.stop_batchers()
+    model = load_model(tiny_checkpoint).eval()
+    own = {}
+    for agent in (greedy, sampled):
+        local = Service(params("serve", max_new_tokens=48), model, tokenizer, None, "", None, agent).start()
+        try:
+            own[agent.temperature] = [local.generate_raw(p, 40, local.sampler()) for p in prompts]
+        finally:
+            local.stop_batchers()
     port = free_port()
     with start_upstream(live_project, port) as upstream:
-        remote = Service(ServeParams(max_new_tokens=48, backend="upstream", upstream_url=f"{upstream.url}/v1"),
-                         None, tokenizer, agent=free_calls)
-        try:
-            via = [remote.generate_raw(p, 40) for p in prompts]
-        finally:
-            remote.close()
-    assert via == own and all(len(text) > 10 for text in own)
+        for agent in (greedy, sampled):
+            remote = Service(params("serve", max_new_tokens=48, backend="upstream", upstream_url=f"{upstream.url}/v1"),
+                             None, tokenizer, None, "", None, agent)
+            try:
+                via = [remote.generate_raw(p, 40) for p in prompts]
+            finally:
+                remote.close()
+            assert via == own[agent.temperature]
+    assert all(len(text) > 10 for text in own[0.0])

@@ -12,16 +12,16 @@ summary goes to stderr. Exit status 2 on a missing file or a bad record.
 
 `serve` runs the OpenAI-compatible HTTP API over the released model (see
 `veritune.serve.app`): params.yaml `serve` (flags override it), `index` for the retrieval index
-and `build_sft.system_prompt` for the grounded prompt; the agent mode takes its prompt and
-limits from `build_sft`, `agent_db` and `agent_eval` as `veritune agent` does. Read from the
-current directory.
+and `build_sft.system_prompt` for the grounded prompt; the agent mode takes its prompt, limits
+and decoding from `build_sft`, `agent_db` and `agent_eval` as `veritune agent` does. Read from
+the current directory.
 
 `agent` runs one customer request through the tool-using loop (veritune.agent.loop) with the
 fine-tuned model (models/base + models/adapter by default) on a private copy of the shop
-database (data/agent/business.sqlite: the original is never written), as the customer
-`--customer` names (the tools see only that customer's orders), printing each tool call,
-its result and the final answer. Settings come from params.yaml (`build_sft` system prompt
-and tool definitions, `agent_eval` limits, `agent_db` today, `index` for search_kb).
+database `agent_db` builds (the original is never written), as the customer `--customer`
+names (the tools see only that customer's orders), printing each tool call, its result and
+the final answer. Settings come from params.yaml (`build_sft` system prompt and tool
+definitions, `agent_eval` limits and decoding, `agent_db` today, `index` for search_kb).
 
 A new subcommand is one `add_parser` call in `build_parser` and one `run_*` function.
 """
@@ -33,8 +33,9 @@ import json
 import sys
 from pathlib import Path
 
-from veritune.eval.groundedness import score_records
+from veritune.agent.shop import SHOP_DB
 from veritune.core.io import read_jsonl, write_jsonl
+from veritune.eval.groundedness import score_records
 
 
 def run_score(args: argparse.Namespace) -> None:
@@ -57,7 +58,8 @@ def run_serve(args: argparse.Namespace) -> None:
     import logging
 
     from veritune.core.config import ParamsError, load_params
-    from veritune.serve.app import agent_settings, serve
+    from veritune.serve.app import serve
+    from veritune.serve.service import agent_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     params = load_params("serve", args.params)
@@ -76,15 +78,17 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ParamsError("serve settings have problems:\n  - " + "\n  - ".join(problems))
     index_params = load_params("index", args.params) if params.retrieval else None
     system_prompt = load_params("build_sft", args.params).system_prompt
-    serve(params, index_params, system_prompt, agent=agent_settings(args.params, db_path=params.agent_db))
+    serve(params, index_params, system_prompt, agent_settings(args.params, db_path=params.agent_db))
 def run_agent(args: argparse.Namespace) -> None:
     import tempfile
     from datetime import date
 
-    from veritune.agent.loop import AgentLimits, ModelPolicy, run_episodes, start_episode
+    from veritune.agent.loop import AgentLimits, run_episodes, start_episode
+    from veritune.agent.policies import ModelPolicy
+    from veritune.agent.shop import episode_database
+    from veritune.agent.tools import TOOLS, Toolbox, authorised_writes, kb_search, tool_definitions
     from veritune.core.config import load_params
     from veritune.model.modeling import load_model, load_tokenizer
-    from veritune.agent.tools import Toolbox, authorised_writes, episode_database, kb_search, tool_definitions
 
     for path in (args.base, args.db) + (() if args.adapter == "none" else (args.adapter,)):
         if not Path(path).exists():
@@ -102,8 +106,10 @@ def run_agent(args: argparse.Namespace) -> None:
     if ep.constrained_calls and not args.free_calls:
         from veritune.infer.constraints import ToolCallGrammar
 
-        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, max_string_chars=ep.max_string_chars)
-    policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, batch_size=1, grammar=grammar)
+        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=ep.max_string_chars)
+    # Decoded as agent_eval decodes: its temperature, its first trial's seed.
+    policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, 1, ep.temperature, ep.seed, grammar=grammar)
+    policy.reseed(ep.seed)
     limits = AgentLimits(max_steps=args.max_steps or ep.max_steps, max_retries=ep.max_retries,
                          max_seconds=ep.max_seconds)
     retriever = None
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the customer id the request comes from (e.g. C-101): the tools see only their orders")
     agent.add_argument("--base", default="models/base", help="base checkpoint (default models/base)")
     agent.add_argument("--adapter", default="models/adapter", help="LoRA adapter dir, or 'none' for the base model")
-    agent.add_argument("--db", default="data/agent/business.sqlite", help="shop database (copied, never written)")
+    agent.add_argument("--db", default=str(SHOP_DB), help=f"shop database (copied, never written; default {SHOP_DB})")
     agent.add_argument("--max-steps", type=int, default=0, help="model turns (default: params agent_eval.max_steps)")
     agent.add_argument("--free-calls", action="store_true",
                        help="decode tool calls freely (default: params agent_eval.constrained_calls)")

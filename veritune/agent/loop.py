@@ -17,7 +17,6 @@ Episodes run in lockstep so one batched `generate` serves every open episode per
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
@@ -26,26 +25,20 @@ from datetime import date
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-import transformers
-from packaging.version import Version
-from transformers import LogitsProcessorList
 from tqdm.auto import tqdm
 
+from veritune.agent.shop import episode_database
+from veritune.agent.tools import Toolbox, ToolError, authorised_writes, check_call
 from veritune.core import chat
-from veritune.core.config import BuildSftParams
-from veritune.infer.constraints import ConstrainedCalls, ToolCallGrammar
-from veritune.model.modeling import inference_autocast
-from veritune.agent.tools import TODAY, Toolbox, ToolError, authorised_writes, check_call, episode_database, tool_definitions
-
-DB = "data/agent/business.sqlite"  # the shop database `agent_db` builds
 
 
 @dataclass(frozen=True)
 class AgentLimits:
-    max_steps: int = 8  # model turns per episode (a task needs 2-5)
-    max_retries: int = 2  # refused calls in a row before the episode is given up
-    max_seconds: float = 120.0  # wall time per episode
+    """What ends an episode: `agent_eval.max_steps`, `max_retries` and `max_seconds`."""
+
+    max_steps: int  # model turns per episode (a task needs 2-5)
+    max_retries: int  # refused calls in a row before the episode is given up
+    max_seconds: float  # wall time per episode
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ def parse_reply(raw: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Reply:
 
 
 def start_episode(episode_id: str, request: str, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict],
-                  today: str = chat.TODAY_DATE, fmt: chat.ChatFormat = chat.LLAMA3) -> Episode:
+                  today: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Episode:
     messages = fmt.tool_messages(system_prompt, tools, fmt.neutralise(request), today)
     return Episode(episode_id, request, messages, toolbox, fmt=fmt)
 
@@ -169,115 +162,6 @@ def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimit
     bar.close()
 
 
-# generate()'s name for a prefilled cache: `cache` from transformers 5.24, `past_key_values` before.
-GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
-
-
-def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Tokens all `rows` begin with, leaving each at least one of its own to prefill."""
-    shortest = min(len(r) for r in rows)
-    for j in range(shortest - 1):
-        if any(r[j] != rows[0][j] for r in rows):
-            return j
-    return max(0, shortest - 1)
-
-
-class ModelPolicy:
-    """A causal LM writing each turn from the rendering of the conversation in its own chat
-    format's tool layout (`chat.ChatFormat.render`).
-
-    Every episode's prompt opens with the same system turn (agent prompt and tool
-    definitions: ~600 of SmolLM2's ~1,000 prompt tokens), so its keys and values are computed
-    once (`prefix_cache`) and copied into each batch; only the rest of each prompt is
-    prefilled. The replies are those of prefilling everything, up to float rounding."""
-
-    MIN_SHARED_PREFIX = 32  # tokens: below this, copying a cache costs more than it saves
-
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                 seed: int = 0, grammar: "ToolCallGrammar | None" = None, prefix_cache: bool = True):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.temperature, self.seed = temperature, seed
-        self.grammar = grammar  # constrained tool calls (veritune.infer.constraints); None: free decoding
-        self.fmt = chat.chat_format(tokenizer)
-        self.stops = chat.stop_token_ids(tokenizer)
-        self.prefix_cache = prefix_cache
-        self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, their cache)
-
-    @torch.inference_mode()
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        device = next(self.model.parameters()).device
-        prompts = [episode_prompt(e) for e in episodes]
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        # Batches of similar length: padding to the longest prompt is computed like any other
-        # token, and episodes' prompts differ by hundreds of tokens after a few turns.
-        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        replies: dict[int, str] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            rows = [ids[i] for i in batch]
-            shared = shared_prefix_length(rows) if self.prefix_cache and len(rows) > 1 else 0
-            if shared < self.MIN_SHARED_PREFIX:
-                shared = 0
-            prefix = rows[0][:shared]
-            width = max(len(r) for r in rows) - shared
-            pad = self.tokenizer.pad_token_id
-            # [shared prefix][padding][rest of the prompt]: the mask skips the padding and the
-            # positions count only real tokens, so each row reads as its unpadded prompt.
-            input_ids = torch.tensor([prefix + [pad] * (width - len(r) + shared) + r[shared:] for r in rows],
-                                     device=device)
-            mask = torch.tensor([[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared)
-                                 for r in rows], device=device)
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0} \
-                if self.temperature > 0 else {"do_sample": False}
-            if self.grammar is not None:
-                sampling["logits_processor"] = LogitsProcessorList([ConstrainedCalls(self.grammar, len(rows))])
-            if shared:
-                sampling[GENERATE_CACHE_KWARG] = self._cache_for(prefix, len(rows), device)
-            with inference_autocast(self.model):
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
-                                          pad_token_id=pad, **sampling)
-            for i, row in zip(batch, out[:, input_ids.shape[1]:]):
-                replies[i] = self.tokenizer.decode(row, skip_special_tokens=False)
-        return [replies[i] for i in range(len(prompts))]
-
-    def _cache_for(self, prefix: list[int], batch_size: int, device):
-        """The prefix's key/value cache, computed once per prefix, repeated for the batch."""
-        key = tuple(prefix)
-        if self._prefix is None or self._prefix[0] != key:
-            with inference_autocast(self.model):
-                cache = self.model(torch.tensor([prefix], device=device), use_cache=True).past_key_values
-            self._prefix = (key, cache)
-        cache = copy.deepcopy(self._prefix[1])
-        cache.batch_repeat_interleave(batch_size)
-        return cache
-
-    def reseed(self, seed: int) -> None:
-        self.seed = seed
-        torch.manual_seed(seed)
-
-
-class OraclePolicy:
-    """A scripted policy that replays each task's gold calls, then gives its gold answer:
-    it scores 1.0 exactly when the tasks, the tools and the checker agree."""
-
-    def __init__(self, tasks: Sequence[dict]):
-        self.tasks = {t["id"]: t for t in tasks}
-
-    def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        out = []
-        for e in episodes:
-            task = self.tasks[e.id.split("#")[0]]
-            turn = sum(m["role"] == "assistant" for m in e.messages)
-            if turn < len(task["gold_calls"]):
-                c = task["gold_calls"][turn]
-                out.append(e.fmt.written_call(e.fmt.call_text(c["name"], c["parameters"])))
-            else:
-                out.append(task["answer"] + e.fmt.end_of_turn)
-        return out
-
-
 # Stands in for the answer when an episode ends without one; the stop reason says which limit.
 STOPPED = {
     "max_steps": "Sorry, I could not finish this request within the allowed number of steps.",
@@ -287,10 +171,10 @@ STOPPED = {
 
 
 def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], customer_id: str,
-              search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path = DB,
-              system_prompt: str = BuildSftParams.agent_system_prompt, tools: Sequence[dict] | None = None,
-              today: date = TODAY, limits: AgentLimits = AgentLimits(), persist_writes: bool = False,
-              max_writes: int | None = None, fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
+              search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path,
+              system_prompt: str, tools: Sequence[dict], today: date, limits: AgentLimits,
+              persist_writes: bool = False, max_writes: int | None = None,
+              fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
     """One customer request through the tool-using loop (`start_episode`, `run_episodes`).
 
     The request is the last user message; earlier turns and any system message are left out,
@@ -300,7 +184,8 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], 
     and returns the reply with its special tokens (`fmt`'s: `<|python_tag|>`, `<|eom_id|>`,
     `<|eot_id|>` for Llama 3.1; `<tool_call>`, `<|im_end|>` for ChatML).
     `search(query)` backs `search_kb` ({"doc_id", "title", "text"} passages; None: refused).
-    `tools` defaults to the `build_sft.agent_tool_definitions` default style.
+    `system_prompt`, `tools`, `today` and `limits` are `agent_eval`'s (params `build_sft`,
+    `agent_db`, `agent_eval`), so a request runs the episode that stage measures.
 
     `customer_id` is the authenticated customer (the server binds it to the API key, never
     to the chat text): the tools see only that customer's orders (`Toolbox`), and the
@@ -321,8 +206,6 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], 
         raise ValueError("run_agent needs the authenticated customer's id (customer_id), e.g. 'C-101'")
     if not Path(db_path).is_file():
         raise FileNotFoundError(f"shop database {db_path} not found: run `dvc repro agent_db`")
-    tools = tool_definitions(BuildSftParams.agent_tool_definitions) if tools is None else tools
-
     def policy(episodes: Sequence[Episode]) -> list[str]:
         return [generate(episode_prompt(e), max_new_tokens) for e in episodes]
 

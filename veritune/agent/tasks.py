@@ -33,7 +33,8 @@ from typing import Sequence
 
 from veritune.core import chat
 from veritune.eval.groundedness import tokens
-from veritune.agent.tools import WRITE_TOOLS, Toolbox, ToolError, check_call, db_state, episode_database
+from veritune.agent.shop import db_state, episode_database
+from veritune.agent.tools import WRITE_TOOLS, Toolbox, ToolError, check_call
 
 TASK_FIELDS = {"id": str, "split": str, "kind": str, "request": str, "gold_calls": list, "answer": str, "facts": list}
 

@@ -1,4 +1,4 @@
-"""The shop's tools: JSON-schema specs, the SQLite business database and the implementations.
+"""The shop's tools: their JSON-schema specs and their implementations over the shop database.
 
 Read tools (`get_order`, `list_orders`, `search_kb`, `calculate`) never change anything.
 Order tools are scoped to one customer (`Toolbox(customer_id=...)`): another customer's
@@ -8,7 +8,7 @@ order is "not found". Every argument is checked against its tool's schema, bound
 parameterised, an episode may write at most `max_writes` rows, the connection is confined
 to the shop's tables by an SQLite authorizer, and a repeated call returns the first call's
 result instead of writing again (idempotent). Writes only ever touch the per-episode copy
-of the database a `Toolbox` is opened on (`episode_database`).
+of the database a `Toolbox` is opened on (`veritune.agent.shop.episode_database`).
 
 Every tool returns a JSON object; a refused call returns `{"error": "..."}` whose message
 says what to fix, so the model can retry.
@@ -17,12 +17,9 @@ says what to fix, so the model can retry.
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import math
 import operator
 import re
-import shutil
 import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
@@ -30,9 +27,8 @@ from typing import Callable
 
 from jsonschema import Draft202012Validator
 
-TODAY = date(2024, 7, 26)  # the shop's today: the "Today Date" of the system header
+from veritune.agent.shop import TABLES
 
-# Short descriptions on purpose: every definition sits in every prompt, indented by 4.
 MAX_ID = 2**31 - 1  # ids and amounts beyond these are refused by the schema, before SQLite sees them
 MAX_AMOUNT = 1_000_000
 MAX_SUMMARY_CHARS = 300
@@ -87,127 +83,8 @@ def tool_definitions(style: str) -> list[dict]:
 WRITE_TOOLS = ("open_ticket", "request_refund")
 VALIDATORS = {t["name"]: Draft202012Validator(t["parameters"]) for t in TOOLS}
 
-SCHEMA = """
-CREATE TABLE customers (customer_id TEXT PRIMARY KEY, name TEXT NOT NULL);
-CREATE TABLE products (sku TEXT PRIMARY KEY, name TEXT NOT NULL, category TEXT NOT NULL,
-    price INTEGER NOT NULL, warranty_months INTEGER NOT NULL, return_window_days INTEGER NOT NULL);
-CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id TEXT NOT NULL REFERENCES customers,
-    sku TEXT NOT NULL REFERENCES products, quantity INTEGER NOT NULL, order_date TEXT NOT NULL,
-    status TEXT NOT NULL);
-CREATE TABLE shipments (order_id INTEGER PRIMARY KEY REFERENCES orders, carrier TEXT NOT NULL,
-    tracking TEXT NOT NULL, shipped_date TEXT NOT NULL, delivered_date TEXT);
-CREATE TABLE tickets (ticket_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders,
-    category TEXT NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL);
-CREATE TABLE refunds (refund_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL UNIQUE REFERENCES orders,
-    amount REAL NOT NULL, reason TEXT NOT NULL);
-"""
-# table -> (key column, {column: python type}, {column: referenced table}); refunds start empty.
-TABLES = {
-    "customers": ("customer_id", {"customer_id": str, "name": str}, {}),
-    "products": ("sku", {"sku": str, "name": str, "category": str, "price": int, "warranty_months": int,
-                         "return_window_days": int}, {}),
-    "orders": ("order_id", {"order_id": int, "customer_id": str, "sku": str, "quantity": int, "order_date": str,
-                            "status": str}, {"customer_id": "customers", "sku": "products"}),
-    "shipments": ("order_id", {"order_id": int, "carrier": str, "tracking": str, "shipped_date": str,
-                               "delivered_date": (str, type(None))}, {"order_id": "orders"}),
-    "tickets": ("ticket_id", {"ticket_id": str, "order_id": int, "category": str, "status": str, "summary": str},
-                {"order_id": "orders"}),
-}
-ORDER_STATUSES = ("processing", "shipped", "delivered")
-DATE_COLUMNS = ("order_date", "shipped_date", "delivered_date")
-
-
-class BusinessDataError(ValueError):
-    """A raw business record is malformed; the message names the table, the id and the field."""
-
-
 class ToolError(ValueError):
     """A tool call the toolbox refuses; the message is shown to the model."""
-
-
-# --------------------------------------------------------------------------- the database
-
-
-def validate_business(tables: dict[str, list[dict]]) -> list[str]:
-    """Every problem of the raw tables: fields and types, unique ids, foreign keys, dates."""
-    problems = []
-    keys: dict[str, set] = {}
-    for table, (key, columns, _) in TABLES.items():
-        seen = set()
-        for i, row in enumerate(tables.get(table, [])):
-            rid = row.get(key, f"line {i + 1}")
-            for column, kind in columns.items():
-                if column not in row:
-                    problems.append(f"{table} {rid}: field {column} is missing")
-                elif isinstance(row[column], bool) or not isinstance(row[column], kind):
-                    problems.append(f"{table} {rid}: field {column} has the wrong type ({row[column]!r})")
-            for column in set(row) - set(columns):
-                problems.append(f"{table} {rid}: field {column} is not a known column")
-            if rid in seen:
-                problems.append(f"{table} {rid}: duplicate {key}")
-            seen.add(rid)
-            for column in DATE_COLUMNS:
-                if isinstance(row.get(column), str):
-                    try:
-                        date.fromisoformat(row[column])
-                    except ValueError:
-                        problems.append(f"{table} {rid}: field {column} is not an ISO date ({row[column]!r})")
-        keys[table] = seen
-    for table, (key, _, references) in TABLES.items():
-        for row in tables.get(table, []):
-            for column, target in references.items():
-                if column in row and row[column] not in keys[target]:
-                    problems.append(f"{table} {row.get(key)}: field {column} = {row[column]!r} is not a known "
-                                    f"{TABLES[target][0]} in {target}")
-    for row in tables.get("orders", []):
-        if row.get("status") not in ORDER_STATUSES:
-            problems.append(f"orders {row.get('order_id')}: field status must be one of {ORDER_STATUSES}")
-    return problems
-
-
-def build_database(tables: dict[str, list[dict]], path: str | Path) -> None:
-    """Write the validated tables to a new SQLite file at `path`."""
-    problems = validate_business(tables)
-    if problems:
-        raise BusinessDataError("business data has problems:\n  - " + "\n  - ".join(problems[:50]))
-    conn = sqlite3.connect(path)
-    try:
-        conn.executescript(SCHEMA)
-        for table, (_, columns, _) in TABLES.items():
-            names = list(columns)
-            conn.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                             [tuple(row[c] for c in names) for row in tables[table]])
-        conn.commit()
-        violations = conn.execute("PRAGMA foreign_key_check").fetchall()
-        if violations:
-            raise BusinessDataError(f"foreign keys do not resolve: {violations[:5]}")
-    finally:
-        conn.close()
-
-
-def episode_database(source: str | Path, directory: str | Path, name: str) -> Path:
-    """A private copy of the shop database for one episode: writes never reach `source`."""
-    dst = Path(directory) / f"{name}.sqlite"
-    shutil.copyfile(source, dst)
-    return dst
-
-
-def db_state(path: str | Path) -> dict[str, list[tuple]]:
-    """The comparable content of a database: every row of every table, sorted; ticket
-    summaries (free text) are left out."""
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    try:
-        out = {}
-        for table in (*TABLES, "refunds"):
-            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] != "summary"]
-            out[table] = sorted(conn.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall(), key=repr)
-        return out
-    finally:
-        conn.close()
-
-
-def db_fingerprint(path: str | Path) -> str:
-    return hashlib.sha256(json.dumps(db_state(path), default=str).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- calculator
@@ -328,7 +205,7 @@ class Toolbox:
     """
 
     def __init__(self, db_path: str | Path, search: Callable[[str], list[dict]] | None = None,
-                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, today: date = TODAY, *,
+                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, *, today: date,
                  customer_id: str | None = None, max_writes: int | None = None):
         self.db_path = Path(db_path)
         self.search = search

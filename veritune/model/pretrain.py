@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from veritune.core.config import PretrainParams
+from veritune.core.params import PretrainParams
 from veritune.model.modeling import use_bf16
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from veritune.serve.batching import BatcherStopped, Completion, GenerationRequest, QueueFull, apply_mask
+from veritune.infer.decode import Completion, GenerationRequest, apply_mask
+from veritune.serve.batching import BatcherStopped, QueueFull
 
 log = logging.getLogger(__name__)
 

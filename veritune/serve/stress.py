@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from veritune import cli  # the server this drives is `python -m veritune.cli serve`
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,7 +42,7 @@ class ServerProcess:
                  cwd: str | Path = ".", env: dict | None = None):
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
-        self.args = [sys.executable, "-m", "veritune.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        self.args = [sys.executable, "-m", cli.__name__, "serve", "--host", "127.0.0.1", "--port", str(port),
                      *extra_args]
         self.env = {**os.environ, **(env or {}), "VERITUNE_API_KEYS": ",".join(api_keys)}
         self.env.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,9 +8,9 @@
 veritune keeps everything but the forward passes: retrieval and citations, the prompt in the
 checkpoint's own chat format (rendered here with the local tokenizer, exactly as in training),
 the agent loop and its tools, keys, rate limits, metrics. The upstream gets the rendered prompt
-on `/v1/completions` (greedy: temperature 0; `add_special_tokens: false`, since the rendered
-prompt carries its own BOS), so it never applies a chat template of its own, and answers with
-text. The end-of-turn tokens are sent as `stop_token_ids` and special tokens
+on `/v1/completions` (chat answers greedy: temperature 0; the agent's turns at its temperature
+and seed, `agent_eval`'s; `add_special_tokens: false`, since the rendered prompt carries its
+own BOS), so it never applies a chat template of its own, and answers with text. The end-of-turn tokens are sent as `stop_token_ids` and special tokens
 are kept in the agent's turns (`skip_special_tokens: false`), so the agent still sees a call's
 `<|python_tag|>` and the token that ended it (`stop_reason`, as vLLM reports it).
 
@@ -21,13 +21,20 @@ The connection pool reconnects by itself, so a restarted upstream is used again 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import httpx
+from fastapi.responses import StreamingResponse
+
+from veritune.serve.schema import ApiError, error_body
+
+if TYPE_CHECKING:
+    from veritune.serve.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,8 @@ def completions_url(url: str) -> str:
 
 
 class UpstreamClient:
-    """Greedy completions of rendered prompts from an OpenAI-compatible `/v1/completions`."""
+    """Completions of rendered prompts from an OpenAI-compatible `/v1/completions` (greedy
+    unless a temperature is given)."""
 
     def __init__(self, url: str, model: str, timeout_s: float, stop_token_ids: list[int] = (),
                  api_key: str | None = None, max_connections: int = 256):
@@ -78,11 +86,14 @@ class UpstreamClient:
             self._async = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self.headers)
         return self._async
 
-    def body(self, prompt: str, max_tokens: int, stop: list[str], stream: bool, keep_special: bool) -> dict:
+    def body(self, prompt: str, max_tokens: int, stop: list[str], stream: bool, keep_special: bool,
+             temperature: float = 0.0, seed: int | None = None) -> dict:
         # add_special_tokens false: the rendered prompt already begins with the template's BOS
         # (vLLM's completions would add a second one).
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-                "skip_special_tokens": not keep_special, "add_special_tokens": False}
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature or 0,
+                "stream": stream, "skip_special_tokens": not keep_special, "add_special_tokens": False}
+        if temperature > 0 and seed is not None:
+            body["seed"] = seed
         if stop:
             body["stop"] = stop
         if self.stop_token_ids:
@@ -99,11 +110,12 @@ class UpstreamClient:
             raise self._transport_error(e) from None
         return self._parse(r)
 
-    def complete_sync(self, prompt: str, max_tokens: int, stop: list[str] = (), keep_special: bool = False
-                      ) -> UpstreamCompletion:
-        """The same from a worker thread (the agent loop)."""
+    def complete_sync(self, prompt: str, max_tokens: int, stop: list[str] = (), keep_special: bool = False,
+                      temperature: float = 0.0, seed: int | None = None) -> UpstreamCompletion:
+        """The same from a worker thread (the agent loop, which samples at its temperature)."""
         try:
-            r = self._sync.post(self.url, json=self.body(prompt, max_tokens, list(stop), False, keep_special))
+            r = self._sync.post(self.url, json=self.body(prompt, max_tokens, list(stop), False, keep_special,
+                                                         temperature, seed))
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         return self._parse(r)
@@ -191,3 +203,73 @@ def _message_of(r: httpx.Response) -> str:
         return _message(r.json())
     except ValueError:
         return r.text[:300]
+
+
+# --------------------------------------------------------------------------- chat answers from the upstream
+
+
+def upstream_api_error(e) -> ApiError:
+    """An `UpstreamError` as veritune's answer: 502 / 504, or 503 with Retry-After when it is busy."""
+    return ApiError(e.status, str(e), headers={"Retry-After": "1"} if e.status == 503 else None)
+
+
+async def upstream_chat(service: Service, prompt_text: str, max_new: int, stops: list[str], base: dict,
+                        citations: list, stream: bool):
+    """A chat completion generated by the upstream (`serve.backend: upstream`) on the prompt
+    rendered here; the answer in the same shape as the built-in backend's, citations included."""
+    p = service.params
+    if not stream:
+        try:
+            done = await asyncio.wait_for(service.upstream.complete(prompt_text, max_new, stops), p.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s "
+                                "(serve.request_timeout_s)") from None
+        except UpstreamError as e:
+            raise upstream_api_error(e) from None
+        finish = "length" if done.finish_reason == "length" else "stop"
+        service.metrics.completions.labels(finish).inc()
+        service.metrics.prompt_tokens.inc(done.prompt_tokens)
+        service.metrics.completion_tokens.inc(done.completion_tokens)
+        return {**base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text.strip()},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                          "total_tokens": done.prompt_tokens + done.completion_tokens},
+                "citations": citations}
+    try:  # the upstream's status line first: a dead upstream is a 502, not a broken stream
+        response = await asyncio.wait_for(service.upstream.open_stream(prompt_text, max_new, stops),
+                                          p.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s") from None
+    except UpstreamError as e:
+        raise upstream_api_error(e) from None
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        chunk = {**base, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def relay():
+        yield event({"role": "assistant", "content": ""}, citations=citations)
+        started, finish, usage = False, None, None
+        try:
+            async for text, reason, used in service.upstream.stream_deltas(response):
+                usage = used or usage
+                finish = reason or finish
+                if not started:
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield event({"content": text})
+            finish = "length" if finish == "length" else "stop"
+            service.metrics.completions.labels(finish).inc()
+            if usage:
+                service.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+                service.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
+            yield event({}, finish)
+        except UpstreamError as e:  # after the headers went out: said in-band, then the stream ends
+            yield f"data: {json.dumps(error_body(e.status, str(e)))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(relay(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -25,11 +25,10 @@ from typing import Sequence
 
 import torch
 
-from veritune.core.config import TrainParams
+from veritune.core.params import TrainParams
 from veritune.train.fast_lora import prepare_for_training
 from veritune.model.modeling import (load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16,
                                use_fp32_attention)
-from veritune.core.chat import TODAY_DATE
 from veritune.data.sft import tokenize_example
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def tokenize_examples(examples: Sequence[dict], tokenizer, max_length: int) -> t
     since cutting them would cut the answer or the passage that holds it."""
     kept, dropped = [], []
     for ex in examples:
-        tokens = tokenize_example(ex["messages"], tokenizer, ex.get("tools"), ex.get("today", TODAY_DATE))
+        tokens = tokenize_example(ex["messages"], tokenizer, ex.get("tools"), ex.get("today"))
         if len(tokens["input_ids"]) > max_length:
             dropped.append(ex["id"])
         else:
