@@ -26,7 +26,9 @@ import torch  # noqa: E402
 
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
-from veritune.retrieval.search import Retriever, embedding_text, retrieval_metrics  # noqa: E402
+from veritune.retrieval.chunking import embedding_text  # noqa: E402
+from veritune.retrieval.metrics import retrieval_metrics  # noqa: E402
+from veritune.retrieval.search import Retriever  # noqa: E402
 from veritune.eval.scoring import bootstrap_ci  # noqa: E402
 
 CANDIDATES = 20

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json
-from veritune.retrieval.search import Retriever, build_index, chunk_document, is_local_uri, load_embedder, retrieval_metrics
+from veritune.retrieval.chunking import chunk_document
+from veritune.retrieval.embedding import load_embedder
+from veritune.retrieval.index import build_index
+from veritune.retrieval.metrics import retrieval_metrics
+from veritune.retrieval.milvus import is_local_uri
+from veritune.retrieval.search import Retriever
 
 DOCUMENTS = Path("data/validated/documents.jsonl")
 QUESTIONS = {"val": Path("data/split/questions_val.jsonl"), "test": Path("data/split/questions_test.jsonl")}

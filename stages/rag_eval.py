@@ -30,7 +30,8 @@ from veritune.eval.rag_eval import (
     with_ci,
     write_rag_report,
 )
-from veritune.retrieval.search import Retriever, iterative_search, retrieval_metrics
+from veritune.retrieval.metrics import retrieval_metrics
+from veritune.retrieval.search import iterative_search, Retriever
 
 log = logging.getLogger("veritune.rag_eval")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from veritune.core.config import load_params
 from veritune.core.io import write_json, write_jsonl
-from veritune.data.validation import DOCUMENTS_FILE, QUESTIONS_FILE, format_failures, read_raw, validate
+from veritune.data.records import DOCUMENTS_FILE, format_failures, QUESTIONS_FILE, read_raw
+from veritune.data.validation import validate
 
 RAW_DIR = Path("data/raw")
 VALIDATED_DIR = Path("data/validated")

@@ -24,7 +24,10 @@ from veritune.eval.rag_eval import (
     stratified_sample,
     with_ci,
 )
-from veritune.retrieval.search import Retriever, build_index, chunk_document, iterative_search, load_embedder
+from veritune.retrieval.chunking import chunk_document
+from veritune.retrieval.embedding import load_embedder
+from veritune.retrieval.index import build_index
+from veritune.retrieval.search import iterative_search, Retriever
 
 # Ten documents. The catalogue names part 77812 once in a long text while the wand's price
 # list names a look-alike part and a price, so the embedding prefers the wrong one and only an
@@ -113,7 +116,7 @@ def test_bad_mode_is_rejected_with_the_choices(index):
 def test_an_index_built_before_full_text_search_says_to_rebuild(tmp_path):
     from pymilvus import DataType
 
-    from veritune.retrieval.search import connect, disconnect
+    from veritune.retrieval.milvus import connect, disconnect
 
     uri = str(tmp_path / "old.db")
     client = connect(uri)

@@ -9,15 +9,11 @@ import pytest
 import yaml
 
 from tests.conftest import PARAMS_YAML
-from veritune.retrieval.search import (
-    Hit,
-    Retriever,
-    build_index,
-    chunk_document,
-    load_embedder,
-    open_retriever,
-    retrieval_metrics,
-)
+from veritune.retrieval.chunking import chunk_document
+from veritune.retrieval.embedding import load_embedder
+from veritune.retrieval.index import build_index
+from veritune.retrieval.metrics import retrieval_metrics
+from veritune.retrieval.search import Hit, open_retriever, Retriever
 
 DOCS = [
     {"id": "kettle", "title": "Aquila K2 Kettle", "text": "The Aquila K2 kettle boils 1.7 litres of water in three minutes. "

@@ -21,7 +21,10 @@ from tests.conftest import REPO, params
 from veritune.core.chat import stop_token_ids
 from veritune.infer.decode import GenerationRequest, generate, generate_batch
 from veritune.model.modeling import load_model, load_tokenizer
-from veritune.retrieval.search import Retriever, build_index, chunk_document, load_embedder
+from veritune.retrieval.chunking import chunk_document
+from veritune.retrieval.embedding import load_embedder
+from veritune.retrieval.index import build_index
+from veritune.retrieval.search import Retriever
 from veritune.serve.app import create_app
 from veritune.serve.auth import RateLimiter, load_api_keys, load_key_customers, match_key, unknown_customers
 from veritune.serve.batching import BatcherStopped, MicroBatcher

@@ -12,15 +12,9 @@ import pytest
 
 import stages.validate as stage
 from stages.validate import main
-from veritune.core.config import ValidateParams
-from veritune.data.validation import (
-    Failure,
-    find_card_number,
-    format_failures,
-    luhn_valid,
-    read_raw,
-    validate,
-)
+from veritune.core.params import ValidateParams
+from veritune.data.records import Failure, find_card_number, format_failures, luhn_valid, read_raw
+from veritune.data.validation import validate
 
 PARAMS_YAML = "validate: {min_text_chars: 20, max_text_chars: 20000, max_question_chars: 1000}\n"
 PARAMS = ValidateParams(min_text_chars=20, max_text_chars=20000, max_question_chars=1000)
