@@ -44,7 +44,7 @@ def main() -> None:
     today = chat.header_date(date.fromisoformat(dp.today))
     tools = tool_definitions(sp.agent_tool_definitions)
     requests = [SimpleNamespace(messages=chat.tool_messages(sp.agent_system_prompt, tools,
-                                                            chat.neutralise_special_tokens(t["request"]), today))
+                                                            chat.neutralize_special_tokens(t["request"]), today))
                 for t in read_jsonl("data/agent/tasks_test.jsonl")]
     for temperature in (float(t) for t in args.temperatures.split(",")):
         policy = ModelPolicy(model, tokenizer, max_new_tokens=64, batch_size=36, temperature=temperature, seed=0)

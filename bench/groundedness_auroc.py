@@ -26,9 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from veritune.eval.groundedness import extract_claims, score_groundedness  # noqa: E402
+from veritune.eval.claims import extract_claims  # noqa: E402
+from veritune.eval.groundedness import score_groundedness  # noqa: E402
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
-from veritune.eval.scoring import normalize  # noqa: E402
+from veritune.eval.scoring import normalize_answer  # noqa: E402
 
 SEED = 0
 THRESHOLD = 0.8
@@ -111,7 +112,7 @@ def build(documents: list[dict], questions: list[dict], rng: random.Random) -> l
             "invented_fact": f"{gold.rstrip('.')}, {rng.choice(INVENTED)}.",
         }
         others = sorted({a for a in by_attribute[q["attribute"]]
-                         if normalize(a) != normalize(gold) and normalize(a) not in normalize(context_text)})
+                         if normalize_answer(a) != normalize_answer(gold) and normalize_answer(a) not in normalize_answer(context_text)})
         negatives["other_answer"] = rng.choice(others) if others else None
         for kind in KINDS:
             if negatives[kind] is not None and negatives[kind] != gold:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.core import chat  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
-from veritune.eval.evaluation import prompts_for, score_all, summarize  # noqa: E402
+from veritune.eval.evaluation import prompts_for, score_all, summarize_scores  # noqa: E402
 from veritune.infer.decode import generate  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
 from veritune.core.params import PACKAGED  # noqa: E402
@@ -63,7 +63,7 @@ def trim_turns(example: dict, turns: int) -> dict:
 def agent_scores(model, tokenizer, sweep: Path) -> dict:
     from veritune.agent.loop import AgentLimits
     from veritune.agent.policies import ModelPolicy
-    from veritune.agent.tasks import evaluate_policy, summarise
+    from veritune.agent.tasks import evaluate_policy, summarize_episodes
     from veritune.agent.tools import TOOLS, tool_definitions
     from veritune.infer.constraints import ToolCallGrammar
 
@@ -75,7 +75,7 @@ def agent_scores(model, tokenizer, sweep: Path) -> dict:
                               AgentLimits(ep.max_steps, ep.max_retries, ep.max_seconds), sp.agent_system_prompt,
                               tool_definitions(sp.agent_tool_definitions), date.fromisoformat(ap.today), trials=TRIALS,
                               on_trial=lambda i: policy.reseed(ep.seed + i), fmt=chat.chat_format(tokenizer))
-    s = summarise(results, TRIALS)
+    s = summarize_episodes(results, TRIALS)
     return {**{k: s[k] for k in ("success", "tool_call_validity", "answer_ok", "state_ok", "mean_steps")},
             "examples": [(r["task_id"], r["answer"], r["missing_facts"]) for r in results[:6]]}
 
@@ -86,7 +86,7 @@ def qa_scores(model, tokenizer, data: dict, mode: str) -> dict:
     convs = prompts_for(questions, passages, sp.system_prompt, sp.question_position)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         replies = generate(model, tokenizer, convs, 24, 128, desc=mode)
-    s = summarize(questions, score_all(replies, questions, passages), 200)
+    s = summarize_scores(questions, score_all(replies, questions, passages), 200)
     pick = lambda g, k: s.get(g, {}).get(k)  # noqa: E731
     return {"f1_unseen": pick("answerable_unseen", "f1"), "f1_answerable": pick("answerable", "f1"),
             "f1_multi_hop": pick("multi_hop", "f1"), "f1_single_hop": pick("single_hop", "f1"),

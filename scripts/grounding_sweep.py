@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from veritune.core.config import parse_params
-from veritune.eval.evaluation import prompts_for, score_all, summarize
+from veritune.eval.evaluation import prompts_for, score_all, summarize_scores
 from veritune.core.io import read_json, read_jsonl, write_jsonl
 
 PASSAGES = Path("sweep/test_passages.jsonl")
@@ -111,7 +111,7 @@ def run_one(name: str, overrides: dict[str, object], raw: dict) -> dict:
         convs = prompts_for(questions, [passages[q["id"]] for q in questions], sp.system_prompt,
                             built.get("question_position", "end"))
         replies = generate(model, tokenizer, convs, ep.max_new_tokens, 64, desc=name)
-        summary = summarize(questions, score_all(replies, questions), 200)
+        summary = summarize_scores(questions, score_all(replies, questions), 200)
         result["seconds"] = round(time.time() - start, 1)
     result["rag"] = {g: summary.get(g) for g in ("answerable_unseen", "answerable_seen", "multi_hop", "unanswerable")}
     result["examples"] = [{"q": q["question"], "gold": q["answers"], "pred": r} for q, r in list(zip(questions, replies))[:5]]

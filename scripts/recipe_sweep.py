@@ -274,7 +274,7 @@ def prepare():
     from veritune.core.config import load_params
     from veritune.core.io import read_jsonl
     from veritune.retrieval.search import Retriever
-    from veritune.eval.evaluation import oracle_passages
+    from veritune.eval.evaluation import oracle_documents
     from datetime import date
     from veritune.core import chat
     from veritune.agent.tools import tool_definitions, TOOL_NAMES
@@ -296,7 +296,7 @@ def prepare():
                "train_chunks": [c for c in chunks if c["doc_id"] in readable],
                "train_q": train_q, "train_ret": train_ret,
                "test_q": test_q, "test_rag": test_ret,
-               "test_oracle": oracle_passages(test_q, docs, [t[:2] for t in test_ret])}, open(out / "gs.json", "w"))
+               "test_oracle": oracle_documents(test_q, docs, [t[:2] for t in test_ret])}, open(out / "gs.json", "w"))
     agent = [e for e in read_jsonl("data/sft/train.jsonl") if any(m["role"] == "ipython" for m in e["messages"])]
     json.dump(agent, open(out / "agent.json", "w"))
     print(len(train_q), len(test_q), len(agent))
@@ -304,7 +304,7 @@ def prepare():
     sp = load_params("build_sft"); ap = load_params("agent_db")
     tools = tool_definitions(sp.agent_tool_definitions)
     tasks = read_jsonl("data/agent/tasks_test.jsonl")
-    json.dump({"prompts": [chat.tool_messages(sp.agent_system_prompt, tools, chat.neutralise_special_tokens(t["request"]), chat.header_date(date.fromisoformat(ap.today))) for t in tasks],
+    json.dump({"prompts": [chat.tool_messages(sp.agent_system_prompt, tools, chat.neutralize_special_tokens(t["request"]), chat.header_date(date.fromisoformat(ap.today))) for t in tasks],
                "gold": [t["gold_calls"][0] if t["gold_calls"] else None for t in tasks], "tools": list(TOOL_NAMES)},
               open(out / "agent_test.json", "w"))
 

@@ -22,7 +22,7 @@ from veritune.core import chat
 from veritune.agent.loop import AgentLimits
 from veritune.agent.policies import ModelPolicy, OraclePolicy
 from veritune.agent.shop import SHOP_DB
-from veritune.agent.tasks import evaluate_policy, summarise
+from veritune.agent.tasks import evaluate_policy, summarize_episodes
 from veritune.core.config import as_dict, load_params
 from veritune.infer.constraints import ToolCallGrammar
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -83,7 +83,7 @@ def main() -> None:
         oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
                                     max_retries=0, max_seconds=p.max_seconds)
         oracle = evaluate_policy(OraclePolicy(all_tasks), all_tasks, desc="oracle", **{**run, "limits": oracle_limits})
-        metrics["oracle"] = summarise(oracle, 1)
+        metrics["oracle"] = summarize_episodes(oracle, 1)
         if metrics["oracle"]["success"] != 1.0:
             failed = [r["task_id"] for r in oracle if not r["success"]]
             raise RuntimeError(f"the scripted oracle fails tasks {failed[:10]}: the tasks, tools and checker disagree")
@@ -108,7 +108,7 @@ def main() -> None:
                                  grammar=variant_grammar)
             results = evaluate_policy(policy, tasks, trials=p.trials, desc=variant,
                                       on_trial=lambda i: policy.reseed(p.seed + i), **run)
-            metrics[variant] = {**summarise(results, p.trials), "constrained_calls": variant_grammar is not None}
+            metrics[variant] = {**summarize_episodes(results, p.trials), "constrained_calls": variant_grammar is not None}
             episodes += [{"policy": variant, **r} for r in results]
     per_kind: dict[str, list[bool]] = defaultdict(list)
     for r in episodes:

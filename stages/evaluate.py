@@ -17,8 +17,8 @@ import logging
 import random
 
 from veritune.core.config import as_dict, load_params
-from veritune.eval.evaluation import (MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_passages,
-                                 prompts_for, score_all, summarize)
+from veritune.eval.evaluation import (CONTEXT_MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_documents,
+                                 prompts_for, score_all, summarize_scores)
 from veritune.infer.decode import generate
 from veritune.core.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 from veritune.eval.judge import judge_answers, load_judge, summarize_judge
@@ -64,7 +64,7 @@ def main() -> None:
     rows = {"finetuned": {"rag": every, "closed_book": context_rows, "oracle": context_rows},
             "base": {"rag": base_rows, "closed_book": context_rows, "oracle": context_rows}}
     rag = [[dataclasses.asdict(h) for h in row] for row in hits]
-    passages = {"closed_book": None, "rag": rag, "oracle": oracle_passages(questions, documents, rag)}
+    passages = {"closed_book": None, "rag": rag, "oracle": oracle_documents(questions, documents, rag)}
     asked = {v: {m: [questions[i] for i in r] for m, r in by_mode.items()} for v, by_mode in rows.items()}
     contexts = {v: {m: None if passages[m] is None else [passages[m][i] for i in r] for m, r in by_mode.items()}
                 for v, by_mode in rows.items()}
@@ -81,12 +81,12 @@ def main() -> None:
             model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
         model.eval()
         metrics[variant], scores[variant] = {}, {}
-        for mode in MODES:
+        for mode in CONTEXT_MODES:
             qs, ctx = asked[variant][mode], contexts[variant][mode]
             convs = prompts_for(qs, ctx, sp.system_prompt, sp.question_position)
             replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"{variant}/{mode}")
             scores[variant][mode] = score_all(replies, qs, ctx)
-            metrics[variant][mode] = summarize(qs, scores[variant][mode], p.bootstrap_samples)
+            metrics[variant][mode] = summarize_scores(qs, scores[variant][mode], p.bootstrap_samples)
             for i, reply in zip(rows[variant][mode], replies):
                 predictions[i][f"{variant}.{mode}"] = reply
     del model

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json
-from veritune.serve.stress import ServerProcess, drive_load, free_port, plot_latency, server_counter, summarize
+from veritune.serve.stress import ServerProcess, drive_load, free_port, plot_latency, server_counter, summarize_load
 
 log = logging.getLogger("veritune.stress")
 
@@ -49,7 +49,7 @@ def run_load(name: str, max_batch_size: int, p, questions: list[str], keys: list
         exit_code = server.stop()
     done = server_counter(after, "veritune_completions") - server_counter(before, "veritune_completions")
     tokens = server_counter(after, "veritune_completion_tokens") - server_counter(before, "veritune_completion_tokens")
-    summary = summarize(records, wall_s, server_completions=done)
+    summary = summarize_load(records, wall_s, server_completions=done)
     summary["completion_tokens_per_s"] = round(tokens / wall_s, 2)
     summary["max_batch_size"] = max_batch_size
     summary["mean_batch_size"] = health["mean_batch_size"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from veritune.cli import main
-from veritune.eval.groundedness import Claim, extract_claims, is_supported, score_groundedness, score_records
+from veritune.eval.claims import Claim, extract_claims
+from veritune.eval.groundedness import is_supported, score_groundedness, score_records
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

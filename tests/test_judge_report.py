@@ -5,7 +5,7 @@ import copy
 import struct
 import zlib
 
-from veritune.eval.evaluation import score_all, summarize
+from veritune.eval.evaluation import score_all, summarize_scores
 from veritune.eval.judge import judge_answers, judge_messages, load_judge, parse_scores, summarize_judge
 from veritune.eval.report import release_blocks, render_html, render_markdown, write_release_report
 
@@ -32,7 +32,7 @@ def test_judge_prompt_carries_question_reference_and_answer():
 
 def test_judge_plumbing_leaves_deterministic_metrics_unchanged(tiny_checkpoint):
     answers = ["$149", "The documents don't say."]
-    summary = summarize(QUESTIONS, score_all(answers, QUESTIONS, PASSAGES), 50)
+    summary = summarize_scores(QUESTIONS, score_all(answers, QUESTIONS, PASSAGES), 50)
     before = copy.deepcopy(summary)
     model, tokenizer = load_judge(str(tiny_checkpoint))
     judged = judge_answers(model, tokenizer, QUESTIONS, PASSAGES, answers, max_new_tokens=6, batch_size=2)
@@ -42,7 +42,7 @@ def test_judge_plumbing_leaves_deterministic_metrics_unchanged(tiny_checkpoint):
         assert all(j[k] is None or 1 <= j[k] <= 5 for k in ("correctness", "groundedness"))
     s = summarize_judge(judged)
     assert s["n"] == 2 and 0.0 <= s["correctness_parse_rate"] <= 1.0
-    assert summarize(QUESTIONS, score_all(answers, QUESTIONS, PASSAGES), 50) == before == summary
+    assert summarize_scores(QUESTIONS, score_all(answers, QUESTIONS, PASSAGES), 50) == before == summary
 
 
 def test_summarize_judge_counts_unparsed():
@@ -67,7 +67,7 @@ def test_release_report_puts_the_decision_first_and_embeds_images(tmp_path):
     evaluation = {"n_test_questions": 2, "headline": {"finetuned_rag_f1_unseen": 0.5, "finetuned_rag_f1_unseen_n": 2,
                                                       "finetuned_rag_f1_unseen_ci95_low": 0.0,
                                                       "finetuned_rag_f1_unseen_ci95_high": 1.0},
-                  "finetuned": {"rag": summarize(QUESTIONS, score_all(["$149", "No."], QUESTIONS, PASSAGES), 20)}}
+                  "finetuned": {"rag": summarize_scores(QUESTIONS, score_all(["$149", "No."], QUESTIONS, PASSAGES), 20)}}
     images = {"eval_comparison": _png(tmp_path / "eval_comparison.png"), "rag/k_sweep.png": _png(tmp_path / "k_sweep.png")}
     blocks = release_blocks(gate, evaluation, None, "rubric", {"rag.json": {"recall": {"at_5": 0.9}}}, images)
     md = render_markdown(blocks)

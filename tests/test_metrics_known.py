@@ -1,6 +1,6 @@
 """Every metric on answerers whose right score is known: an oracle (the gold answer) scores 1.0,
 an always-abstain answerer scores 0 accuracy and 1.0 abstention, a random one scores near 0.
-Run through the real paths: evaluation.score_all/summarize/headline on the committed sample
+Run through the real paths: evaluation.score_all/summarize_scores/headline on the committed sample
 questions with their own documents as context, csat.simulate/csat_score, and the gate."""
 
 import json
@@ -12,8 +12,8 @@ from tests.conftest import PARAMS_YAML, REPO, params
 from veritune.core.config import parse_params
 from veritune.core.params import GateCriterion
 from veritune.eval.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
-from veritune.eval.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_passages, score_all,
-                                 summarize)
+from veritune.eval.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_documents, score_all,
+                                 summarize_scores)
 from veritune.eval.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
 from veritune.core.io import read_jsonl
 
@@ -33,7 +33,7 @@ def sample():
         q["doc_status"] = rng.choice(["seen", "unseen"])
     retrieved = [[{"doc_id": "doc-0001", "title": documents["doc-0001"]["title"], "text": documents["doc-0001"]["text"]}]
                  for _ in questions]
-    return questions, oracle_passages(questions, documents, retrieved)
+    return questions, oracle_documents(questions, documents, retrieved)
 
 
 def answerer(how: str, rng: random.Random):
@@ -51,7 +51,7 @@ def answerer(how: str, rng: random.Random):
 def run(how, questions, passages):
     answer = answerer(how, random.Random(0))
     scores = score_all([answer(q) for q in questions], questions, passages)
-    return scores, summarize(questions, scores, 200)
+    return scores, summarize_scores(questions, scores, 200)
 
 
 def test_sample_covers_every_group(sample):
@@ -426,7 +426,7 @@ KNOWN_BAD = {
 def agent_metrics(how: str) -> dict:
     """agent.json of a known answerer: `oracle` looks the order up and reports it; the bad ones
     send a malformed call and then claim a refund the episode never made."""
-    from veritune.agent.tasks import score_episode, summarise
+    from veritune.agent.tasks import score_episode, summarize_episodes
 
     task = {"id": "t1", "facts": ["shipped"], "gold_calls": [{"name": "get_order", "parameters": {"order_id": 1042}}]}
     if how == "oracle":
@@ -438,7 +438,7 @@ def agent_metrics(how: str) -> dict:
         answer = "I have refunded order 1042 in full."
     results = [{"task_id": "t1", "stop": "answer", "n_steps": 2, "answer": answer,
                 **score_episode(task, answer, {}, {}, calls)}]
-    return {"finetuned": summarise(results, 1)}
+    return {"finetuned": summarize_episodes(results, 1)}
 
 
 def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_path):

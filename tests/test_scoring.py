@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from veritune.eval.evaluation import score_all, summarize
-from veritune.eval.scoring import bootstrap_ci, exact_match, is_abstention, normalize, numeric_match, token_f1
+from veritune.eval.evaluation import score_all, summarize_scores
+from veritune.eval.scoring import bootstrap_ci, exact_match, is_abstention, normalize_answer, numeric_match, token_f1
 
 QUESTIONS = [
     {"id": "q1", "kind": "single_hop", "answers": ["$149"], "doc_status": "seen"},
@@ -18,8 +18,8 @@ QUESTIONS = [
 
 
 def test_normalize_follows_squad():
-    assert normalize("The  $149.") == "149"
-    assert normalize("An Aurora, K3!") == "aurora k3"
+    assert normalize_answer("The  $149.") == "149"
+    assert normalize_answer("An Aurora, K3!") == "aurora k3"
 
 
 @pytest.mark.parametrize(("prediction", "golds", "em", "f1"), [
@@ -65,7 +65,7 @@ def _answer(question, how, rng):
 
 def test_oracle_answerer_scores_one():
     rng = random.Random(0)
-    s = summarize(QUESTIONS, score_all([_answer(q, "oracle", rng) for q in QUESTIONS], QUESTIONS), 100)
+    s = summarize_scores(QUESTIONS, score_all([_answer(q, "oracle", rng) for q in QUESTIONS], QUESTIONS), 100)
     assert s["answerable"]["em"] == 1.0 and s["answerable"]["f1"] == 1.0
     assert s["unanswerable"]["abstention"] == 1.0
     assert s["answerable"]["abstention"] == 0.0
@@ -74,7 +74,7 @@ def test_oracle_answerer_scores_one():
 
 def test_always_abstain_scores_zero_accuracy_full_abstention():
     rng = random.Random(0)
-    s = summarize(QUESTIONS, score_all([_answer(q, "abstain", rng) for q in QUESTIONS], QUESTIONS), 100)
+    s = summarize_scores(QUESTIONS, score_all([_answer(q, "abstain", rng) for q in QUESTIONS], QUESTIONS), 100)
     assert s["answerable"]["f1"] == 0.0 and s["answerable"]["em"] == 0.0
     assert s["unanswerable"]["abstention"] == 1.0
     assert s["answerable"]["abstention"] == 1.0
@@ -82,7 +82,7 @@ def test_always_abstain_scores_zero_accuracy_full_abstention():
 
 def test_random_answerer_scores_near_zero():
     rng = random.Random(0)
-    s = summarize(QUESTIONS, score_all([_answer(q, "random", rng) for q in QUESTIONS], QUESTIONS), 100)
+    s = summarize_scores(QUESTIONS, score_all([_answer(q, "random", rng) for q in QUESTIONS], QUESTIONS), 100)
     assert s["answerable"]["f1"] < 0.1
     assert s["unanswerable"]["abstention"] == 0.0
 
@@ -97,7 +97,7 @@ def test_bootstrap_interval_brackets_the_mean():
 def test_unsupported_claims_are_counted_against_the_passages():
     questions = [{**q, "question": "What does it cost and how long is it covered?"} for q in QUESTIONS[:2]]
     passages = [[{"text": "The Aurora K3 Kettle retails for $149."}], [{"text": "It is covered for 24 months."}]]
-    s = summarize(questions, score_all(["$149", "36 months"], questions, passages), 100)
+    s = summarize_scores(questions, score_all(["$149", "36 months"], questions, passages), 100)
     assert s["all"]["unsupported_rate"] == 0.5
-    s = summarize(questions, score_all(["$149", "24 months"], questions, passages), 100)
+    s = summarize_scores(questions, score_all(["$149", "24 months"], questions, passages), 100)
     assert s["all"]["unsupported_rate"] == 0.0

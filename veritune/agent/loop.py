@@ -99,7 +99,7 @@ def parse_reply(raw: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Reply:
 
 def start_episode(episode_id: str, request: str, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict],
                   today: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Episode:
-    messages = fmt.tool_messages(system_prompt, tools, fmt.neutralise(request), today)
+    messages = fmt.tool_messages(system_prompt, tools, fmt.neutralize(request), today)
     return Episode(episode_id, request, messages, toolbox, fmt=fmt)
 
 
@@ -122,7 +122,7 @@ def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
             result = episode.toolbox.execute(reply.name, reply.parameters)
         except ToolError as e:
             result = {"error": str(e)}
-    content = episode.fmt.neutralise(chat.tool_result_text(result))
+    content = episode.fmt.neutralize(chat.tool_result_text(result))
     episode.messages.append({"role": episode.fmt.tool_role, "content": content})
     episode.steps.append({"type": "call", "text": reply.text, "name": reply.name, "parameters": reply.parameters,
                           "valid": valid, "result": result})

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from veritune.core import chat
-from veritune.eval.groundedness import tokens
+from veritune.eval.claims import tokens
 from veritune.agent.shop import db_state, episode_database
 from veritune.agent.tools import WRITE_TOOLS, Toolbox, ToolError, check_call
 
@@ -202,13 +202,13 @@ def gold_trajectory(task: dict, toolbox: Toolbox, system_prompt: str) -> list[di
     a checkpoint): system prompt, request, each gold call and its result computed by the real
     tools (search included) on `toolbox`'s database (writes land there: use a copy), answer."""
     messages = [{"role": "system", "content": system_prompt},
-                {"role": "user", "content": chat.neutralise_special_tokens(task["request"])}]
+                {"role": "user", "content": chat.neutralize_special_tokens(task["request"])}]
     for c in task["gold_calls"]:
         result = toolbox.execute(c["name"], c["parameters"])
         if "error" in result:
             raise TaskError(f"task {task['id']}: gold call {c['name']} is refused: {result['error']}")
         messages.append({"role": "assistant", "content": "", "tool_call": {"name": c["name"], "arguments": c["parameters"]}})
-        messages.append({"role": "tool", "content": chat.neutralise_special_tokens(chat.tool_result_text(result))})
+        messages.append({"role": "tool", "content": chat.neutralize_special_tokens(chat.tool_result_text(result))})
     messages.append({"role": "assistant", "content": task["answer"]})
     return messages
 
@@ -249,7 +249,7 @@ def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, 
     return results
 
 
-def summarise(results: Sequence[dict], trials: int) -> dict:
+def summarize_episodes(results: Sequence[dict], trials: int) -> dict:
     """success, pass^k for k = 1..trials, tool-call validity, mean steps, unsafe-action and
     claimed-but-undone rates."""
     n = len(results)

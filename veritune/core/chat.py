@@ -152,7 +152,7 @@ def tool_messages(system_prompt: str, tools: Sequence[dict], request: str, today
             {"role": "user", "content": TOOLS_PREAMBLE + definitions + request.strip()}]
 
 
-def neutralise_special_tokens(text: str) -> str:
+def neutralize_special_tokens(text: str) -> str:
     """Text from outside (a customer, a tool result) must not forge turns: `<|eot_id|>` in
     it would otherwise become the real special token. A space after `<` keeps it readable."""
     return text.replace("<|", "< |")
@@ -266,9 +266,9 @@ class ChatFormat:
                   f"{CHATML_TOOLS_PREAMBLE}{definitions}{CHATML_TOOLS_POSTAMBLE}")
         return [{"role": "system", "content": system}, {"role": "user", "content": request.strip()}]
 
-    def neutralise(self, text: str) -> str:
+    def neutralize(self, text: str) -> str:
         """Outside text (a customer, a tool result) must not forge turns or calls."""
-        text = neutralise_special_tokens(text)
+        text = neutralize_special_tokens(text)
         if self.name == "chatml":
             text = text.replace("<tool_call>", "< tool_call>").replace("</tool_call>", "</ tool_call>")
         return text

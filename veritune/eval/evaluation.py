@@ -15,9 +15,9 @@ from typing import Sequence
 
 from veritune.core import chat
 from veritune.eval.groundedness import score_groundedness
-from veritune.eval.scoring import bootstrap_ci, mean, normalize, score_answer
+from veritune.eval.scoring import bootstrap_ci, mean, normalize_answer, score_answer
 
-MODES = ("closed_book", "rag", "oracle")
+CONTEXT_MODES = ("closed_book", "rag", "oracle")  # what a question is shown: nothing, retrieved passages, its own documents
 
 # (flat name, mode, group, per-question score): the numbers a release decision rests on.
 HEADLINE = [
@@ -35,7 +35,7 @@ HEADLINE = [
 ]
 
 
-def oracle_passages(questions: Sequence[dict], documents: dict[str, dict],
+def oracle_documents(questions: Sequence[dict], documents: dict[str, dict],
                     retrieved: Sequence[list[dict]]) -> list[list[dict]]:
     """The context a perfect retriever would give: each question's own supporting documents,
     whole. Unanswerable questions that name related documents (not stated, false premise) get
@@ -72,7 +72,7 @@ def groups_of(question: dict) -> list[str]:
     return out
 
 
-def summarize(questions: Sequence[dict], scores: Sequence[dict], bootstrap_samples: int) -> dict:
+def summarize_scores(questions: Sequence[dict], scores: Sequence[dict], bootstrap_samples: int) -> dict:
     by_group: dict[str, list[dict]] = defaultdict(list)
     for q, s in zip(questions, scores, strict=True):
         for g in groups_of(q):
@@ -147,7 +147,7 @@ _QUESTION_LINE = re.compile(r"^Question: (.*)$", re.MULTILINE)
 
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = normalize(text).split()
+    words = normalize_answer(text).split()
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
@@ -165,12 +165,12 @@ def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], 
     for ex in sft_examples:
         for m in ex["messages"]:
             if m["role"] in ("user", "ipython"):  # passages and tool results are both read, not trained on
-                sft_questions.update(normalize(q) for q in _QUESTION_LINE.findall(m["content"]))
+                sft_questions.update(normalize_answer(q) for q in _QUESTION_LINE.findall(m["content"]))
                 prompt_grams |= _ngrams(m["content"], ngram)
             elif m["role"] == "assistant":
                 target_grams |= _ngrams(m["content"], ngram)
     questions_leaked = sorted(q["id"] for q in test_questions
-                              if normalize(q["question"]) in sft_questions
+                              if normalize_answer(q["question"]) in sft_questions
                               or _ngrams(q["question"], ngram) & (prompt_grams | target_grams))
 
     def share(doc: dict, grams: set) -> float:

@@ -6,9 +6,9 @@ Deterministic and model-free, so it can score any RAG output (ours or another sy
     score_groundedness(question, contexts, answer)
     # {"score": 0.5, "label": "unsupported", "unsupported_claims": [...], "n_claims": 2}
 
-An answer is cut into claims -- numbers with their unit, dates, codes, capitalised entity
-names and the remaining content words ("terms") -- and each claim is looked up in the
-contexts and the question after normalisation. The score is the weighted share of supported
+An answer is cut into claims (`veritune.eval.claims`: numbers with their unit, dates, codes,
+capitalised entity names and the remaining content words, "terms") and each claim is looked
+up in the contexts and the question after normalisation (`Evidence`). The score is the weighted share of supported
 claims; specific facts (numbers, dates, codes, entities) weigh 1.0 and terms 0.25, because a
 paraphrase changes words while a hallucination usually changes a fact.
 
@@ -19,195 +19,12 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Iterable, Sequence
 
+from veritune.eval.claims import (CODE, KINDS, NUM, STOPWORDS, UNIT_ALIASES, WEIGHTS, Claim, blank, extract_claims,
+                                  find_dates, find_numbers, stem, tokens, unit_of)
 from veritune.eval.scoring import is_abstention, refusal_spans
-
-KINDS = ("number", "date", "code", "entity", "term")
-WEIGHTS = {"number": 1.0, "date": 1.0, "code": 1.0, "entity": 1.0, "term": 0.25}
-
-
-@dataclass(frozen=True)
-class Claim:
-    text: str
-    kind: str  # one of KINDS
-
-
-STOPWORDS = frozenset("""
-a about above after again against all also am an and any are aren't as at be because been before
-being below between both but by can can't cannot could couldn't did didn't do does doesn't doing
-don't down during each either few for from further had hadn't has hasn't have haven't having he
-her here hers herself him himself his how i if in into is isn't it it's its itself just let's me
-more most much must my myself neither no nor not now of off on once only or other our ours
-ourselves out over own per same she should shouldn't so some such than that that's the their
-theirs them themselves then there there's these they this those through to too under until up
-upon us very was wasn't we were weren't what what's when where which while who whom whose why will
-with won't would wouldn't yes you your yours yourself yourselves
-according answer approximately around roughly exactly total together
-""".split())
-
-# Unit words that name the same unit; anything else is kept as its own stemmed word.
-UNIT_ALIASES = {
-    "$": "$", "dollar": "$", "dollars": "$", "usd": "$",
-    "%": "%", "percent": "%", "per cent": "%", "pct": "%",
-    "w": "w", "watt": "w", "watts": "w", "kw": "kw", "kilowatt": "kw", "kilowatts": "kw",
-    "kg": "kg", "kilogram": "kg", "kilograms": "kg", "kilo": "kg", "kilos": "kg",
-    "g": "g", "gram": "g", "grams": "g", "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb",
-    "l": "l", "litre": "l", "litres": "l", "liter": "l", "liters": "l",
-    "ml": "ml", "millilitre": "ml", "millilitres": "ml", "milliliter": "ml", "milliliters": "ml",
-    "db": "db", "decibel": "db", "decibels": "db",
-    "cm": "cm", "centimetre": "cm", "centimetres": "cm", "mm": "mm", "m": "m",
-    "h": "hour", "hr": "hour", "hrs": "hour", "min": "minute", "mins": "minute",
-}
-
-_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
-           "september", "october", "november", "december"]
-_MONTH_NUM = {m: i + 1 for i, m in enumerate(_MONTHS)} | {m[:3]: i + 1 for i, m in enumerate(_MONTHS)}
-_MONTH_RE = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
-
-_DATE_PATTERNS = [  # each yields named groups y, m, d (some may be absent)
-    re.compile(r"\b(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})\b"),
-    re.compile(rf"\b(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<m>{_MONTH_RE})\b(?:,?\s+(?P<y>\d{{4}})\b)?", re.I),
-    re.compile(rf"\b(?P<m>{_MONTH_RE})\s+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(?P<y>\d{{4}})\b)?", re.I),
-    re.compile(rf"\b(?P<m>{_MONTH_RE})\s+(?P<y>\d{{4}})\b", re.I),
-]
-# Identifiers: letters then digits ("LK-4821", "K3", "E4", "X5Pro"); digits-only is a number.
-_CODE_TOKEN = r"[A-Z]{1,4}-?\d+[A-Za-z0-9]*"
-_CODE = re.compile(rf"(?<![\w-])(?:{_CODE_TOKEN})(?![\w-])")
-_CAP_WORD = r"[A-Z][a-z]+(?:-[A-Z]?[a-z]+)*"
-_ENTITY = re.compile(rf"(?<![\w-])(?:{_CAP_WORD}|{_CODE_TOKEN})(?:[ \t]+(?:{_CAP_WORD}|{_CODE_TOKEN}))*(?![\w-])")
-_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NUMBER = re.compile(
-    rf"(?<![\w.,])(?P<cur>\$\s?)?(?P<a>{_NUM})"
-    rf"(?:\s*(?:-|\u2013|\u2014|to)\s*(?:\$\s?)?(?P<b>{_NUM}))?"
-    rf"(?:[ \t]?(?P<unit>%|per cent\b|(?:business|working|calendar) days\b|[A-Za-z]+\b))?"
-)
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019]*")
-_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n\s*)$")
-
-
-def stem(word: str) -> str:
-    """Light suffix stripping: plural s/es, -ing, -ed; a final e is dropped so use/used match."""
-    w = word.lower().replace("\u2019", "'")
-    if w.endswith("'s"):
-        w = w[:-2]
-    if len(w) > 5 and w.endswith("ing"):
-        w = w[:-3]
-    elif len(w) > 4 and w.endswith("ed"):
-        w = w[:-2]
-    elif len(w) > 4 and w.endswith("es") and w[-3] in "sxz" or w.endswith(("ches", "shes")):
-        w = w[:-2]
-    elif len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
-        w = w[:-1]
-    if len(w) > 3 and w.endswith("e"):
-        w = w[:-1]
-    return w
-
-
-def _norm_unit(word: str | None) -> str | None:
-    if not word:
-        return None
-    w = word.lower()
-    if w in UNIT_ALIASES:
-        return UNIT_ALIASES[w]
-    if w in STOPWORDS:
-        return None
-    return stem(w)
-
-
-def _to_float(number: str) -> float:
-    return float(number.replace(",", ""))
-
-
-def _mask(text: str, start: int, end: int) -> str:
-    return text[:start] + " " * (end - start) + text[end:]
-
-
-def _date_key(match: re.Match) -> tuple[int | None, int, int | None] | None:
-    g = match.groupdict()
-    m = g.get("m")
-    month = int(m) if m.isdigit() else _MONTH_NUM.get(m.lower()[:3])
-    day = int(g["d"]) if g.get("d") else None
-    year = int(g["y"]) if g.get("y") else None
-    if not month or not 1 <= month <= 12 or (day is not None and not 1 <= day <= 31):
-        return None
-    return year, month, day
-
-
-def _dates(text: str) -> tuple[list[tuple[str, tuple]], str]:
-    """Date spans with their (year, month, day) key, and the text with them blanked out."""
-    found = []
-    for pattern in _DATE_PATTERNS:
-        for match in pattern.finditer(text):
-            key = _date_key(match)
-            if key is not None:
-                found.append((match.group(0), key))
-                text = _mask(text, *match.span())
-    return found, text
-
-
-def _numbers(text: str) -> tuple[list[tuple[str, tuple[float, ...], str | None]], str]:
-    """Number spans (a range keeps both ends) with their unit, and the text with them blanked."""
-    found = []
-    for match in _NUMBER.finditer(text):
-        values = (_to_float(match["a"]),) + ((_to_float(match["b"]),) if match["b"] else ())
-        if match["cur"]:
-            unit, end = "$", match.end("b") if match["b"] else match.end("a")
-        else:
-            unit = _norm_unit(match["unit"])
-            end = match.end() if unit else (match.end("b") if match["b"] else match.end("a"))
-        found.append((text[match.start():end].strip(), values, unit, match.start(), end))
-    for *_, start, end in found:
-        text = _mask(text, start, end)
-    return [f[:3] for f in found], text
-
-
-def tokens(text: str) -> list[str]:
-    """Whole word and number tokens as claims are matched on: lower case, thousands separators
-    dropped, a decimal kept with its number ("$1,299.50" -> "1299.50"); the agent's answer
-    facts are matched on the same tokens (veritune.agent.tasks)."""
-    return _tokens(text)
-
-
-def _tokens(text: str) -> list[str]:
-    text = text.lower().replace("\u2019", "'")
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
-    return re.findall(r"[a-z0-9]+(?:\.\d+)?", text)
-
-
-def extract_claims(answer: str) -> list[Claim]:
-    """Cut an answer into checkable claims, most specific kinds first; duplicates dropped."""
-    claims: list[Claim] = []
-    dates, text = _dates(answer)
-    claims += [Claim(span, "date") for span, _ in dates]
-
-    for match in _ENTITY.finditer(text):
-        words = match.group(0).split()
-        start = match.start()
-        while words and words[0].lower() in STOPWORDS:  # "The Aurora K3 Kettle"
-            start = text.find(words[1], start + len(words[0])) if len(words) > 1 else match.end()
-            words = words[1:]
-        if not words or not any(re.fullmatch(_CAP_WORD, w) for w in words):
-            continue  # codes alone are claimed below
-        if len(words) == 1 and _SENTENCE_START.search(text[:start]):
-            continue  # a capitalised first word is just a word
-        claims.append(Claim(" ".join(words), "entity"))
-        text = _mask(text, start, match.end())
-
-    for match in _CODE.finditer(text):
-        claims.append(Claim(match.group(0), "code"))
-        text = _mask(text, *match.span())
-
-    numbers, text = _numbers(text)
-    claims += [Claim(span, "number") for span, _, _ in numbers]
-
-    for match in _WORD.finditer(text):
-        word = match.group(0).lower().replace("\u2019", "'")
-        if word not in STOPWORDS and len(word) > 1:
-            claims.append(Claim(word, "term"))
-    return list(dict.fromkeys(claims))
 
 
 class Evidence:
@@ -235,20 +52,20 @@ class Evidence:
             context = frozenset(_content_stems(source))
             for sentence in _SENTENCE_SPLIT.split(source):
                 self._add_sentence(sentence, context)
-            tokens = _tokens(source)
-            self.joined.append(" " + " ".join(tokens) + " ")
-            self.stems.update(stem(t) for t in tokens)
+            words = tokens(source)
+            self.joined.append(" " + " ".join(words) + " ")
+            self.stems.update(stem(t) for t in words)
             self.lower_words.update(w for w in re.findall(r"\b[a-z][a-z]*\b", source))
 
     def _add_sentence(self, sentence: str, context: frozenset[str]) -> None:
         """Sentence by sentence, so that a rate is never read across a sentence boundary."""
-        dates, rest = _dates(sentence)
+        dates, rest = find_dates(sentence)
         self.dates.update(key for _, key in dates)
         # Dates also count as plain numbers ("2024" said on its own).
         self.numbers.update((float(v), None) for _, key in dates for v in key if v is not None)
-        self.codes.update(_code_key(m.group(0)) for m in _CODE.finditer(rest))
-        rest = _CODE.sub(" ", rest)
-        numbers, _ = _numbers(rest)
+        self.codes.update(_code_key(m.group(0)) for m in CODE.finditer(rest))
+        rest = CODE.sub(" ", rest)
+        numbers, _ = find_numbers(rest)
         for _, values, unit in numbers:
             self.numbers.update((v, unit) for v in values)
             self.quantities += [(v, unit, context) for v in values]
@@ -343,7 +160,7 @@ class Evidence:
 
     def supports(self, claim: Claim) -> bool:
         if claim.kind == "date":
-            parsed, _ = _dates(claim.text)
+            parsed, _ = find_dates(claim.text)
             if not parsed:
                 return False
             year, month, day = parsed[0][1]
@@ -354,7 +171,7 @@ class Evidence:
         if claim.kind == "code":
             return _code_key(claim.text) in self.codes
         if claim.kind == "number":
-            parsed, _ = _numbers(claim.text)
+            parsed, _ = find_numbers(claim.text)
             if not parsed:
                 return False
             _, values, unit = parsed[0]
@@ -362,13 +179,13 @@ class Evidence:
                        or (unit is None and any(n == v for n, _ in self.numbers))
                        or self._derived(v, unit) for v in values)
         if claim.kind == "entity":
-            tokens = _tokens(claim.text)
-            if self.has_sequence(tokens):
+            words = tokens(claim.text)
+            if self.has_sequence(words):
                 return True
             # "Error E4 means..." when the source says "the display shows E4": a common word
             # (seen in lower case in the sources) capitalised at the start of the answer.
             first = claim.text.split()[0]
-            return len(tokens) > 1 and first.lower() in self.lower_words and self.has_sequence(_tokens(claim.text)[1:])
+            return len(words) > 1 and first.lower() in self.lower_words and self.has_sequence(tokens(claim.text)[1:])
         if claim.kind == "term":
             return stem(claim.text) in self.stems
         raise ValueError(f"unknown claim kind {claim.kind!r}; expected one of {KINDS}")
@@ -391,10 +208,10 @@ _ASKS = {
                        r"before|after|by)\b", re.I),
 }
 # "3 points for every $1", "$2 per kg", "Every 100 points can be redeemed for a $5 reward".
-_RATE_FORWARD = re.compile(rf"(?P<n>(?:\$\s?)?{_NUM}(?:[ \t]?(?:%|[A-Za-z]+))?)\s+(?:for\s+(?:every|each)|per|every|each|an?)"
-                           rf"\s+(?P<d>(?:\$\s?)?(?:{_NUM}[ \t]?)?[A-Za-z]+|\$\s?{_NUM})")
-_RATE_BACKWARD = re.compile(rf"\b(?i:every)\s+(?P<d>(?:\$\s?)?{_NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
-                            rf"(?P<n>\$\s?{_NUM}|{_NUM}[ \t]?[A-Za-z]+)")
+_RATE_FORWARD = re.compile(rf"(?P<n>(?:\$\s?)?{NUM}(?:[ \t]?(?:%|[A-Za-z]+))?)\s+(?:for\s+(?:every|each)|per|every|each|an?)"
+                           rf"\s+(?P<d>(?:\$\s?)?(?:{NUM}[ \t]?)?[A-Za-z]+|\$\s?{NUM})")
+_RATE_BACKWARD = re.compile(rf"\b(?i:every)\s+(?P<d>(?:\$\s?)?{NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
+                            rf"(?P<n>\$\s?{NUM}|{NUM}[ \t]?[A-Za-z]+)")
 _COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 
 
@@ -404,11 +221,11 @@ def _content_stems(text: str) -> list[str]:
 
 def _quantity(text: str) -> tuple[float, str] | None:
     """One value and its unit ("$1", "3 points", "kg" alone is one kg)."""
-    parsed, _ = _numbers(text)
+    parsed, _ = find_numbers(text)
     if parsed:
         _, values, unit = parsed[0]
         return (values[0], unit) if unit else None
-    unit = _norm_unit(text.strip())
+    unit = unit_of(text.strip())
     return (1.0, unit) if unit else None
 
 
@@ -426,7 +243,7 @@ def _rates(text: str) -> list[tuple[float, str, str]]:
 def _counts(question: str) -> list[float]:
     """Item counts the question states ("two kettles", "3 of them"): multipliers of a price."""
     out = [float(_COUNT_WORDS[w]) for w in re.findall(r"[a-z]+", question.lower()) if w in _COUNT_WORDS]
-    numbers, _ = _numbers(_CODE.sub(" ", _dates(question)[1]))
+    numbers, _ = find_numbers(CODE.sub(" ", find_dates(question)[1]))
     out += [v for _, values, unit in numbers for v in values
             if 1 < v <= 100 and v == int(v) and (unit is None or unit not in _MEASURE_UNITS)]
     return out
@@ -470,7 +287,7 @@ def _hedge_claims(answer: str) -> list[Claim]:
     ("Anything else?") and the words refusals are made of."""
     text = " ".join(answer.replace("\u2019", "'").split())
     for start, end in refusal_spans(text):
-        text = _mask(text, start, end)
+        text = blank(text, start, end)
     text = " ".join(s for s in re.split(r"(?<=[.!?])\s+", text) if not s.rstrip().endswith("?"))
     return [c for c in extract_claims(text) if not (c.kind == "term" and c.text in _REFUSAL_WORDS)]
 

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from veritune.eval.evaluation import CONTEXT_MODES
+
 ROWS = [
     ("Answerable, documents held out of training: token F1", "answerable_unseen", "f1"),
     ("Answerable, documents seen in training: token F1", "answerable_seen", "f1"),
@@ -22,7 +24,6 @@ ROWS = [
     ("Answers with claims the passages do not support (lower is better)", "all", "unsupported_rate"),
     ("... of the answers that did not abstain (lower is better)", "all", "unsupported_rate_when_answering"),
 ]
-MODES = ("closed_book", "rag", "oracle")
 
 
 def _value(metrics: dict, variant: str, mode: str, group: str, key: str) -> float | None:
@@ -34,7 +35,7 @@ def _fmt(v: float | None) -> str:
 
 
 def write_eval_report(metrics: dict, out_dir: Path) -> None:
-    columns = [(v, m) for v in ("base", "finetuned") for m in MODES]
+    columns = [(v, m) for v in ("base", "finetuned") for m in CONTEXT_MODES]
     lines = [
         "# Evaluation report",
         "",
@@ -73,7 +74,7 @@ def _plot(metrics: dict, path: Path) -> None:
     keys = [("answerable_unseen", "f1"), ("answerable_seen", "f1"), ("multi_hop", "f1"), ("unanswerable", "abstention"),
             ("answerable", "abstention"), ("answerable", "unsupported_rate")]
     fig, ax = plt.subplots(figsize=(10, 4))
-    pairs = [(v, m) for v in ("base", "finetuned") for m in MODES]
+    pairs = [(v, m) for v in ("base", "finetuned") for m in CONTEXT_MODES]
     width = 0.8 / len(pairs)
     for i, (variant, mode) in enumerate(pairs):
         # No bar (not a zero bar) where a metric does not apply: closed-book has no passages to be unsupported by.
@@ -188,7 +189,7 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
                   "unanswerable_false_premise", "unanswerable_not_stated", "unanswerable_nonexistent_entity"):
         for key in ("em", "f1", "numeric_match", "abstention", "unsupported_rate", "unsupported_rate_when_answering"):
             cells = [evaluation.get(v, {}).get(m, {}).get(group, {}).get(key) for v in ("base", "finetuned")
-                     for m in MODES]
+                     for m in CONTEXT_MODES]
             if any(c is not None for c in cells):
                 n = evaluation.get("finetuned", {}).get("rag", {}).get(group, {}).get("n")
                 rows.append([f"{group} (n={n})", key] + [_num(c) for c in cells])
@@ -197,7 +198,7 @@ def release_blocks(gate: dict, evaluation: dict, csat: dict | None, rubric_text:
                      "`unsupported_rate` counts replies whose claims, numbers or entities neither the passages nor "
                      "the question support (refusals count as supported); `unsupported_rate_when_answering` is the "
                      "same among replies that did not refuse."),
-               ("table", ["group", "metric"] + [f"{v} / {m}" for v in ("base", "finetuned") for m in MODES], rows)]
+               ("table", ["group", "metric"] + [f"{v} / {m}" for v in ("base", "finetuned") for m in CONTEXT_MODES], rows)]
 
     leak = evaluation.get("leakage")
     if leak and "n_sft_examples" in leak:

@@ -28,7 +28,7 @@ _ABSTAIN = re.compile("|".join(ABSTAIN_PATTERNS))
 _ABSTAIN_ANY_CASE = re.compile("|".join(ABSTAIN_PATTERNS), re.IGNORECASE)
 
 
-def normalize(text: str) -> str:
+def normalize_answer(text: str) -> str:
     text = text.lower().replace("\u2019", "'")
     text = text.translate(_PUNCT)
     text = _ARTICLES.sub(" ", text)
@@ -51,15 +51,15 @@ def refusal_spans(text: str) -> list[tuple[int, int]]:
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    p = normalize(prediction)
-    return float(any(p == normalize(g) for g in golds))
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(g) for g in golds))
 
 
 def token_f1(prediction: str, golds: Sequence[str]) -> float:
-    pred = normalize(prediction).split()
+    pred = normalize_answer(prediction).split()
     best = 0.0
     for g in golds:
-        gold = normalize(g).split()
+        gold = normalize_answer(g).split()
         common = sum((Counter(pred) & Counter(gold)).values())
         if common:
             precision, recall = common / len(pred), common / len(gold)

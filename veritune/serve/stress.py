@@ -2,7 +2,7 @@
 
     with ServerProcess(port, max_batch_size=32, api_keys=keys, log_path=...) as server:
         records = asyncio.run(drive_load(server.url, questions, keys, clients=32, duration_s=60, ...))
-    summary = summarize(records, wall_s)
+    summary = summarize_load(records, wall_s)
 
 Each client sends one request at a time, back to back, until the duration is over; requests
 still in flight then are awaited (up to the client timeout). Every request carries a unique
@@ -198,7 +198,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-def summarize(records: Sequence[dict], wall_s: float, server_completions: float | None = None) -> dict[str, Any]:
+def summarize_load(records: Sequence[dict], wall_s: float, server_completions: float | None = None) -> dict[str, Any]:
     answered = [r for r in records if r["status"] == 200 and r["problem"] is None]
     lost = [r for r in records if r.get("lost")]
     errors = [r for r in records if not r.get("lost") and (r["status"] != 200 or r["problem"] is not None)]
