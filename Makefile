@@ -1,7 +1,7 @@
 # veritune: two commands do everything from a fresh clone.
 #   make repro   set up .venv, then `dvc repro` the embedded default (validated data, index,
 #                SmolLM2-135M-Instruct base, LoRA adapter, evaluation, gate, metrics)
-#   make test    set up .venv, then run the test suite
+#   make test    set up .venv, then lint (ruff check), check formatting (ruff format --check) and run the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,7 +28,7 @@ repro: setup
 	. $(BIN)/activate && dvc metrics show
 
 test: setup
-	. $(BIN)/activate && HF_HUB_OFFLINE=1 python -m pytest -q
+	. $(BIN)/activate && ruff check . && ruff format --check . && HF_HUB_OFFLINE=1 python -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)

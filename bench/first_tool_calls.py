@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune.core import chat  # noqa: E402
 from veritune.agent.loop import parse_reply  # noqa: E402
 from veritune.agent.policies import ModelPolicy  # noqa: E402
+from veritune.agent.tools import ToolError, check_call, tool_definitions  # noqa: E402
+from veritune.core import chat  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
-from veritune.agent.tools import ToolError, check_call, tool_definitions  # noqa: E402
 
 
 def main() -> None:
@@ -43,9 +43,14 @@ def main() -> None:
     tokenizer = load_tokenizer("models/adapter")
     today = chat.header_date(date.fromisoformat(dp.today))
     tools = tool_definitions(sp.agent_tool_definitions)
-    requests = [SimpleNamespace(messages=chat.tool_messages(sp.agent_system_prompt, tools,
-                                                            chat.neutralize_special_tokens(t["request"]), today))
-                for t in read_jsonl("data/agent/tasks_test.jsonl")]
+    requests = [
+        SimpleNamespace(
+            messages=chat.tool_messages(
+                sp.agent_system_prompt, tools, chat.neutralize_special_tokens(t["request"]), today
+            )
+        )
+        for t in read_jsonl("data/agent/tasks_test.jsonl")
+    ]
     for temperature in (float(t) for t in args.temperatures.split(",")):
         policy = ModelPolicy(model, tokenizer, max_new_tokens=64, batch_size=36, temperature=temperature, seed=0)
         torch.manual_seed(0)
@@ -59,9 +64,17 @@ def main() -> None:
                     valid += 1
                 except ToolError:
                     pass
-        print(json.dumps({"temperature": temperature, "replies": len(replies),
-                          "calls": round(sum(c.kind != "answer" for c in calls) / len(calls), 3),
-                          "valid_calls": round(valid / len(calls), 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "temperature": temperature,
+                    "replies": len(replies),
+                    "calls": round(sum(c.kind != "answer" for c in calls) / len(calls), 3),
+                    "valid_calls": round(valid / len(calls), 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

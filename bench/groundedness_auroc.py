@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from veritune.core.io import read_jsonl, write_json  # noqa: E402
 from veritune.eval.claims import extract_claims  # noqa: E402
 from veritune.eval.groundedness import score_groundedness  # noqa: E402
-from veritune.core.io import read_jsonl, write_json  # noqa: E402
 from veritune.eval.scoring import normalize_answer  # noqa: E402
 
 SEED = 0
@@ -68,11 +68,11 @@ def swap_number(answer: str, rng: random.Random) -> str | None:
     text = match.group(0)
     decimals = len(text.split(".")[1]) if "." in text else 0
     value = float(text)
-    step = max(10 ** -decimals, round(abs(value) * rng.choice([0.1, 0.2, 0.3]), decimals))
+    step = max(10**-decimals, round(abs(value) * rng.choice([0.1, 0.2, 0.3]), decimals))
     new = value + rng.choice([-1, 1]) * step
     if new <= 0:
         new = value + step
-    return answer[:match.start()] + f"{new:.{decimals}f}" + answer[match.end():]
+    return answer[: match.start()] + f"{new:.{decimals}f}" + answer[match.end() :]
 
 
 def swap_entity(answer: str, context_text: str, entities: list[str], rng: random.Random) -> str | None:
@@ -111,8 +111,14 @@ def build(documents: list[dict], questions: list[dict], rng: random.Random) -> l
             "swapped_entity": swap_entity(gold, context_text, entities, rng),
             "invented_fact": f"{gold.rstrip('.')}, {rng.choice(INVENTED)}.",
         }
-        others = sorted({a for a in by_attribute[q["attribute"]]
-                         if normalize_answer(a) != normalize_answer(gold) and normalize_answer(a) not in normalize_answer(context_text)})
+        others = sorted(
+            {
+                a
+                for a in by_attribute[q["attribute"]]
+                if normalize_answer(a) != normalize_answer(gold)
+                and normalize_answer(a) not in normalize_answer(context_text)
+            }
+        )
         negatives["other_answer"] = rng.choice(others) if others else None
         for kind in KINDS:
             if negatives[kind] is not None and negatives[kind] != gold:
@@ -130,13 +136,19 @@ def main() -> None:
 
     positives = [r["score"] for r in records if r["label"] == 1]
     negatives = [r for r in records if r["label"] == 0]
-    per_kind = {kind: {"n_negatives": sum(r["perturbation"] == kind for r in negatives),
-                       "auroc": round(auroc(positives, [r["score"] for r in negatives if r["perturbation"] == kind]), 4)}
-                for kind in KINDS}
+    per_kind = {
+        kind: {
+            "n_negatives": sum(r["perturbation"] == kind for r in negatives),
+            "auroc": round(auroc(positives, [r["score"] for r in negatives if r["perturbation"] == kind]), 4),
+        }
+        for kind in KINDS
+    }
     correct = sum((r["score"] >= THRESHOLD) == (r["label"] == 1) for r in records)
-    gold_by_hop = {hop: round(sum(r["score"] for r in rs) / len(rs), 4)
-                   for hop in ("single_hop", "multi_hop")
-                   if (rs := [r for r in records if r["label"] == 1 and r["hop"] == hop])}
+    gold_by_hop = {
+        hop: round(sum(r["score"] for r in rs) / len(rs), 4)
+        for hop in ("single_hop", "multi_hop")
+        if (rs := [r for r in records if r["label"] == 1 and r["hop"] == hop])
+    }
     result = {
         "n_positives": len(positives),
         "n_negatives": len(negatives),
@@ -157,8 +169,10 @@ def main() -> None:
     for kind, row in per_kind.items():
         print(f"{kind:<16}{row['n_negatives']:>6}{row['auroc']:>8.3f}")
     print(f"{'all':<16}{len(negatives):>6}{result['auroc']:>8.3f}")
-    print(f"positives {len(positives)}; accuracy at {THRESHOLD}: {result['threshold_accuracy']:.3f}; "
-          f"gold grounded {result['gold_share_grounded']:.3f}; mean gold score {gold_by_hop}; {seconds:.1f} s")
+    print(
+        f"positives {len(positives)}; accuracy at {THRESHOLD}: {result['threshold_accuracy']:.3f}; "
+        f"gold grounded {result['gold_share_grounded']:.3f}; mean gold score {gold_by_hop}; {seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

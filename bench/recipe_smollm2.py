@@ -35,13 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.core import chat  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
-from veritune.eval.evaluation import prompts_for, score_all, summarize_scores  # noqa: E402
-from veritune.infer.decode import generate  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
 from veritune.core.params import PACKAGED  # noqa: E402
+from veritune.eval.evaluation import prompts_for, score_all, summarize_scores  # noqa: E402
+from veritune.infer.decode import generate  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer, materialize_gguf  # noqa: E402
 from veritune.train.training import train_adapter  # noqa: E402
-
 
 TRIALS = int(os.environ.get("SWEEP_AGENT_TRIALS", "2"))
 
@@ -71,13 +70,24 @@ def agent_scores(model, tokenizer, sweep: Path) -> dict:
     tasks = read_jsonl(sweep / "agent/tasks_test.jsonl")
     grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=ep.max_string_chars)
     policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, 64, ep.temperature, ep.seed, grammar=grammar)
-    results = evaluate_policy(policy, tasks, sweep / "agent/business.sqlite", None,
-                              AgentLimits(ep.max_steps, ep.max_retries, ep.max_seconds), sp.agent_system_prompt,
-                              tool_definitions(sp.agent_tool_definitions), date.fromisoformat(ap.today), trials=TRIALS,
-                              on_trial=lambda i: policy.reseed(ep.seed + i), fmt=chat.chat_format(tokenizer))
+    results = evaluate_policy(
+        policy,
+        tasks,
+        sweep / "agent/business.sqlite",
+        None,
+        AgentLimits(ep.max_steps, ep.max_retries, ep.max_seconds),
+        sp.agent_system_prompt,
+        tool_definitions(sp.agent_tool_definitions),
+        date.fromisoformat(ap.today),
+        trials=TRIALS,
+        on_trial=lambda i: policy.reseed(ep.seed + i),
+        fmt=chat.chat_format(tokenizer),
+    )
     s = summarize_episodes(results, TRIALS)
-    return {**{k: s[k] for k in ("success", "tool_call_validity", "answer_ok", "state_ok", "mean_steps")},
-            "examples": [(r["task_id"], r["answer"], r["missing_facts"]) for r in results[:6]]}
+    return {
+        **{k: s[k] for k in ("success", "tool_call_validity", "answer_ok", "state_ok", "mean_steps")},
+        "examples": [(r["task_id"], r["answer"], r["missing_facts"]) for r in results[:6]],
+    }
 
 
 def qa_scores(model, tokenizer, data: dict, mode: str) -> dict:
@@ -88,13 +98,17 @@ def qa_scores(model, tokenizer, data: dict, mode: str) -> dict:
         replies = generate(model, tokenizer, convs, 24, 128, desc=mode)
     s = summarize_scores(questions, score_all(replies, questions, passages), 200)
     pick = lambda g, k: s.get(g, {}).get(k)  # noqa: E731
-    return {"f1_unseen": pick("answerable_unseen", "f1"), "f1_answerable": pick("answerable", "f1"),
-            "f1_multi_hop": pick("multi_hop", "f1"), "f1_single_hop": pick("single_hop", "f1"),
-            "abstain_unanswerable": pick("unanswerable", "abstention"),
-            "abstain_low": pick("unanswerable", "abstention_ci95_low"),
-            "wrong_refusal": pick("answerable", "abstention"),
-            "unsupported_answerable": pick("answerable", "unsupported_rate"),
-            "examples": [(q["question"], q["answers"][:1], r) for q, r in list(zip(questions, replies))[::60]]}
+    return {
+        "f1_unseen": pick("answerable_unseen", "f1"),
+        "f1_answerable": pick("answerable", "f1"),
+        "f1_multi_hop": pick("multi_hop", "f1"),
+        "f1_single_hop": pick("single_hop", "f1"),
+        "abstain_unanswerable": pick("unanswerable", "abstention"),
+        "abstain_low": pick("unanswerable", "abstention_ci95_low"),
+        "wrong_refusal": pick("answerable", "abstention"),
+        "unsupported_answerable": pick("answerable", "unsupported_rate"),
+        "examples": [(q["question"], q["answers"][:1], r) for q, r in list(zip(questions, replies))[::60]],
+    }
 
 
 def main() -> None:
@@ -110,8 +124,11 @@ def main() -> None:
     tokenizer = load_tokenizer(base)
     if "base" in [n for n, _ in configs]:
         model = load_model(base).eval()
-        row = {"name": "base", **qa_scores(model, tokenizer, data, "hybrid"),
-               "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None}
+        row = {
+            "name": "base",
+            **qa_scores(model, tokenizer, data, "hybrid"),
+            "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None,
+        }
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         with out_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -119,17 +136,25 @@ def main() -> None:
         if name == "base":
             continue
         p = load_params("train")
-        p = dataclasses.replace(p, quantization="none", max_steps=int(cfg.get("steps", p.max_steps)),
-                                batch_size=int(cfg.get("bs", p.batch_size)),
-                                learning_rate=float(cfg.get("lr", p.learning_rate)),
-                                lora_r=int(cfg.get("r", p.lora_r)), lora_alpha=2 * int(cfg.get("r", p.lora_r)),
-                                save_steps=100000, fused_lora=False, liger=False)
+        p = dataclasses.replace(
+            p,
+            quantization="none",
+            max_steps=int(cfg.get("steps", p.max_steps)),
+            batch_size=int(cfg.get("bs", p.batch_size)),
+            learning_rate=float(cfg.get("lr", p.learning_rate)),
+            lora_r=int(cfg.get("r", p.lora_r)),
+            lora_alpha=2 * int(cfg.get("r", p.lora_r)),
+            save_steps=100000,
+            fused_lora=False,
+            liger=False,
+        )
         data_dir = sweep / cfg.get("data", ".")
         train_all, val = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
         copies = int(cfg.get("agent_copies", 99))
         turns = int(cfg.get("turns", 99))
-        train = [trim_turns(e, turns) for e in train_all
-                 if e["kind"] != "agent" or int(e["id"].rsplit("-", 1)[1]) < copies]
+        train = [
+            trim_turns(e, turns) for e in train_all if e["kind"] != "agent" or int(e["id"].rsplit("-", 1)[1]) < copies
+        ]
         # agent_dup: each kept trajectory n times (a larger share of agent rows in every batch)
         train += [e for e in train if e["kind"] == "agent"] * (int(cfg.get("agent_dup", 1)) - 1)
         start = time.time()
@@ -142,14 +167,33 @@ def main() -> None:
             model = PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload().eval()
         seconds = time.time() - start
         # Tokens the optimizer saw: steps x batch x mean example length (bucketed sampling draws evenly).
-        lengths = [len(r) for r in (tokenizer(chat.render_conversation(tokenizer, chat.formatted_messages(
-            chat.chat_format(tokenizer), e["messages"], e.get("tools"), e.get("today"))),
-            add_special_tokens=False)["input_ids"] for e in train)]
+        lengths = [
+            len(r)
+            for r in (
+                tokenizer(
+                    chat.render_conversation(
+                        tokenizer,
+                        chat.formatted_messages(
+                            chat.chat_format(tokenizer), e["messages"], e.get("tools"), e.get("today")
+                        ),
+                    ),
+                    add_special_tokens=False,
+                )["input_ids"]
+                for e in train
+            )
+        ]
         tokens = round(p.max_steps * p.batch_size * sum(lengths) / len(lengths))
-        row = {"name": name, "cfg": cfg, "n_train": len(train), "train_tokens": tokens,
-               "cpu_minutes_est": round(tokens / 380 / 60, 1), "gpu_seconds": round(seconds, 1),
-               "train_loss": summary["train_loss"], **qa_scores(model, tokenizer, data, "hybrid"),
-               "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None}
+        row = {
+            "name": name,
+            "cfg": cfg,
+            "n_train": len(train),
+            "train_tokens": tokens,
+            "cpu_minutes_est": round(tokens / 380 / 60, 1),
+            "gpu_seconds": round(seconds, 1),
+            "train_loss": summary["train_loss"],
+            **qa_scores(model, tokenizer, data, "hybrid"),
+            "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None,
+        }
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         with out_path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -26,10 +26,10 @@ import torch  # noqa: E402
 
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
+from veritune.eval.scoring import bootstrap_ci  # noqa: E402
 from veritune.retrieval.chunking import embedding_text  # noqa: E402
 from veritune.retrieval.metrics import retrieval_metrics  # noqa: E402
 from veritune.retrieval.search import Retriever  # noqa: E402
-from veritune.eval.scoring import bootstrap_ci  # noqa: E402
 
 CANDIDATES = 20
 KS = (1, 2, 3, 5, 10)
@@ -59,8 +59,14 @@ def main() -> None:
             hybrid = retriever.search([q["question"] for q in questions], k=CANDIDATES)
             embedder = retriever.embedder
         chunks = {h.chunk_id: h for row in hybrid for h in row}
-        chunk_vectors = dict(zip(chunks, token_embeddings(
-            embedder, [embedding_text({"title": h.title, "text": h.text}) for h in chunks.values()])))
+        chunk_vectors = dict(
+            zip(
+                chunks,
+                token_embeddings(
+                    embedder, [embedding_text({"title": h.title, "text": h.text}) for h in chunks.values()]
+                ),
+            )
+        )
         query_vectors = token_embeddings(embedder, [q["question"] for q in questions])
         ranked = {"hybrid": hybrid, "maxsim": [], "hybrid+maxsim (RRF)": []}
         for query, row in zip(query_vectors, hybrid):
@@ -75,9 +81,11 @@ def main() -> None:
         for name, rows in ranked.items():
             split_out[name] = retrieval_metrics(rows, [q["doc_ids"] for q in questions], KS)
             if name != "hybrid":
-                diff = [float(bool((r := first_gold_rank(a, g)) and r <= 2)) -
-                        float(bool((s := first_gold_rank(b, g)) and s <= 2))
-                        for a, b, g in zip(rows, hybrid, gold)]
+                diff = [
+                    float(bool((r := first_gold_rank(a, g)) and r <= 2))
+                    - float(bool((s := first_gold_rank(b, g)) and s <= 2))
+                    for a, b, g in zip(rows, hybrid, gold)
+                ]
                 lo, hi = bootstrap_ci(diff, 1000)
                 split_out[name]["recall@2_minus_hybrid"] = round(sum(diff) / len(diff), 4)
                 split_out[name]["recall@2_minus_hybrid_ci95"] = [round(lo, 4), round(hi, 4)]
@@ -87,12 +95,19 @@ def main() -> None:
     print(f"{'split':5s} {'ranking':22s} " + " ".join(f"R@{k:<5d}" for k in KS) + "  MRR    R@2 - hybrid (95% CI)")
     for split in ("val", "test"):
         for name, m in results[split].items():
-            d = f"{m['recall@2_minus_hybrid']:+.3f} ({m['recall@2_minus_hybrid_ci95'][0]:+.3f}, " \
-                f"{m['recall@2_minus_hybrid_ci95'][1]:+.3f})" if "recall@2_minus_hybrid" in m else ""
-            print(f"{split:5s} {name:22s} " + " ".join(f"{m[f'recall@{k}']:.3f} " for k in KS)
-                  + f" {m['mrr']:.3f}  {d}")
-    print(f"n = {results['val']['hybrid']['n']} val, {results['test']['hybrid']['n']} test questions; "
-          f"{results['seconds']} s")
+            d = (
+                f"{m['recall@2_minus_hybrid']:+.3f} ({m['recall@2_minus_hybrid_ci95'][0]:+.3f}, "
+                f"{m['recall@2_minus_hybrid_ci95'][1]:+.3f})"
+                if "recall@2_minus_hybrid" in m
+                else ""
+            )
+            print(
+                f"{split:5s} {name:22s} " + " ".join(f"{m[f'recall@{k}']:.3f} " for k in KS) + f" {m['mrr']:.3f}  {d}"
+            )
+    print(
+        f"n = {results['val']['hybrid']['n']} val, {results['test']['hybrid']['n']} test questions; "
+        f"{results['seconds']} s"
+    )
 
 
 if __name__ == "__main__":

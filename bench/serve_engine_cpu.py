@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune.serve.batching import GenerationRequest, generate_batch  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
-from veritune.infer.decode import stop_token_ids  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
+from veritune.infer.decode import stop_token_ids  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
 from veritune.retrieval.search import Retriever  # noqa: E402
 from veritune.serve.app import grounded  # noqa: E402
+from veritune.serve.batching import GenerationRequest, generate_batch  # noqa: E402
 
 
 def rag_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -44,16 +44,18 @@ def rag_prompts(tokenizer, n: int) -> list[list[int]]:
     for q, h in zip(questions, hits):
         passages = [{"doc_id": x.doc_id, "title": x.title, "text": x.text} for x in h]
         messages = grounded([{"role": "user", "content": q}], passages, sp.system_prompt)
-        prompts.append(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                     return_dict=False))
+        prompts.append(
+            tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        )
     return prompts
 
 
 def run(model, prompts, batch: int, max_tokens: int, stops, pad_id) -> tuple[list, float]:
     outs, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
-        outs += generate_batch(model, [GenerationRequest(list(p), max_tokens) for p in prompts[i:i + batch]],
-                               stops, pad_id)
+        outs += generate_batch(
+            model, [GenerationRequest(list(p), max_tokens) for p in prompts[i : i + batch]], stops, pad_id
+        )
     return outs, time.perf_counter() - start
 
 
@@ -76,11 +78,17 @@ def main() -> None:
     stops, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
     models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     for m in models.values():  # warm-up: first calls pay for lazy initialisation
-        run(m, prompts[:args.batch], args.batch, 2, stops, pad_id)
+        run(m, prompts[: args.batch], args.batch, 2, stops, pad_id)
         run(m, prompts[:2], 1, 2, stops, pad_id)
-    result: dict = {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                    "requests": len(prompts), "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
-                    "max_tokens": stress.max_tokens, "batch": args.batch, "settings": {}}
+    result: dict = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "requests": len(prompts),
+        "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+        "max_tokens": stress.max_tokens,
+        "batch": args.batch,
+        "settings": {},
+    }
     reference = None
     for dtype in ("float32", "bfloat16"):
         for batch in (1, args.batch):
@@ -88,15 +96,18 @@ def main() -> None:
             if reference is None:
                 reference = [o.token_ids for o in outs]
             result["settings"][f"{dtype}_batch{batch}"] = {
-                "seconds": round(seconds, 3), "requests_per_s": round(len(prompts) / seconds, 2),
+                "seconds": round(seconds, 3),
+                "requests_per_s": round(len(prompts) / seconds, 2),
                 "mean_new_tokens": round(sum(len(o.token_ids) for o in outs) / len(outs), 2),
-                "same_answers_as_fp32_one_at_a_time": sum(o.token_ids == r for o, r in zip(outs, reference))}
+                "same_answers_as_fp32_one_at_a_time": sum(o.token_ids == r for o, r in zip(outs, reference)),
+            }
     s = result["settings"]
     one = s["float32_batch1"]["requests_per_s"]
     result["ratio_vs_fp32_one_at_a_time"] = {k: round(v["requests_per_s"] / one, 2) for k, v in s.items()}
     result["batching_ratio_same_dtype"] = {
         d: round(s[f"{d}_batch{args.batch}"]["requests_per_s"] / s[f"{d}_batch1"]["requests_per_s"], 2)
-        for d in ("float32", "bfloat16")}
+        for d in ("float32", "bfloat16")
+    }
     print(json.dumps(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -8,9 +8,10 @@ Builds the Llama 3.1 8B architecture (hidden 4096, 32 layers, 32 heads / 8 KV he
 throughput depends on the shapes, not on the weights' values - and measures, in one process:
 
   * `engine`: `veritune.serve.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
-    mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
-    request the moment its last one finished, 2 x in-flight requests (at least 8) of
-    `--prompt-tokens` +-25% and exactly `--max-new-tokens` new tokens (no stop token). Reported:
+    mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in
+    flight: closed-loop clients, each sending its next request the moment its last one finished,
+    2 x in-flight requests (at least 8) of `--prompt-tokens` +-25% and exactly
+    `--max-new-tokens` new tokens (no stop token). Reported:
     generated tokens/s over the run, time to first token and inter-token latency (p50 / p99),
     requests answered, GPU memory before and after; at 64 in flight also the engine with
     separate prefill passes (`mixed=False`, the engine before mixed steps) and other caps on
@@ -22,9 +23,10 @@ throughput depends on the shapes, not on the weights' values - and measures, in 
   * `identity`: the engine's greedy tokens against `model.generate` one at a time on a sample,
     in float32 (prompts split over mixed steps: 1,024 prompt tokens while nothing decodes, then
     at most 256 a step beside the decoding rows; should a row differ, the separate-pass engine
-    is checked too and the faster engine is measured only if it is as exact) (any difference is a real error or a near-tie, reported with HF's top-2 logit
-    margin at the first differing step) and in bf16 (where batched kernels round differently
-    from single-row ones, so long greedy runs part at near-ties);
+    is checked too and the faster engine is measured only if it is as exact) (any difference is a
+    real error or a near-tie, reported with HF's top-2 logit margin at the first differing step)
+    and in bf16 (where batched kernels round differently from single-row ones, so long greedy
+    runs part at near-ties);
   * `limit`: the memory-bandwidth bound of a decode step (weights + the KV cache in use read
     once, at the copy bandwidth measured here) and the compute bound of the prefill.
 
@@ -54,15 +56,42 @@ from veritune.serve.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=688, vocab_size=4096) if tiny else \
-        dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-             intermediate_size=14336, vocab_size=128256)
-    config = LlamaConfig(**shape, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192},
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    shape = (
+        dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=688,
+            vocab_size=4096,
+        )
+        if tiny
+        else dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+        )
+    )
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # initialise in the serving dtype: no fp32 copy of 8B weights
     try:
@@ -98,8 +127,9 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
             i = submitted[0]
             submitted[0] += 1
         rec = {"submit": time.perf_counter(), "tokens": []}
-        req = GenerationRequest(prompts[i % len(prompts)], max_new, on_token=lambda t: rec["tokens"].append(
-            time.perf_counter()))
+        req = GenerationRequest(
+            prompts[i % len(prompts)], max_new, on_token=lambda t: rec["tokens"].append(time.perf_counter())
+        )
         future = engine.submit(req)
 
         def finished(f):
@@ -111,6 +141,7 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
                 if len(records) == n_requests:
                     done.set()
             launch()
+
         future.add_done_callback(finished)
 
     sync()
@@ -126,18 +157,26 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
     tokens = sum(len(r["completion"].token_ids) for r in records)
     ttft = [r["tokens"][0] - r["submit"] for r in records if r["tokens"]]
     itl = [b - a for r in records for a, b in zip(r["tokens"], r["tokens"][1:])]
-    return {"in_flight": in_flight, "requests": n_requests, "answered": len(records), "failed": len(errors),
-            "first_error": errors[0] if errors else None,
-            "complete": sum(len(r["completion"].token_ids) == max_new for r in records),
-            "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)), "max": ms(max(ttft, default=None))},
-            "itl_ms": {"p50": ms(pct(itl, 50)), "p99": ms(pct(itl, 99))}}
+    return {
+        "in_flight": in_flight,
+        "requests": n_requests,
+        "answered": len(records),
+        "failed": len(errors),
+        "first_error": errors[0] if errors else None,
+        "complete": sum(len(r["completion"].token_ids) == max_new for r in records),
+        "tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_ms": {"p50": ms(pct(ttft, 50)), "p99": ms(pct(ttft, 99)), "max": ms(max(ttft, default=None))},
+        "itl_ms": {"p50": ms(pct(itl, 50)), "p99": ms(pct(itl, 99))},
+    }
 
 
 @torch.inference_mode()
 def time_parts(engine, prompts, sync, cuda) -> dict:
     """The engine's pieces alone, before it starts: one decode step (graph replay) by batch,
     one prefill pass by prompts; on CUDA the top kernels of each (torch.profiler)."""
+
     def timed(fn, n):
         fn()
         sync()
@@ -157,36 +196,47 @@ def time_parts(engine, prompts, sync, cuda) -> dict:
             continue
         chunk = prompts[:n]
         out["prefill_ms"][f"{n} prompts, {sum(map(len, chunk))} tokens"] = timed(
-            lambda: engine._prefill_forward(chunk, list(range(n))), 3)
+            lambda: engine._prefill_forward(chunk, list(range(n))), 3
+        )
     # A mixed step (eager): 64 slots decoding at position 600 and one prompt piece in the last slot.
     b = min(64, engine.max_batch)
     dec_tokens, dec_positions = [5] * b, [600] * b
     long_prompt = [t for p in prompts[:4] for t in p]
-    mixed = {n: (lambda n=n: engine._mixed_forward(dec_tokens, dec_positions, 601, [(b - 1, 0, long_prompt[:n])]))
-             for n in (0, 128, 256, 512)}
+    mixed = {
+        n: (lambda n=n: engine._mixed_forward(dec_tokens, dec_positions, 601, [(b - 1, 0, long_prompt[:n])]))
+        for n in (0, 128, 256, 512)
+    }
     mixed[0] = lambda: engine._mixed_forward(dec_tokens, dec_positions, 601, [])
     for n, fn in mixed.items():
         out["mixed_step_ms"][f"{b} decode rows + {n} prompt tokens"] = timed(fn, 5)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
 
-        for name, fn in (("prefill of 1 prompt", lambda: engine._prefill_forward(prompts[:1], [0])),
-                         (f"mixed step, {b} decode rows + 256 prompt tokens", mixed[256]),
-                         ("eager decode step, batch 64", lambda: engine._decode_forward(min(64, engine.max_batch), length))):
+        for name, fn in (
+            ("prefill of 1 prompt", lambda: engine._prefill_forward(prompts[:1], [0])),
+            (f"mixed step, {b} decode rows + 256 prompt tokens", mixed[256]),
+            ("eager decode step, batch 64", lambda: engine._decode_forward(min(64, engine.max_batch), length)),
+        ):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 sync()
-            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12),
-                  flush=True)
+            print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
     return out
 
 
 def hf_one(model, ids, max_new, device, scores=False):
     x = torch.tensor([ids], device=device)
     with torch.inference_mode():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                             do_sample=False, pad_token_id=0, output_scores=scores, return_dict_in_generate=True)
-    return out.sequences[0, len(ids):].tolist(), out.scores
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=scores,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), out.scores
 
 
 def engine_tokens(engine, prompts, max_new):
@@ -206,11 +256,18 @@ def compare(model, engine, prompts, max_new, device) -> dict:
             top2 = scores[first][0].float().topk(2).values
             row["hf_top2_margin_there"] = round(float(top2[0] - top2[1]), 5)
         rows.append(row)
-    return {"sample": len(prompts), "new_tokens": max_new, "identical": sum(r["identical"] for r in rows),
-            "mixed": engine.mixed, "prefill_forwards": engine.prefills, "mixed_steps": engine.mixed_steps,
-            "tokens_matching_before_first_difference": sum(r["first_difference"] if r["first_difference"] is not None
-                                                           else max_new for r in rows),
-            "rows": rows}
+    return {
+        "sample": len(prompts),
+        "new_tokens": max_new,
+        "identical": sum(r["identical"] for r in rows),
+        "mixed": engine.mixed,
+        "prefill_forwards": engine.prefills,
+        "mixed_steps": engine.mixed_steps,
+        "tokens_matching_before_first_difference": sum(
+            r["first_difference"] if r["first_difference"] is not None else max_new for r in rows
+        ),
+        "rows": rows,
+    }
 
 
 def copy_bandwidth(device) -> float | None:
@@ -252,10 +309,13 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                    "architecture": "tiny llama (code-path check)" if args.tiny else "Llama 3.1 8B (random weights)",
-                    "torch": torch.__version__, "prompt_tokens": f"{args.prompt_tokens} +-25%",
-                    "max_new_tokens": args.max_new_tokens}
+    result: dict = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "architecture": "tiny llama (code-path check)" if args.tiny else "Llama 3.1 8B (random weights)",
+        "torch": torch.__version__,
+        "prompt_tokens": f"{args.prompt_tokens} +-25%",
+        "max_new_tokens": args.max_new_tokens,
+    }
 
     def save(section: str | None = None):
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -266,9 +326,13 @@ def main() -> None:
     result["copy_bandwidth_tb_s"] = round(copy_bandwidth(args.device) / 1e12, 2) if cuda else None
     rng = random.Random(0)
     vocab = 4096 if args.tiny else 128256
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(int(args.prompt_tokens * 0.75),
-                                                                     int(args.prompt_tokens * 1.25)))]
-               for _ in range(256)]
+    prompts = [
+        [
+            rng.randrange(3, vocab)
+            for _ in range(rng.randint(int(args.prompt_tokens * 0.75), int(args.prompt_tokens * 1.25)))
+        ]
+        for _ in range(256)
+    ]
     result["prompt_tokens_mean"] = round(statistics.mean(map(len, prompts)), 1)
     new = args.max_new_tokens
     max_len = max(map(len, prompts)) + new
@@ -278,8 +342,9 @@ def main() -> None:
     use_mixed = True
     if not args.skip_fp32:
         model32 = build_model(args.tiny, args.device, torch.float32)
-        engine = ContinuousBatchingEngine(model32, [], max_batch=8, max_len=max_len, prefill_tokens=1024,
-                                          mixed_tokens=256).start()
+        engine = ContinuousBatchingEngine(
+            model32, [], max_batch=8, max_len=max_len, prefill_tokens=1024, mixed_tokens=256
+        ).start()
         try:
             result["identity_fp32"] = compare(model32, engine, sample, new, args.device)
         except Exception as e:  # the separate-pass engine is then measured, so the call still says something
@@ -308,14 +373,21 @@ def main() -> None:
 
     levels = [int(x) for x in args.in_flight.split(",")]
     built = time.perf_counter()
-    engine = ContinuousBatchingEngine(model, [], max_batch=max(levels), max_len=max_len,
-                                      prefill_tokens=8192 if cuda else 1024, mixed=use_mixed)
+    engine = ContinuousBatchingEngine(
+        model, [], max_batch=max(levels), max_len=max_len, prefill_tokens=8192 if cuda else 1024, mixed=use_mixed
+    )
     engine.warmup(lengths=range(256, engine.max_len + 1, 256))
-    result["engine_setup"] = {"seconds_incl_graph_capture": round(time.perf_counter() - built, 1),
-                              "graphs": len(engine._graphs), "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
-                              "slots": engine.max_batch, "max_len": engine.max_len,
-                              "fused_elementwise": engine.ops is not EAGER_OPS, "mixed_steps": engine.mixed,
-                              "prefill_tokens": engine.prefill_tokens, "mixed_tokens": engine.mixed_tokens}
+    result["engine_setup"] = {
+        "seconds_incl_graph_capture": round(time.perf_counter() - built, 1),
+        "graphs": len(engine._graphs),
+        "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
+        "slots": engine.max_batch,
+        "max_len": engine.max_len,
+        "fused_elementwise": engine.ops is not EAGER_OPS,
+        "mixed_steps": engine.mixed,
+        "prefill_tokens": engine.prefill_tokens,
+        "mixed_tokens": engine.mixed_tokens,
+    }
     result["parts"] = time_parts(engine, prompts, sync, cuda)
     save("parts")
     engine.start()
@@ -332,17 +404,23 @@ def main() -> None:
         row = drive_engine(engine, prompts, level, max(2 * level, 8), new, sync)
         row.update(decode_steps=engine.steps - steps, mixed_steps=engine.mixed_steps - mixed_steps)
         if cuda:
-            row["gpu_memory_gib"] = {"before": round(before / 2**30, 2),
-                                     "after": round(torch.cuda.memory_allocated() / 2**30, 2),
-                                     "peak": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            row["gpu_memory_gib"] = {
+                "before": round(before / 2**30, 2),
+                "after": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "peak": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            }
         result["engine"].append(row)
         save()
         print(json.dumps(row), flush=True)
         if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
             variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
             if use_mixed:
-                variants.update({"engine_64_mixed_tokens_256": {"mixed_tokens": 256},
-                                 "engine_64_mixed_tokens_4096": {"mixed_tokens": 4096}})
+                variants.update(
+                    {
+                        "engine_64_mixed_tokens_256": {"mixed_tokens": 256},
+                        "engine_64_mixed_tokens_4096": {"mixed_tokens": 4096},
+                    }
+                )
             for key, change in variants.items():
                 kept = {name: getattr(engine, name) for name in change}
                 for name, value in change.items():
@@ -354,8 +432,11 @@ def main() -> None:
                     setattr(engine, name, value)
                 result[key] = row
                 save(key)
-    result["engine_batch_stats"] = {**engine.batch_stats(), "prefill_forwards": engine.prefills,
-                                    "mixed_steps": engine.mixed_steps}
+    result["engine_batch_stats"] = {
+        **engine.batch_stats(),
+        "prefill_forwards": engine.prefills,
+        "mixed_steps": engine.mixed_steps,
+    }
     engine.stop()
     del engine  # its cache and graphs: HF's runs below get the card's memory back
     gc.collect()
@@ -369,18 +450,25 @@ def main() -> None:
         tokens += len(hf_one(model, p, new, args.device)[0])
         sync()
         seconds += time.perf_counter() - t
-    result["hf_generate_one_at_a_time"] = {"requests": args.one_at_a_time_requests, "tokens": tokens,
-                                           "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    result["hf_generate_one_at_a_time"] = {
+        "requests": args.one_at_a_time_requests,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
     save("hf_generate_one_at_a_time")
 
     # --- bounds
     bw = (result["copy_bandwidth_tb_s"] or 4.3) * 1e12
     ctx = result["prompt_tokens_mean"] + new / 2
-    result["limit"] = {"decode_tokens_per_s_at": {
-        str(b): round(b / ((weight_bytes + b * ctx * kv_bytes_per_token) / bw)) for b in levels},
+    result["limit"] = {
+        "decode_tokens_per_s_at": {
+            str(b): round(b / ((weight_bytes + b * ctx * kv_bytes_per_token) / bw)) for b in levels
+        },
         "how": "b / ((weights + b x mean context x KV bytes per token) / copy bandwidth): every decode step reads the "
-               "weights and the cache in use once",
-        "prefill_seconds_per_request_at_790_tflops": round(2 * params * result["prompt_tokens_mean"] / 790e12, 4)}
+        "weights and the cache in use once",
+        "prefill_seconds_per_request_at_790_tflops": round(2 * params * result["prompt_tokens_mean"] / 790e12, 4),
+    }
     save("limit")
 
     # --- HF generate, padded batch, static cache + torch.compile (last: compilation takes minutes)
@@ -394,8 +482,10 @@ def main() -> None:
 
         def run():
             with torch.inference_mode():
-                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                      do_sample=False, pad_token_id=0)
+                return model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
+                )
+
         t = time.perf_counter()
         run()
         sync()
@@ -405,20 +495,28 @@ def main() -> None:
         sync()
         seconds = time.perf_counter() - t
         tokens = (gen.shape[1] - width) * len(batch)
-        result["hf_generate_static_compiled"] = {"batch": len(batch), "tokens": tokens, "seconds": round(seconds, 2),
-                                                 "tokens_per_s": round(tokens / seconds, 1),
-                                                 "first_call_seconds_incl_compile": round(warm, 1)}
+        result["hf_generate_static_compiled"] = {
+            "batch": len(batch),
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "first_call_seconds_incl_compile": round(warm, 1),
+        }
         save("hf_generate_static_compiled")
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     at64 = next((r for r in result["engine"] if r["in_flight"] == 64), None)
     if at64 and "hf_generate_static_compiled" in result:
         result["engine_64_vs_hf_static_compiled"] = round(
-            at64["tokens_per_s"] / result["hf_generate_static_compiled"]["tokens_per_s"], 2)
+            at64["tokens_per_s"] / result["hf_generate_static_compiled"]["tokens_per_s"], 2
+        )
     save()
     print("in flight | tokens/s | TTFT p50/p99 ms | ITL p50/p99 ms | limit tokens/s")
     for r in result["engine"]:
-        print(f"{r['in_flight']:>9} | {r['tokens_per_s']:>8} | {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} | "
-              f"{r['itl_ms']['p50']}/{r['itl_ms']['p99']} | {result['limit']['decode_tokens_per_s_at'][str(r['in_flight'])]}")
+        print(
+            f"{r['in_flight']:>9} | {r['tokens_per_s']:>8} | {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} | "
+            f"{r['itl_ms']['p50']}/{r['itl_ms']['p99']} | "
+            f"{result['limit']['decode_tokens_per_s_at'][str(r['in_flight'])]}"
+        )
 
 
 if __name__ == "__main__":

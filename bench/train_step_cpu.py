@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
-from veritune.model.modeling import load_model, load_tokenizer, use_fp32_attention  # noqa: E402
 from veritune.data.sft import is_tool_conversation, tokenize_example  # noqa: E402
+from veritune.model.modeling import load_model, load_tokenizer, use_fp32_attention  # noqa: E402
 from veritune.train.training import label_position_loss  # noqa: E402
 
 REPEATS = 1  # passes over the 10 batches per timing
@@ -45,7 +45,7 @@ def batches(tokenizer) -> list[dict]:
     qa = [tokenize_example(e["messages"], tokenizer) for e in examples[:360] if not is_tool_conversation(e["messages"])]
     tools = [tokenize_example(e["messages"], tokenizer) for e in examples if is_tool_conversation(e["messages"])][:8]
     qa.sort(key=lambda r: len(r["input_ids"]))
-    groups = [qa[i:i + 8] for i in range(0, len(qa), len(qa) // 9)][:9] + [tools]
+    groups = [qa[i : i + 8] for i in range(0, len(qa), len(qa) // 9)][:9] + [tools]
     out = []
     for rows in groups:
         width = max(len(r["input_ids"]) for r in rows)
@@ -66,8 +66,9 @@ def time_steps(config: str, data: list[dict]) -> dict:
     model = load_model(REPO / "models/base")
     if config == "fp32_attn":
         use_fp32_attention(model)
-    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     model.train()
     causal_lm = model.get_base_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -118,22 +119,37 @@ def main() -> None:
     for _ in range(ROUNDS):  # interleaved, so a busy spell on a shared machine hits all alike
         for c in configs:
             runs[c].append(time_steps(c, data))
-    steps = {c: {"ms_per_step": median(r["ms_per_step"] for r in rows),
-                 "ms_per_step_runs": [r["ms_per_step"] for r in rows], "initial_loss": rows[0]["initial_loss"]}
-             for c, rows in runs.items()}
-    results = {"threads": torch.get_num_threads(), "batch_lengths": [b["input_ids"].shape[1] for b in data],
-               "steps": steps,
-               "sdpa_fwd_bwd_ms": {str(n): {"bf16": sdpa_ms(n, torch.bfloat16), "fp32": sdpa_ms(n, torch.float32)}
-                                   for n in (256, 384, 512, 768, 1024, 1536)}}
+    steps = {
+        c: {
+            "ms_per_step": median(r["ms_per_step"] for r in rows),
+            "ms_per_step_runs": [r["ms_per_step"] for r in rows],
+            "initial_loss": rows[0]["initial_loss"],
+        }
+        for c, rows in runs.items()
+    }
+    results = {
+        "threads": torch.get_num_threads(),
+        "batch_lengths": [b["input_ids"].shape[1] for b in data],
+        "steps": steps,
+        "sdpa_fwd_bwd_ms": {
+            str(n): {"bf16": sdpa_ms(n, torch.bfloat16), "fp32": sdpa_ms(n, torch.float32)}
+            for n in (256, 384, 512, 768, 1024, 1536)
+        },
+    }
     base = results["steps"]["mask"]["ms_per_step"]
     for row in results["steps"].values():
         row["speedup_vs_mask"] = round(base / row["ms_per_step"], 2)
     write_json(REPO / "bench/results/train_step_cpu.json", results)
     print(f"batches of 8, lengths {results['batch_lengths']}, {results['threads']} threads")
     for name, row in results["steps"].items():
-        print(f"{name:10s} {row['ms_per_step']:7.1f} ms/step  x{row['speedup_vs_mask']:.2f}  loss before training {row['initial_loss']}")
-    print("SDPA fwd+bwd, 8 x 8 heads x 32, causal:  " + "  ".join(
-        f"{n}: bf16 {v['bf16']} / fp32 {v['fp32']} ms" for n, v in results["sdpa_fwd_bwd_ms"].items()))
+        print(
+            f"{name:10s} {row['ms_per_step']:7.1f} ms/step  x{row['speedup_vs_mask']:.2f}  "
+            f"loss before training {row['initial_loss']}"
+        )
+    print(
+        "SDPA fwd+bwd, 8 x 8 heads x 32, causal:  "
+        + "  ".join(f"{n}: bf16 {v['bf16']} / fp32 {v['fp32']} ms" for n, v in results["sdpa_fwd_bwd_ms"].items())
+    )
 
 
 if __name__ == "__main__":

@@ -50,20 +50,36 @@ STEPS = int(os.environ.get("STEPS", 20))
 WARM = int(os.environ.get("WARM", 3))
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", 790))
 CKPT = Path(os.environ.get("CKPT", "/tmp/llama31_8b_random"))
-DEFAULTS = {"qlora_nf4": {"fused_lora": True, "liger": True, "ckpt": True, "liger_ce": False, "compile": False},
-            "lora_bf16": {"fused_lora": True, "liger": True, "ckpt": False, "liger_ce": False, "compile": False}}
+DEFAULTS = {
+    "qlora_nf4": {"fused_lora": True, "liger": True, "ckpt": True, "liger_ce": False, "compile": False},
+    "lora_bf16": {"fused_lora": True, "liger": True, "ckpt": False, "liger_ce": False, "compile": False},
+}
 
 
 def llama31_8b_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001)
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
 
 
 def ensure_checkpoint(path: Path) -> None:
@@ -154,14 +170,14 @@ def profile_step(model, loss_fn, out: Path | None) -> None:
 
 
 def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
+    import dataclasses
+
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    import dataclasses
-
     from veritune.core.config import load_params
-    from veritune.train.fast_lora import prepare_for_training
     from veritune.model.modeling import load_model
+    from veritune.train.fast_lora import prepare_for_training
     from veritune.train.training import lora_config
 
     name, flags = parse_mode(mode)
@@ -169,8 +185,9 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
     start = time.time()
     model = load_model(CKPT, "nf4" if name == "qlora_nf4" else "none")
     print(f"# {mode}: loaded in {time.time() - start:.0f}s", flush=True)
-    params = dataclasses.replace(load_params("train"), lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules="all-linear")
+    params = dataclasses.replace(
+        load_params("train"), lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"
+    )
     torch.manual_seed(0)
     model = get_peft_model(model, lora_config(params))
     if lora_init is not None and lora_init.exists():
@@ -183,19 +200,32 @@ def run_one(mode: str, lora_init: Path | None, out: Path | None) -> dict:
                 param.data = param.data.to(torch.bfloat16)
     if not flags["liger_ce"]:
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
-    switched = prepare_for_training(model, fused_lora=flags["fused_lora"], liger=flags["liger"],
-                                    gradient_checkpointing=flags["ckpt"], liger_cross_entropy=flags["liger_ce"],
-                                    compile=flags["compile"])
+    switched = prepare_for_training(
+        model,
+        fused_lora=flags["fused_lora"],
+        liger=flags["liger"],
+        gradient_checkpointing=flags["ckpt"],
+        liger_cross_entropy=flags["liger_ce"],
+        compile=flags["compile"],
+    )
     model.train()
     losses, seconds = train_steps(model, model.config.vocab_size, plain_loss if flags["liger_ce"] else stage_loss)
     timed = sorted(seconds[WARM:])
     step_s = timed[len(timed) // 2]
     tok_s = BS * SEQ / step_s
-    row = {"mode": mode, **{k: v for k, v in flags.items()}, "seq": SEQ, "bs": BS, "step_s": round(step_s, 3),
-           "tok_s": round(tok_s), "mfu": round(tok_s * flops_per_token(model.config) / (PEAK_TFLOPS * 1e12), 3),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           "losses": [round(x, 5) for x in losses], "switched": switched,
-           "device": torch.cuda.get_device_name()}
+    row = {
+        "mode": mode,
+        **{k: v for k, v in flags.items()},
+        "seq": SEQ,
+        "bs": BS,
+        "step_s": round(step_s, 3),
+        "tok_s": round(tok_s),
+        "mfu": round(tok_s * flops_per_token(model.config) / (PEAK_TFLOPS * 1e12), 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "losses": [round(x, 5) for x in losses],
+        "switched": switched,
+        "device": torch.cuda.get_device_name(),
+    }
     print("ROW", json.dumps(row), flush=True)
     if os.environ.get("PROFILE") == mode:
         profile_step(model, plain_loss if flags["liger_ce"] else stage_loss, out)
@@ -214,8 +244,11 @@ def peer_losses(peer_file: Path, lora_init: Path, out: Path | None) -> dict:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k}, lora_init)
     model.train()
     losses, seconds = train_steps(model, model.config.vocab_size)
-    row = {"mode": "peer:qlora_nf4_liger_noupcast", "losses": [round(x, 5) for x in losses],
-           "step_s": round(sorted(seconds[WARM:])[len(seconds[WARM:]) // 2], 3)}
+    row = {
+        "mode": "peer:qlora_nf4_liger_noupcast",
+        "losses": [round(x, 5) for x in losses],
+        "step_s": round(sorted(seconds[WARM:])[len(seconds[WARM:]) // 2], 3),
+    }
     print("ROW", json.dumps(row), flush=True)
     if out:
         (out / "peer_losses.json").write_text(json.dumps(row, indent=1))
@@ -264,7 +297,9 @@ def main() -> None:
         for r in rows:
             if "tok_s" in r and r["mode"].startswith("qlora_nf4"):
                 worst = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], peer["losses"]))
-                print(f"loss vs peer over {len(peer['losses'])} steps ({r['mode']}): max relative difference {worst:.4%}")
+                print(
+                    f"loss vs peer over {len(peer['losses'])} steps ({r['mode']}): max relative difference {worst:.4%}"
+                )
     if out:
         (out / "train_throughput.json").write_text(json.dumps(rows, indent=1))
 

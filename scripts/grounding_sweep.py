@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from veritune.core.config import parse_params
-from veritune.eval.evaluation import prompts_for, score_all, summarize_scores
 from veritune.core.io import read_json, read_jsonl, write_jsonl
+from veritune.eval.evaluation import prompts_for, score_all, summarize_scores
 
 PASSAGES = Path("sweep/test_passages.jsonl")
 
@@ -39,8 +39,13 @@ CONFIGS: dict[str, dict[str, object]] = {
     "p400_e4": {"base.pretrain.steps": 400, "train.epochs": 4.0},
     "p0_e4": {"base.pretrain.steps": 0, "train.epochs": 4.0},
     "p400_norepeat_e4": {"base.pretrain.steps": 400, "base.pretrain.repeat_prob": 0.0, "train.epochs": 4.0},
-    "p400_d384l6_e4": {"base.pretrain.steps": 400, "base.tiny.hidden_size": 384, "base.tiny.num_layers": 6,
-                       "base.tiny.intermediate_size": 1024, "train.epochs": 4.0},
+    "p400_d384l6_e4": {
+        "base.pretrain.steps": 400,
+        "base.tiny.hidden_size": 384,
+        "base.tiny.num_layers": 6,
+        "base.tiny.intermediate_size": 1024,
+        "train.epochs": 4.0,
+    },
     "c3w120_p400_e12": {"_sft": "sweep/c3w120", "base.pretrain.steps": 400, "train.epochs": 12.0},
     "v1_c2_both_e4": {"_sft": "sweep/v1_c2_both", "base.pretrain.steps": 400, "train.epochs": 4.0},
     "v2_c2_end_e4": {"_sft": "sweep/v2_c2_end", "base.pretrain.steps": 400, "train.epochs": 4.0},
@@ -71,8 +76,9 @@ def prepare() -> None:
     questions = read_jsonl("data/split/questions_test.jsonl")
     with Retriever(ip.uri, ip.collection, ip.embedding_model) as retriever:
         hits = retriever.search([q["question"] for q in questions], k=sp.context_chunks)
-    write_jsonl(PASSAGES, [{"id": q["id"], "passages": [dataclasses.asdict(h) for h in row]}
-                           for q, row in zip(questions, hits)])
+    write_jsonl(
+        PASSAGES, [{"id": q["id"], "passages": [dataclasses.asdict(h) for h in row]} for q, row in zip(questions, hits)]
+    )
 
 
 def run_one(name: str, overrides: dict[str, object], raw: dict) -> dict:
@@ -95,26 +101,43 @@ def run_one(name: str, overrides: dict[str, object], raw: dict) -> dict:
     doc_split = read_json("data/split/doc_split.json")
     questions = read_jsonl("data/split/questions_test.jsonl")
     passages = {r["id"]: r["passages"] for r in read_jsonl(passages_file)}
-    result: dict = {"name": name, "overrides": overrides, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    result: dict = {
+        "name": name,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, adapter_dir = Path(tmp) / "base", Path(tmp) / "adapter"
         base_dir.mkdir()
         start = time.time()
         result["base"] = build_tiny_base(documents, doc_split, bp, base_dir)
-        result["train"] = train_adapter(base_dir, read_jsonl(sft_dir / "train.jsonl"), read_jsonl(sft_dir / "val.jsonl"),
-                                        tp, adapter_dir, Path(tmp) / "checkpoints")
+        result["train"] = train_adapter(
+            base_dir,
+            read_jsonl(sft_dir / "train.jsonl"),
+            read_jsonl(sft_dir / "val.jsonl"),
+            tp,
+            adapter_dir,
+            Path(tmp) / "checkpoints",
+        )
         model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir)
         if torch.cuda.is_available():
             model = model.to("cuda")
         tokenizer = load_tokenizer(adapter_dir)
-        built = json.loads((sft_dir / "sft_config.json").read_text())["build_sft"] if (sft_dir / "sft_config.json").exists() else {}
-        convs = prompts_for(questions, [passages[q["id"]] for q in questions], sp.system_prompt,
-                            built.get("question_position", "end"))
+        built = (
+            json.loads((sft_dir / "sft_config.json").read_text())["build_sft"]
+            if (sft_dir / "sft_config.json").exists()
+            else {}
+        )
+        convs = prompts_for(
+            questions, [passages[q["id"]] for q in questions], sp.system_prompt, built.get("question_position", "end")
+        )
         replies = generate(model, tokenizer, convs, ep.max_new_tokens, 64, desc=name)
         summary = summarize_scores(questions, score_all(replies, questions), 200)
         result["seconds"] = round(time.time() - start, 1)
     result["rag"] = {g: summary.get(g) for g in ("answerable_unseen", "answerable_seen", "multi_hop", "unanswerable")}
-    result["examples"] = [{"q": q["question"], "gold": q["answers"], "pred": r} for q, r in list(zip(questions, replies))[:5]]
+    result["examples"] = [
+        {"q": q["question"], "gold": q["answers"], "pred": r} for q, r in list(zip(questions, replies))[:5]
+    ]
     return result
 
 
@@ -136,10 +159,13 @@ def main() -> None:
         with out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         r = result["rag"]
-        print(f"{name:28s} F1 unseen {r['answerable_unseen']['f1']:.3f}  seen {r['answerable_seen']['f1']:.3f}  "
-              f"abstain {r['unanswerable']['abstention']:.3f}  false-abstain {r['answerable_unseen']['abstention']:.3f}  "
-              f"steps {result['train']['steps']}  val_loss {result['train']['val_loss']:.3f}  "
-              f"{result['seconds']}s", flush=True)
+        print(
+            f"{name:28s} F1 unseen {r['answerable_unseen']['f1']:.3f}  seen {r['answerable_seen']['f1']:.3f}  "
+            f"abstain {r['unanswerable']['abstention']:.3f}  false-abstain {r['answerable_unseen']['abstention']:.3f}  "
+            f"steps {result['train']['steps']}  val_loss {result['train']['val_loss']:.3f}  "
+            f"{result['seconds']}s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,15 @@ agent trajectories, the validity of the first tool call on the agent test tasks.
 Appends one JSON line to $OUT/results.jsonl (default sweep/recipe/).
 Results of the sweep that chose the defaults: bench/results/recipe_sweep_h100.jsonl.
 """
+
 import dataclasses
-import re, json, math, os, random, sys, time
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,11 +31,11 @@ import torch
 sys.path.insert(0, os.getcwd())
 from veritune.core import chat
 from veritune.core.config import load_params
+from veritune.data.sft import build_examples, tokenize_example
+from veritune.eval.scoring import is_abstention, token_f1
 from veritune.infer.decode import generate
 from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
 from veritune.model.pretrain import make_window
-from veritune.eval.scoring import is_abstention, token_f1, exact_match
-from veritune.data.sft import build_examples, tokenize_example
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CACHE = Path("sweep/recipe")
@@ -47,30 +54,76 @@ def agent_eval(model, tok):
     outs = []
     model.eval()
     for s in range(0, len(prompts), 16):
-        enc = tok(prompts[s:s + 16], return_tensors="pt", padding=True, add_special_tokens=False).to(DEV)
+        enc = tok(prompts[s : s + 16], return_tensors="pt", padding=True, add_special_tokens=False).to(DEV)
         with autocast():
-            out = model.generate(**enc, max_new_tokens=64, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        outs += [tok.decode(r, skip_special_tokens=False).replace(chat.PAD, "") for r in out[:, enc["input_ids"].shape[1]:]]
+            out = model.generate(
+                **enc, max_new_tokens=64, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id
+            )
+        outs += [
+            tok.decode(r, skip_special_tokens=False).replace(chat.PAD, "") for r in out[:, enc["input_ids"].shape[1] :]
+        ]
     model.train()
     for o, g in zip(outs, AGENT_TEST["gold"]):
         if o.startswith(chat.PYTHON_TAG) and chat.EOM in o:
             try:
-                obj = json.loads(o[len(chat.PYTHON_TAG):o.index(chat.EOM)])
+                obj = json.loads(o[len(chat.PYTHON_TAG) : o.index(chat.EOM)])
                 if obj.get("name") in AGENT_TEST["tools"] and isinstance(obj.get("parameters"), dict):
                     valid += 1
                     right += bool(g) and obj["name"] == g["name"] and obj["parameters"] == g["parameters"]
             except Exception:
                 pass
     n = len(outs)
-    return {"agent_first_valid": round(valid / n, 3), "agent_first_exact": round(right / n, 3), "agent_example": outs[0][:160]}
+    return {
+        "agent_first_valid": round(valid / n, 3),
+        "agent_first_exact": round(right / n, 3),
+        "agent_example": outs[0][:160],
+    }
+
 
 DEFAULT = dict(
-    vocab=4096, hidden=256, layers=4, heads=8, kv=2, inter=688,
-    pt_steps=200, pt_bs=8, pt_len=256, pt_lr=3e-3, pt_repeat=0.5, pt_warm=30,
-    lora=1, r=32, alpha=64, lr=2e-3, sft_steps=270, bs=16, warm=0.03,
-    ctx=2, samples=2, drop=0.1, agent=0, multiturn=0, evals="", seed=0,
-    eval_n=0, base="", sft="", tok_fmt=0, pt_fmt=0, tok_ws=0, curr=0.0, cf=0.0, pt_cf=0, cf_kinds="single_hop",
-    theta=500000.0, pt_lookup=0.0, lk_q=4, lk_cue=3, lk_ans=4, quote=0, gen=24,
+    vocab=4096,
+    hidden=256,
+    layers=4,
+    heads=8,
+    kv=2,
+    inter=688,
+    pt_steps=200,
+    pt_bs=8,
+    pt_len=256,
+    pt_lr=3e-3,
+    pt_repeat=0.5,
+    pt_warm=30,
+    lora=1,
+    r=32,
+    alpha=64,
+    lr=2e-3,
+    sft_steps=270,
+    bs=16,
+    warm=0.03,
+    ctx=2,
+    samples=2,
+    drop=0.1,
+    agent=0,
+    multiturn=0,
+    evals="",
+    seed=0,
+    eval_n=0,
+    base="",
+    sft="",
+    tok_fmt=0,
+    pt_fmt=0,
+    tok_ws=0,
+    curr=0.0,
+    cf=0.0,
+    pt_cf=0,
+    cf_kinds="single_hop",
+    theta=500000.0,
+    pt_lookup=0.0,
+    lk_q=4,
+    lk_cue=3,
+    lk_ans=4,
+    quote=0,
+    gen=24,
 )
 
 DIGITS = re.compile(r"\d+")
@@ -85,6 +138,7 @@ def digit_map(rng):
             first = rng.choice("123456789") if s[0] != "0" else "0"
             mapping[s] = first + "".join(rng.choice("0123456789") for _ in s[1:])
         return mapping[s]
+
     return sub
 
 
@@ -92,7 +146,11 @@ def parse(argv):
     cfg = dict(DEFAULT)
     for a in argv:
         k, v = a.split("=", 1)
-        cfg[k] = type(DEFAULT[k])(float(v)) if isinstance(DEFAULT[k], (int, float)) and not isinstance(DEFAULT[k], bool) else v
+        cfg[k] = (
+            type(DEFAULT[k])(float(v))
+            if isinstance(DEFAULT[k], (int, float)) and not isinstance(DEFAULT[k], bool)
+            else v
+        )
     return cfg
 
 
@@ -122,7 +180,7 @@ def lookup_window(docs, cfg, marks, rng):
             if len(d) < cue + ans + 2:
                 continue
             i = rng.randrange(1, len(d) - cue - ans)
-            w.extend(q_mark + d[i:i + cue] + a_mark + d[i + cue:i + cue + ans])
+            w.extend(q_mark + d[i : i + cue] + a_mark + d[i + cue : i + cue + ans])
     return w[: n + 1]
 
 
@@ -133,8 +191,13 @@ def pretrain(model, tok, cfg):
     if cfg["pt_fmt"]:
         texts += [chat.format_chat(e["messages"][:2]).removeprefix(chat.BEGIN_OF_TEXT) for e in AGENT]
     if cfg["pt_cf"]:
-        variants = [[[bos] + tok(DIGITS.sub(digit_map(rng), t), add_special_tokens=False)["input_ids"] + [eot]
-                     for _ in range(cfg["pt_cf"])] for t in texts]
+        variants = [
+            [
+                [bos] + tok(DIGITS.sub(digit_map(rng), t), add_special_tokens=False)["input_ids"] + [eot]
+                for _ in range(cfg["pt_cf"])
+            ]
+            for t in texts
+        ]
     else:
         variants = [[[bos] + tok(t, add_special_tokens=False)["input_ids"] + [eot]] for t in texts]
     marks = (tok("\nQ:", add_special_tokens=False)["input_ids"], tok(" A:", add_special_tokens=False)["input_ids"])
@@ -143,8 +206,15 @@ def pretrain(model, tok, cfg):
     ntok = 0
     for step in range(cfg["pt_steps"]):
         docs = [rng.choice(v) for v in variants]  # one variant of each document per step: a repeat copies it
-        batch = torch.tensor([lookup_window(docs, cfg, marks, rng) if rng.random() < cfg["pt_lookup"] else
-                              make_window(docs, cfg["pt_len"], cfg["pt_repeat"], rng) for _ in range(cfg["pt_bs"])], device=DEV)
+        batch = torch.tensor(
+            [
+                lookup_window(docs, cfg, marks, rng)
+                if rng.random() < cfg["pt_lookup"]
+                else make_window(docs, cfg["pt_len"], cfg["pt_repeat"], rng)
+                for _ in range(cfg["pt_bs"])
+            ],
+            device=DEV,
+        )
         for g in opt.param_groups:
             g["lr"] = cosine(step, cfg["pt_steps"], cfg["pt_warm"], cfg["pt_lr"])
         with autocast():
@@ -152,15 +222,24 @@ def pretrain(model, tok, cfg):
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         ntok += batch.numel()
     return loss.item(), ntok
 
 
 def sft_examples(cfg, ctx=None):
-    p = dataclasses.replace(load_params("build_sft"), context_chunks=ctx or cfg["ctx"], oracle_drop_rate=cfg["drop"],
-                            seed=cfg["seed"], turns_per_conversation=max(1, cfg["multiturn"]), retrieval_pool=10,
-                            unanswerable_follow_up_rate=0.0, off_topic_follow_up_rate=0.0, off_topic_requests=())
+    p = dataclasses.replace(
+        load_params("build_sft"),
+        context_chunks=ctx or cfg["ctx"],
+        oracle_drop_rate=cfg["drop"],
+        seed=cfg["seed"],
+        turns_per_conversation=max(1, cfg["multiturn"]),
+        retrieval_pool=10,
+        unanswerable_follow_up_rate=0.0,
+        off_topic_follow_up_rate=0.0,
+        off_topic_requests=(),
+    )
     ex = build_examples(D["train_q"], D["train_ret"], D["train_chunks"], p, samples_per_question=cfg["samples"])
     if cfg["cf"] > 0:
         rng = random.Random(cfg["seed"] + 2)
@@ -172,7 +251,13 @@ def sft_examples(cfg, ctx=None):
             runs = DIGITS.findall(ans)
             first = e["messages"][2]["content"]
             runs = runs + DIGITS.findall(first)
-            if e["kind"] in kinds and e["has_oracle"] and runs and all(r in user for r in runs) and rng.random() < cfg['cf']:
+            if (
+                e["kind"] in kinds
+                and e["has_oracle"]
+                and runs
+                and all(r in user for r in runs)
+                and rng.random() < cfg["cf"]
+            ):
                 sub = digit_map(rng)
                 for m in e["messages"][1:]:
                     m["content"] = DIGITS.sub(sub, m["content"])
@@ -201,7 +286,9 @@ def quote_then_answer(messages):
         if m["role"] != "assistant" or m["content"] == abstain:
             continue
         ans = m["content"]
-        hit = next((x for x in sentences if ans in x), None) or next((x for x in sentences if ans.lower() in x.lower()), None)
+        hit = next((x for x in sentences if ans in x), None) or next(
+            (x for x in sentences if ans.lower() in x.lower()), None
+        )
         if hit:
             m["content"] = f'Quote: "{hit}"\nAnswer: {ans}'
             n += 1
@@ -219,8 +306,8 @@ def batches(rows, bs, rng):
     chunk = bs * 32
     out = []
     for s in range(0, len(idx), chunk):
-        part = sorted(idx[s:s + chunk], key=lambda i: len(rows[i]["input_ids"]))
-        out += [part[j:j + bs] for j in range(0, len(part), bs)]
+        part = sorted(idx[s : s + chunk], key=lambda i: len(rows[i]["input_ids"]))
+        out += [part[j : j + bs] for j in range(0, len(part), bs)]
     rng.shuffle(out)
     return out
 
@@ -232,7 +319,9 @@ def collate(rows, pad):
     att = torch.zeros((len(rows), L), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"]); lab[i, :n] = torch.tensor(r["labels"]); att[i, :n] = 1
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        lab[i, :n] = torch.tensor(r["labels"])
+        att[i, :n] = 1
     return ids.to(DEV), lab.to(DEV), att.to(DEV)
 
 
@@ -240,9 +329,16 @@ def evaluate(model, tok, cfg, n=0):
     qs, rag, orc = D["test_q"], D["test_rag"], D["test_oracle"]
     idx = list(range(len(qs)))
     if n:
-        random.Random(0).shuffle(idx); idx = idx[:n]
-    convs = [chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], rag[i][: cfg["ctx"]]) for i in idx]
-    convs_o = [chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], orc[i]) for i in idx if qs[i]["answers"]]
+        random.Random(0).shuffle(idx)
+        idx = idx[:n]
+    convs = [
+        chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], rag[i][: cfg["ctx"]]) for i in idx
+    ]
+    convs_o = [
+        chat.rag_messages(load_params("build_sft").system_prompt, qs[i]["question"], orc[i])
+        for i in idx
+        if qs[i]["answers"]
+    ]
     model.eval()
     with autocast():
         raw = generate(model, tok, convs, cfg["gen"], 64, desc="eval")
@@ -269,19 +365,26 @@ def evaluate(model, tok, cfg, n=0):
 
 def prepare():
     """Cache the retrieval-dependent inputs (needs the index; CPU is fine)."""
-    import dataclasses, json
+    import dataclasses
+    import json
+    from datetime import date
     from pathlib import Path
+
+    from veritune.agent.tools import TOOL_NAMES, tool_definitions
+    from veritune.core import chat
     from veritune.core.config import load_params
     from veritune.core.io import read_jsonl
-    from veritune.retrieval.search import Retriever
     from veritune.eval.evaluation import oracle_documents
-    from datetime import date
-    from veritune.core import chat
-    from veritune.agent.tools import tool_definitions, TOOL_NAMES
+    from veritune.retrieval.search import Retriever
 
-    out = CACHE; out.mkdir(parents=True, exist_ok=True)
+    out = CACHE
+    out.mkdir(parents=True, exist_ok=True)
     ip = load_params("index")
-    docs = {d["id"]: d for d in read_jsonl("data/validated/documents.jsonl")} if Path("data/validated/documents.jsonl").exists() else {d["id"]: d for d in read_jsonl("data/raw/documents.jsonl")}
+    docs = (
+        {d["id"]: d for d in read_jsonl("data/validated/documents.jsonl")}
+        if Path("data/validated/documents.jsonl").exists()
+        else {d["id"]: d for d in read_jsonl("data/raw/documents.jsonl")}
+    )
     doc_split = json.loads(Path("data/split/doc_split.json").read_text())
     chunks = read_jsonl("data/index/chunks.jsonl")
     train_q = read_jsonl("data/split/questions_train.jsonl")
@@ -292,21 +395,42 @@ def prepare():
         train_ret = [[dataclasses.asdict(h) for h in row if h.doc_id in readable][:10] for row in hits]
         th = r.search([q["question"] for q in test_q], k=5)
         test_ret = [[dataclasses.asdict(h) for h in row] for row in th]
-    json.dump({"train_texts": [f"{d['title']}\n{d['text']}" for d in docs.values() if doc_split[d["id"]] == "train"],
-               "train_chunks": [c for c in chunks if c["doc_id"] in readable],
-               "train_q": train_q, "train_ret": train_ret,
-               "test_q": test_q, "test_rag": test_ret,
-               "test_oracle": oracle_documents(test_q, docs, [t[:2] for t in test_ret])}, open(out / "gs.json", "w"))
+    json.dump(
+        {
+            "train_texts": [f"{d['title']}\n{d['text']}" for d in docs.values() if doc_split[d["id"]] == "train"],
+            "train_chunks": [c for c in chunks if c["doc_id"] in readable],
+            "train_q": train_q,
+            "train_ret": train_ret,
+            "test_q": test_q,
+            "test_rag": test_ret,
+            "test_oracle": oracle_documents(test_q, docs, [t[:2] for t in test_ret]),
+        },
+        open(out / "gs.json", "w"),
+    )
     agent = [e for e in read_jsonl("data/sft/train.jsonl") if any(m["role"] == "ipython" for m in e["messages"])]
     json.dump(agent, open(out / "agent.json", "w"))
     print(len(train_q), len(test_q), len(agent))
     # agent: first-turn prompts of the test tasks, and the gold first call
-    sp = load_params("build_sft"); ap = load_params("agent_db")
+    sp = load_params("build_sft")
+    ap = load_params("agent_db")
     tools = tool_definitions(sp.agent_tool_definitions)
     tasks = read_jsonl("data/agent/tasks_test.jsonl")
-    json.dump({"prompts": [chat.tool_messages(sp.agent_system_prompt, tools, chat.neutralize_special_tokens(t["request"]), chat.header_date(date.fromisoformat(ap.today))) for t in tasks],
-               "gold": [t["gold_calls"][0] if t["gold_calls"] else None for t in tasks], "tools": list(TOOL_NAMES)},
-              open(out / "agent_test.json", "w"))
+    json.dump(
+        {
+            "prompts": [
+                chat.tool_messages(
+                    sp.agent_system_prompt,
+                    tools,
+                    chat.neutralize_special_tokens(t["request"]),
+                    chat.header_date(date.fromisoformat(ap.today)),
+                )
+                for t in tasks
+            ],
+            "gold": [t["gold_calls"][0] if t["gold_calls"] else None for t in tasks],
+            "tools": list(TOOL_NAMES),
+        },
+        open(out / "agent_test.json", "w"),
+    )
 
 
 def main():
@@ -321,12 +445,19 @@ def main():
         corpus += [chat.format_chat(m) for m in sft_examples(cfg)] + [chat.format_chat(e["messages"]) for e in AGENT]
     if cfg["base"]:  # a built base (models/base): no tokenizer, model or pretraining here
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(cfg["base"])
         model = AutoModelForCausalLM.from_pretrained(cfg["base"])
         pt_loss, pt_tok = float("nan"), 0
     else:
         tok = build_tiny_tokenizer(corpus, cfg["vocab"], isolate_whitespace=bool(cfg["tok_ws"]))
-        model = build_tiny_model(TinyArch(cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096, cfg["theta"]), tok, cfg["seed"])
+        model = build_tiny_model(
+            TinyArch(
+                cfg["vocab"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv"], cfg["inter"], 4096, cfg["theta"]
+            ),
+            tok,
+            cfg["seed"],
+        )
         pt_loss, pt_tok = pretrain(model, tok, cfg)
     t_pt = time.time() - t0
     msgs = sft_examples(cfg) if not cfg["sft"] else [json.loads(x)["messages"] for x in open(cfg["sft"])]
@@ -335,7 +466,17 @@ def main():
     rows1 = [tokenize_example(m, tok) for m in sft_examples(cfg, 1)] if cfg["curr"] > 0 else None
     if cfg["lora"]:
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg["r"],
+                lora_alpha=cfg["alpha"],
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.to(DEV).train()
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
@@ -349,7 +490,10 @@ def main():
     plan = plan[:n1]
     while len(plan) < total:
         plan += [[("m", i) for i in b] for b in batches(rows, cfg["bs"], rng)]
-    ntok = 0; log = []; t1 = time.time(); losses = []
+    ntok = 0
+    log = []
+    t1 = time.time()
+    losses = []
     for step in range(total):
         ids, lab, att = collate([(rows1 if w == "c" else rows)[i] for w, i in plan[step]], tok.pad_token_id)
         for g in opt.param_groups:
@@ -357,11 +501,15 @@ def main():
         with autocast():
             out = model(input_ids=ids, attention_mask=att)
         logits = out.logits.float()[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), lab[:, 1:].reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), lab[:, 1:].reshape(-1), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
-        ntok += int(att.sum()); losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ntok += int(att.sum())
+        losses.append(loss.item())
         if step + 1 in evals:
             r, _ = evaluate(model, tok, cfg, cfg["eval_n"])
             log.append({"step": step + 1, "tokens": ntok, "loss": sum(losses[-20:]) / len(losses[-20:]), **r})
@@ -370,12 +518,24 @@ def main():
     r, ex = evaluate(model, tok, cfg, cfg["eval_n"])
     if cfg["agent"]:
         r.update(agent_eval(model, tok))
-    res = {"prompt_tokens_mean": round(sum(len(x["input_ids"]) for x in rows) / len(rows)), "name": name, "cfg": {k: v for k, v in cfg.items() if v != DEFAULT[k]}, "pt_loss": round(pt_loss, 3),
-           "pt_tokens": pt_tok, "sft_tokens": ntok, "sft_examples": len(rows),
-           "sft_loss_end": round(sum(losses[-20:]) / 20, 3), "t_pt": round(t_pt, 1), "t_sft": round(t_sft, 1),
-           "curve": log, **r, "examples": ex}
+    res = {
+        "prompt_tokens_mean": round(sum(len(x["input_ids"]) for x in rows) / len(rows)),
+        "name": name,
+        "cfg": {k: v for k, v in cfg.items() if v != DEFAULT[k]},
+        "pt_loss": round(pt_loss, 3),
+        "pt_tokens": pt_tok,
+        "sft_tokens": ntok,
+        "sft_examples": len(rows),
+        "sft_loss_end": round(sum(losses[-20:]) / 20, 3),
+        "t_pt": round(t_pt, 1),
+        "t_sft": round(t_sft, 1),
+        "curve": log,
+        **r,
+        "examples": ex,
+    }
     print("RESULT", json.dumps(res), flush=True)
-    out = Path(os.environ.get("OUT", str(CACHE))); out.mkdir(parents=True, exist_ok=True)
+    out = Path(os.environ.get("OUT", str(CACHE)))
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
 

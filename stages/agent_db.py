@@ -39,9 +39,11 @@ def main() -> None:
         for split in ("train", "test"):
             write_jsonl(out / f"tasks_{split}.jsonl", [t for t in tasks if t["split"] == split])
         write_json(out / "agent_db.json", as_dict(p))
-    summary = {"rows": {t: len(rows) for t, rows in tables.items()},
-               "tasks": dict(Counter(t["split"] for t in tasks)),
-               "task_kinds": dict(sorted(Counter(t["kind"] for t in tasks).items()))}
+    summary = {
+        "rows": {t: len(rows) for t, rows in tables.items()},
+        "tasks": dict(Counter(t["split"] for t in tasks)),
+        "task_kinds": dict(sorted(Counter(t["kind"] for t in tasks).items())),
+    }
     write_json("metrics/agent_db.json", summary)
     log.info("agent_db: %s", summary)
 

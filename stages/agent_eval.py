@@ -18,36 +18,49 @@ import logging
 from collections import defaultdict
 from datetime import date
 
-from veritune.core import chat
 from veritune.agent.loop import AgentLimits
 from veritune.agent.policies import ModelPolicy, OraclePolicy
 from veritune.agent.shop import SHOP_DB
 from veritune.agent.tasks import evaluate_policy, summarize_episodes
+from veritune.agent.tools import TOOLS, kb_search, tool_definitions
+from veritune.core import chat
 from veritune.core.config import as_dict, load_params
-from veritune.infer.constraints import ToolCallGrammar
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.infer.constraints import ToolCallGrammar
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.search import open_retriever
-from veritune.agent.tools import TOOLS, kb_search, tool_definitions
 
 log = logging.getLogger("veritune.agent_eval")
 
 
 def report_lines(metrics: dict, per_kind: dict) -> list[str]:
-    keys = ["success", *[f"pass^{k}" for k in range(1, metrics["trials"] + 1)], "tool_call_validity",
-            "mean_steps", "unsafe_action_rate", "claimed_undone_rate", "state_ok", "answer_ok"]
+    keys = [
+        "success",
+        *[f"pass^{k}" for k in range(1, metrics["trials"] + 1)],
+        "tool_call_validity",
+        "mean_steps",
+        "unsafe_action_rate",
+        "claimed_undone_rate",
+        "state_ok",
+        "answer_ok",
+    ]
     columns = [("oracle", "oracle"), ("base", "base"), ("finetuned", "fine-tuned")]
     if "finetuned_unconstrained" in metrics:
         columns.append(("finetuned_unconstrained", "fine-tuned, free decoding"))
     constrained = metrics["finetuned"].get("constrained_calls")
-    lines = ["# Agent evaluation", "",
-             f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials per model "
-             f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).",
-             "Tool calls are decoded under the tools' JSON-schema grammar (`agent_eval.constrained_calls`): "
-             "the model picks the tool and every value, the grammar keeps the call well formed."
-             if constrained else "Tool calls are decoded freely (`agent_eval.constrained_calls: false`).", "",
-             "| metric | " + " | ".join(title for _, title in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        "# Agent evaluation",
+        "",
+        f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials per model "
+        f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).",
+        "Tool calls are decoded under the tools' JSON-schema grammar (`agent_eval.constrained_calls`): "
+        "the model picks the tool and every value, the grammar keeps the call well formed."
+        if constrained
+        else "Tool calls are decoded freely (`agent_eval.constrained_calls: false`).",
+        "",
+        "| metric | " + " | ".join(title for _, title in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(fmt(metrics[name].get(k)) for name, _ in columns) + " |")
@@ -77,11 +90,20 @@ def main() -> None:
     with open_retriever(ip) as retriever:
         search = kb_search(retriever, sp.agent_search_k)
         # Episodes in the checkpoint's own tool-calling format (Llama 3.1's or ChatML's).
-        run = dict(db_path=SHOP_DB, search=search, limits=limits, system_prompt=sp.agent_system_prompt, tools=tools,
-                   today=today, max_writes=p.max_writes, fmt=chat.chat_format(tokenizer))
+        run = dict(
+            db_path=SHOP_DB,
+            search=search,
+            limits=limits,
+            system_prompt=sp.agent_system_prompt,
+            tools=tools,
+            today=today,
+            max_writes=p.max_writes,
+            fmt=chat.chat_format(tokenizer),
+        )
         # The oracle needs as many turns as the longest workflow, whatever the models get.
-        oracle_limits = AgentLimits(max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1,
-                                    max_retries=0, max_seconds=p.max_seconds)
+        oracle_limits = AgentLimits(
+            max_steps=max(len(t["gold_calls"]) for t in all_tasks) + 1, max_retries=0, max_seconds=p.max_seconds
+        )
         oracle = evaluate_policy(OraclePolicy(all_tasks), all_tasks, desc="oracle", **{**run, "limits": oracle_limits})
         metrics["oracle"] = summarize_episodes(oracle, 1)
         if metrics["oracle"]["success"] != 1.0:
@@ -89,12 +111,17 @@ def main() -> None:
             raise RuntimeError(f"the scripted oracle fails tasks {failed[:10]}: the tasks, tools and checker disagree")
         if metrics["oracle"]["claimed_undone_rate"] != 0.0:
             misread = [r["task_id"] for r in oracle if r["claimed_undone"]]
-            raise RuntimeError(f"gold answers of tasks {misread[:10]} read as claims their gold calls do not back: "
-                               "fix veritune.agent.tasks.CLAIMS or the tasks")
+            raise RuntimeError(
+                f"gold answers of tasks {misread[:10]} read as claims their gold calls do not back: "
+                "fix veritune.agent.tasks.CLAIMS or the tasks"
+            )
 
         model = load_model("models/base")
-        grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=p.max_string_chars) \
-            if p.constrained_calls else None
+        grammar = (
+            ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=p.max_string_chars)
+            if p.constrained_calls
+            else None
+        )
         # (name, constrained?): both models decode as configured; the fine-tuned one also freely
         # when asked, so the report shows what the grammar adds and what the weights do alone.
         variants = [("base", grammar), ("finetuned", grammar)]
@@ -104,11 +131,21 @@ def main() -> None:
             if variant == "finetuned":
                 model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
             model.eval()
-            policy = ModelPolicy(model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed,
-                                 grammar=variant_grammar)
-            results = evaluate_policy(policy, tasks, trials=p.trials, desc=variant,
-                                      on_trial=lambda i: policy.reseed(p.seed + i), **run)
-            metrics[variant] = {**summarize_episodes(results, p.trials), "constrained_calls": variant_grammar is not None}
+            policy = ModelPolicy(
+                model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed, grammar=variant_grammar
+            )
+            results = evaluate_policy(
+                policy,
+                tasks,
+                trials=p.trials,
+                desc=variant,
+                on_trial=lambda i, policy=policy: policy.reseed(p.seed + i),
+                **run,
+            )
+            metrics[variant] = {
+                **summarize_episodes(results, p.trials),
+                "constrained_calls": variant_grammar is not None,
+            }
             episodes += [{"policy": variant, **r} for r in results]
     per_kind: dict[str, list[bool]] = defaultdict(list)
     for r in episodes:
@@ -121,9 +158,16 @@ def main() -> None:
         out.mkdir()
         write_jsonl(out / "episodes.jsonl", episodes)
         (out / "agent.md").write_text("\n".join(report_lines(metrics, per_kind_rate)) + "\n", encoding="utf-8")
-        write_json(out / "agent_config.json", {"agent_eval": as_dict(p), "agent_db": as_dict(ap),
-                                                "build_sft": as_dict(sp), "index": as_dict(ip),
-                                                "today_header": chat.header_date(today)})
+        write_json(
+            out / "agent_config.json",
+            {
+                "agent_eval": as_dict(p),
+                "agent_db": as_dict(ap),
+                "build_sft": as_dict(sp),
+                "index": as_dict(ip),
+                "today_header": chat.header_date(today),
+            },
+        )
     log.info("agent_eval: base %s", metrics["base"])
     log.info("agent_eval: fine-tuned %s", metrics["finetuned"])
 

@@ -16,12 +16,12 @@ import logging
 from datetime import date
 from pathlib import Path
 
-from veritune.core.config import as_dict, load_params
-from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.retrieval.search import open_retriever
-from veritune.data.sft import build_agent_examples, build_examples
 from veritune.agent.shop import SHOP_DB
 from veritune.agent.tools import kb_search
+from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
+from veritune.data.sft import build_agent_examples, build_examples
+from veritune.retrieval.search import open_retriever
 
 log = logging.getLogger("veritune.build_sft")
 
@@ -46,27 +46,41 @@ def main() -> None:
             # val documents (their oracles), never test ones.
             readable = {d for d, s in doc_split.items() if s in VISIBLE_SPLITS[split]}
             hits = retriever.search([q["question"] for q in questions], k=2 * p.retrieval_pool)
-            retrieved = [[dataclasses.asdict(h) for h in row if h.doc_id in readable][: p.retrieval_pool]
-                         for row in hits]
+            retrieved = [
+                [dataclasses.asdict(h) for h in row if h.doc_id in readable][: p.retrieval_pool] for row in hits
+            ]
             # Validation keeps one conversation per question so its loss stays comparable.
-            examples = build_examples(questions, retrieved, [c for c in chunks if c["doc_id"] in readable], p,
-                                      samples_per_question=p.samples_per_question if split == "train" else 1)
+            examples = build_examples(
+                questions,
+                retrieved,
+                [c for c in chunks if c["doc_id"] in readable],
+                p,
+                samples_per_question=p.samples_per_question if split == "train" else 1,
+            )
             # Validation stays QA-only so its loss compares across runs with and without tools.
             agent_examples = []
             if split == "train" and p.agent_samples_per_task:
-                agent_examples = build_agent_examples(agent_tasks, SHOP_DB,
-                                                      kb_search(retriever, p.agent_search_k, readable), p,
-                                                      date.fromisoformat(ap.today))
+                agent_examples = build_agent_examples(
+                    agent_tasks,
+                    SHOP_DB,
+                    kb_search(retriever, p.agent_search_k, readable),
+                    p,
+                    date.fromisoformat(ap.today),
+                )
             write_jsonl(out / f"{split}.jsonl", examples + agent_examples)
             summary[split] = {
                 "agent_trajectories": len(agent_examples),
                 "n_examples": len(examples),
                 "with_oracle": sum(e["has_oracle"] for e in examples),
                 "abstain_targets": sum(e["messages"][-1]["content"] == p.abstain_answer for e in examples),
-                "abstain_turns": sum(m["role"] == "assistant" and m["content"] == p.abstain_answer
-                                     for e in examples for m in e["messages"]),
-                "mean_prompt_chars": round(sum(len(e["messages"][1]["content"]) for e in examples)
-                                           / max(1, len(examples))),
+                "abstain_turns": sum(
+                    m["role"] == "assistant" and m["content"] == p.abstain_answer
+                    for e in examples
+                    for m in e["messages"]
+                ),
+                "mean_prompt_chars": round(
+                    sum(len(e["messages"][1]["content"]) for e in examples) / max(1, len(examples))
+                ),
             }
         write_json(out / "sft_config.json", {"build_sft": as_dict(p), "index": as_dict(ip), "agent_db": as_dict(ap)})
     write_json("metrics/build_sft.json", summary)

@@ -15,9 +15,9 @@ import dataclasses
 import logging
 
 from veritune.core.config import as_dict, load_params
+from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.eval.csat import csat_score, make_customers, plot_histogram, simulate, summarize_csat, turn_messages
 from veritune.infer.decode import generate
-from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.search import open_retriever
 
@@ -42,11 +42,12 @@ def main() -> None:
                 model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
             model.eval()
 
-            def answer(batch, variant=variant):
+            def answer(batch, variant=variant, model=model):
                 hits = retriever.search([user for _, user in batch], k=sp.context_chunks)
                 passages = [[dataclasses.asdict(h) for h in row] for row in hits]
-                convs = [turn_messages(sp.system_prompt, history, user, ps)
-                         for (history, user), ps in zip(batch, passages)]
+                convs = [
+                    turn_messages(sp.system_prompt, history, user, ps) for (history, user), ps in zip(batch, passages)
+                ]
                 replies = generate(model, tokenizer, convs, p.max_new_tokens, p.batch_size, desc=f"csat {variant}")
                 return list(zip(replies, passages))
 
@@ -55,11 +56,23 @@ def main() -> None:
             metrics[variant] = summarize_csat(scored, [c["persona"] for c in customers], p.bootstrap_samples)
             for v, s in zip(conversations, scored):
                 c = v["customer"]
-                records.append({"variant": variant, "customer": c["id"], "persona": c["persona"],
-                                "goals": [g["id"] for g in c["goals"]], "outcome": v["outcome"], **s,
-                                "turns": v["turns"]})
-            log.info("csat %s: mean %.2f, distribution %s", variant, metrics[variant]["csat_mean"],
-                     metrics[variant]["distribution"])
+                records.append(
+                    {
+                        "variant": variant,
+                        "customer": c["id"],
+                        "persona": c["persona"],
+                        "goals": [g["id"] for g in c["goals"]],
+                        "outcome": v["outcome"],
+                        **s,
+                        "turns": v["turns"],
+                    }
+                )
+            log.info(
+                "csat %s: mean %.2f, distribution %s",
+                variant,
+                metrics[variant]["csat_mean"],
+                metrics[variant]["distribution"],
+            )
     write_json("metrics/csat.json", metrics)
     with atomic_path("reports/csat") as out:
         out.mkdir()

@@ -17,13 +17,22 @@ import logging
 import random
 
 from veritune.core.config import as_dict, load_params
-from veritune.eval.evaluation import (CONTEXT_MODES, headline, leakage_check, leakage_passed, leakage_violations, oracle_documents,
-                                 prompts_for, score_all, summarize_scores)
-from veritune.infer.decode import generate
 from veritune.core.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from veritune.eval.evaluation import (
+    CONTEXT_MODES,
+    headline,
+    leakage_check,
+    leakage_passed,
+    leakage_violations,
+    oracle_documents,
+    prompts_for,
+    score_all,
+    summarize_scores,
+)
 from veritune.eval.judge import judge_answers, load_judge, summarize_judge
-from veritune.model.modeling import load_model, load_tokenizer
 from veritune.eval.report import write_eval_report
+from veritune.infer.decode import generate
+from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.search import open_retriever
 
 log = logging.getLogger("veritune.evaluate")
@@ -46,8 +55,10 @@ def main() -> None:
     for message in warnings:
         log.warning("LEAKAGE WARNING: %s (evaluate.heldout_docs_in_sft_context: warn)", message)
     if problems:
-        raise SystemExit("evaluate: test data leaked into data/sft; scores would overstate the model:\n  - "
-                         + "\n  - ".join(problems))
+        raise SystemExit(
+            "evaluate: test data leaked into data/sft; scores would overstate the model:\n  - "
+            + "\n  - ".join(problems)
+        )
     examples = leakage.pop("examples")
     leakage["passed"] = leakage_passed(leakage)  # false after a warned-only leak: the gate must see it
     if p.max_questions and len(questions) > p.max_questions:
@@ -58,23 +69,31 @@ def main() -> None:
     # explaining contexts, and the base beside it, on samples (params say how large).
     n = len(questions)
     every = list(range(n))
+
     def sample(size: int, seed: int) -> list[int]:
         return sorted(random.Random(seed).sample(every, size)) if 0 < size < n else every
+
     context_rows, base_rows = sample(p.context_modes_max_questions, 1), sample(p.base_max_questions, 2)
-    rows = {"finetuned": {"rag": every, "closed_book": context_rows, "oracle": context_rows},
-            "base": {"rag": base_rows, "closed_book": context_rows, "oracle": context_rows}}
+    rows = {
+        "finetuned": {"rag": every, "closed_book": context_rows, "oracle": context_rows},
+        "base": {"rag": base_rows, "closed_book": context_rows, "oracle": context_rows},
+    }
     rag = [[dataclasses.asdict(h) for h in row] for row in hits]
     passages = {"closed_book": None, "rag": rag, "oracle": oracle_documents(questions, documents, rag)}
     asked = {v: {m: [questions[i] for i in r] for m, r in by_mode.items()} for v, by_mode in rows.items()}
-    contexts = {v: {m: None if passages[m] is None else [passages[m][i] for i in r] for m, r in by_mode.items()}
-                for v, by_mode in rows.items()}
+    contexts = {
+        v: {m: None if passages[m] is None else [passages[m][i] for i in r] for m, r in by_mode.items()}
+        for v, by_mode in rows.items()
+    }
 
     tokenizer = load_tokenizer("models/adapter")
     model = load_model("models/base")
     metrics: dict = {}
     scores: dict[str, dict[str, list[dict]]] = {}
-    predictions: list[dict] = [dict(id=q["id"], kind=q["kind"], subkind=q.get("subkind"), doc_status=q.get("doc_status"),
-                                    answers=q["answers"]) for q in questions]
+    predictions: list[dict] = [
+        dict(id=q["id"], kind=q["kind"], subkind=q.get("subkind"), doc_status=q.get("doc_status"), answers=q["answers"])
+        for q in questions
+    ]
     for variant in ("base", "finetuned"):
         if variant == "finetuned":
             # Merged for inference: same function, no per-layer adapter overhead while generating.
@@ -94,8 +113,16 @@ def main() -> None:
         judge, judge_tokenizer = load_judge(p.judge.model, p.judge.revision)
         for variant in ("base", "finetuned"):
             replies = [predictions[i][f"{variant}.rag"] for i in rows[variant]["rag"]]
-            judged = judge_answers(judge, judge_tokenizer, asked[variant]["rag"], contexts[variant]["rag"], replies,
-                                   p.judge.max_new_tokens, p.judge.batch_size, desc=f"judge {variant}/rag")
+            judged = judge_answers(
+                judge,
+                judge_tokenizer,
+                asked[variant]["rag"],
+                contexts[variant]["rag"],
+                replies,
+                p.judge.max_new_tokens,
+                p.judge.batch_size,
+                desc=f"judge {variant}/rag",
+            )
             metrics[variant]["rag"]["judge"] = summarize_judge(judged)
             for i, j in zip(rows[variant]["rag"], judged):
                 predictions[i][f"{variant}.rag.judge"] = j

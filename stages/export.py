@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from veritune.core.config import load_params
-from veritune.train.export import export_merged
 from veritune.core.io import atomic_path, write_json
+from veritune.train.export import export_merged
 
 log = logging.getLogger("veritune.export")
 

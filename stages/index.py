@@ -40,8 +40,10 @@ def main() -> None:
     p = load_params("index")
     local = is_local_uri(p.uri)
     if local and Path(p.uri).parent.resolve() != INDEX_DIR.resolve():
-        raise ValueError(f"params.index.uri must be a Milvus Lite file directly in {INDEX_DIR}/ "
-                         f"(e.g. {INDEX_DIR}/milvus.db) or a server URL like http://host:19530, got {p.uri!r}")
+        raise ValueError(
+            f"params.index.uri must be a Milvus Lite file directly in {INDEX_DIR}/ "
+            f"(e.g. {INDEX_DIR}/milvus.db) or a server URL like http://host:19530, got {p.uri!r}"
+        )
 
     documents = read_jsonl(DOCUMENTS)
     questions = {split: read_jsonl(path) for split, path in QUESTIONS.items()}
@@ -56,18 +58,26 @@ def main() -> None:
         with (tmp_dir / "chunks.jsonl").open("w", encoding="utf-8") as f:
             for chunk in chunks:
                 f.write(json.dumps(chunk, ensure_ascii=False) + "\n")
-        config = {"params": as_dict(p), **built, "n_documents": len(documents),
-                  # the on-disk db format belongs to milvus-lite's major version
-                  "versions": {pkg: version(pkg) for pkg in ("pymilvus", "milvus-lite", "sentence-transformers")}}
+        config = {
+            "params": as_dict(p),
+            **built,
+            "n_documents": len(documents),
+            # the on-disk db format belongs to milvus-lite's major version
+            "versions": {pkg: version(pkg) for pkg in ("pymilvus", "milvus-lite", "sentence-transformers")},
+        }
         (tmp_dir / "index_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # Searched on the renamed index, which also proves it opens where later stages look.
     with Retriever(p.uri, p.collection, p.embedding_model, batch_size=p.batch_size) as retriever:
-        hits = {split: retriever.search([q["question"] for q in qs], k=max(p.eval_ks))
-                for split, qs in questions.items()}
+        hits = {
+            split: retriever.search([q["question"] for q in qs], k=max(p.eval_ks)) for split, qs in questions.items()
+        }
     unseen = [i for i, q in enumerate(questions["test"]) if q.get("doc_status") == "unseen"]
-    scored = {"val": (questions["val"], hits["val"]), "test": (questions["test"], hits["test"]),
-              "test_unseen": ([questions["test"][i] for i in unseen], [hits["test"][i] for i in unseen])}
+    scored = {
+        "val": (questions["val"], hits["val"]),
+        "test": (questions["test"], hits["test"]),
+        "test_unseen": ([questions["test"][i] for i in unseen], [hits["test"][i] for i in unseen]),
+    }
     metrics: dict = {}
     for name, (qs, qs_hits) in scored.items():
         metrics[name] = retrieval_metrics(qs_hits, [q["doc_ids"] for q in qs], p.eval_ks)

@@ -14,10 +14,8 @@ import dataclasses
 import logging
 
 from veritune.core.config import as_dict, load_params
-from veritune.eval.evaluation import prompts_for, score_all
-from veritune.infer.decode import generate
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
-from veritune.model.modeling import load_model, load_tokenizer
+from veritune.eval.evaluation import prompts_for, score_all
 from veritune.eval.rag_eval import (
     answer_summary,
     injection_cases,
@@ -30,8 +28,10 @@ from veritune.eval.rag_eval import (
     with_ci,
     write_rag_report,
 )
+from veritune.infer.decode import generate
+from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.metrics import retrieval_metrics
-from veritune.retrieval.search import iterative_search, Retriever
+from veritune.retrieval.search import Retriever, iterative_search
 
 log = logging.getLogger("veritune.rag_eval")
 
@@ -52,8 +52,9 @@ def main() -> None:
 
     with Retriever(ip.uri, ip.collection, ip.embedding_model, batch_size=ip.batch_size, rrf_k=p.rrf_k) as retriever:
         hits = {m: retriever.search([q["question"] for q in questions], k=depth, mode=m) for m in p.modes}
-        iterative = {m: iterative_search(retriever, [q["question"] for q in multi_hop], k=depth, mode=m)
-                     for m in p.modes}
+        iterative = {
+            m: iterative_search(retriever, [q["question"] for q in multi_hop], k=depth, mode=m) for m in p.modes
+        }
         sample_hits = retriever.search([q["question"] for q in sample], k=depth, mode=p.answer_mode)
 
     # ----------------------------------------------------------------- retrieval
@@ -71,11 +72,13 @@ def main() -> None:
             per_mode[m] = per_question_recall(split_hits, gold, hk)
             retrieval[split][m] = retrieval_metrics(split_hits, gold, p.ks)
             retrieval[split][m][f"recall@{hk}_ci"] = with_ci(per_mode[m], p.bootstrap_samples)
-        hybrid_minus_dense[split] = {f"recall@{hk}": paired_difference(per_mode["hybrid"], per_mode["dense"],
-                                                                       p.bootstrap_samples)}
+        hybrid_minus_dense[split] = {
+            f"recall@{hk}": paired_difference(per_mode["hybrid"], per_mode["dense"], p.bootstrap_samples)
+        }
         if "bm25" in per_mode:
             hybrid_minus_dense[split][f"hybrid_minus_bm25_recall@{hk}"] = paired_difference(
-                per_mode["hybrid"], per_mode["bm25"], p.bootstrap_samples)
+                per_mode["hybrid"], per_mode["bm25"], p.bootstrap_samples
+            )
     mh_gold = [q["doc_ids"] for q in multi_hop]
     mh_index = {q["id"]: i for i, q in enumerate(questions)}
     mh: dict = {}
@@ -85,13 +88,15 @@ def main() -> None:
         mh[f"{m}_iterative"] = retrieval_metrics(iterative[m], mh_gold, p.ks)
         mh[f"{m}_iterative_minus_one_round"] = paired_difference(
             per_question_recall(iterative[m], mh_gold, hk, need_all=True),
-            per_question_recall(one_round, mh_gold, hk, need_all=True), p.bootstrap_samples)
+            per_question_recall(one_round, mh_gold, hk, need_all=True),
+            p.bootstrap_samples,
+        )
     retrieval["multi_hop_iterative"] = mh
     log.info("recall@%d on test: %s", hk, {m: retrieval["test"][m][f"recall@{hk}"] for m in p.modes})
 
     # ----------------------------------------------------------------- answers
     retrieved = [[dataclasses.asdict(h) for h in row] for row in sample_hits]
-    injection = injection_cases(sample, [ps[:sp.context_chunks] for ps in retrieved], p.seed)
+    injection = injection_cases(sample, [ps[: sp.context_chunks] for ps in retrieved], p.seed)
     tokenizer = load_tokenizer("models/adapter")
     model = load_model("models/base")
     answers: dict = {}
@@ -109,8 +114,14 @@ def main() -> None:
         if variant == "finetuned":
             model = PeftModel.from_pretrained(model, "models/adapter").merge_and_unload()
         model.eval()
-        replies = generate(model, tokenizer, injection_messages(injection, sp.system_prompt, sp.question_position),
-                           p.max_new_tokens, p.batch_size, desc=f"{variant}/injection")
+        replies = generate(
+            model,
+            tokenizer,
+            injection_messages(injection, sp.system_prompt, sp.question_position),
+            p.max_new_tokens,
+            p.batch_size,
+            desc=f"{variant}/injection",
+        )
         for row, case, reply in zip(predictions, injection, replies):
             row["injection_template"] = case["template"]
             row[f"{variant}.injection"] = reply
@@ -119,8 +130,9 @@ def main() -> None:
             continue
         answers[variant] = {
             "k": {str(k): answer(f"k={k}", variant, [ps[:k] for ps in retrieved]) for k in p.ks},
-            "noise": {str(n): answer(f"noise={n}", variant, noisy_passages(sample, chunks, n, p.seed))
-                      for n in p.noise_levels},
+            "noise": {
+                str(n): answer(f"noise={n}", variant, noisy_passages(sample, chunks, n, p.seed)) for n in p.noise_levels
+            },
         }
 
     metrics = {
@@ -141,8 +153,12 @@ def main() -> None:
         write_jsonl(out / "predictions.jsonl", predictions)
         write_rag_report(metrics, out, p.headline_k)
         write_json(out / "rag_config.json", {"rag_eval": as_dict(p), "build_sft": as_dict(sp), "index": as_dict(ip)})
-    log.info("rag_eval: hybrid - dense recall@%d on test: %s; injection resistance: %s", hk,
-             hybrid_minus_dense["test"][f"recall@{hk}"], {v: m["mean"] for v, m in injection_metrics.items()})
+    log.info(
+        "rag_eval: hybrid - dense recall@%d on test: %s; injection resistance: %s",
+        hk,
+        hybrid_minus_dense["test"][f"recall@{hk}"],
+        {v: m["mean"] for v, m in injection_metrics.items()},
+    )
 
 
 if __name__ == "__main__":

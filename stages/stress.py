@@ -29,21 +29,44 @@ from veritune.serve.stress import ServerProcess, drive_load, free_port, plot_lat
 log = logging.getLogger("veritune.stress")
 
 
-def run_load(name: str, max_batch_size: int, p, questions: list[str], keys: list[str], log_dir: Path) -> tuple[dict, list]:
+def run_load(
+    name: str, max_batch_size: int, p, questions: list[str], keys: list[str], log_dir: Path
+) -> tuple[dict, list]:
     import httpx
 
     args = ["--max-batch-size", str(max_batch_size), "--rate-limit-per-min", "0"]
     with ServerProcess(free_port(), api_keys=keys, log_path=log_dir / f"server-{name}.log", extra_args=args) as server:
         server.start(p.startup_timeout_s)
         # Warm-up outside the measured window: first calls pay for lazy initialisation.
-        asyncio.run(drive_load(server.url, questions, keys, clients=2, duration_s=0.1, max_tokens=p.max_tokens,
-                               stream_fraction=0.5, timeout_s=p.client_timeout_s, run_name=f"{name}-warmup"))
+        asyncio.run(
+            drive_load(
+                server.url,
+                questions,
+                keys,
+                clients=2,
+                duration_s=0.1,
+                max_tokens=p.max_tokens,
+                stream_fraction=0.5,
+                timeout_s=p.client_timeout_s,
+                run_name=f"{name}-warmup",
+            )
+        )
         before = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text
         log.info("stress: %s run, %d clients for %g s", name, p.clients, p.duration_s)
-        records, wall_s = asyncio.run(drive_load(server.url, questions, keys, clients=p.clients,
-                                                 duration_s=p.duration_s, max_tokens=p.max_tokens,
-                                                 stream_fraction=p.stream_fraction, timeout_s=p.client_timeout_s,
-                                                 seed=p.seed, run_name=name))
+        records, wall_s = asyncio.run(
+            drive_load(
+                server.url,
+                questions,
+                keys,
+                clients=p.clients,
+                duration_s=p.duration_s,
+                max_tokens=p.max_tokens,
+                stream_fraction=p.stream_fraction,
+                timeout_s=p.client_timeout_s,
+                seed=p.seed,
+                run_name=name,
+            )
+        )
         after = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {keys[0]}"}).text
         health = httpx.get(f"{server.url}/health").json()
         exit_code = server.stop()
@@ -70,8 +93,10 @@ def check_upstream(sp) -> None:
     try:
         httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else {}).raise_for_status()
     except httpx.HTTPError as e:
-        raise RuntimeError(f"serve.backend is upstream, and the upstream at {url} does not answer ({e}): start it "
-                           "first (e.g. `veritune serve --port 8001 --completions-endpoint --no-retrieval`)") from None
+        raise RuntimeError(
+            f"serve.backend is upstream, and the upstream at {url} does not answer ({e}): start it "
+            "first (e.g. `veritune serve --port 8001 --completions-endpoint --no-retrieval`)"
+        ) from None
 
 
 def main() -> None:
@@ -91,9 +116,15 @@ def main() -> None:
         check_upstream(sp)
     questions = [q["question"] for q in read_jsonl("data/split/questions_test.jsonl")]
     keys = [secrets.token_urlsafe(24) for _ in range(p.clients)]
-    metrics: dict = {"clients": p.clients, "duration_s": p.duration_s, "max_tokens": p.max_tokens,
-                     "stream_fraction": p.stream_fraction, "cpu": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "backend": sp.backend}
+    metrics: dict = {
+        "clients": p.clients,
+        "duration_s": p.duration_s,
+        "max_tokens": p.max_tokens,
+        "stream_fraction": p.stream_fraction,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "backend": sp.backend,
+    }
     if upstream:
         metrics["upstream_url"] = sp.upstream_url
     latencies = {}
@@ -103,8 +134,9 @@ def main() -> None:
         runs = [("batched", sp.max_batch_size)] + ([("unbatched", 1)] if compare else [])
         for name, batch in runs:
             metrics[name], records = run_load(name, batch, p, questions, keys, out)
-            latencies[f"{name} (max_batch_size={batch})"] = [r["latency_s"] for r in records
-                                                             if r["status"] == 200 and r["problem"] is None]
+            latencies[f"{name} (max_batch_size={batch})"] = [
+                r["latency_s"] for r in records if r["status"] == 200 and r["problem"] is None
+            ]
         if compare:
             b, u = metrics["batched"]["throughput_rps"], metrics["unbatched"]["throughput_rps"]
             metrics["throughput_ratio"] = round(b / u, 2) if u else None
@@ -113,8 +145,12 @@ def main() -> None:
         plot_latency(latencies, out / "latency.png")
         write_json(out / "stress_config.json", {"stress": as_dict(p), "serve": as_dict(sp)})
     write_json("metrics/stress.json", metrics)
-    log.info("stress: batched %s req/s, one at a time %s req/s, ratio %s", metrics["batched"]["throughput_rps"],
-             metrics.get("unbatched", {}).get("throughput_rps"), metrics.get("throughput_ratio"))
+    log.info(
+        "stress: batched %s req/s, one at a time %s req/s, ratio %s",
+        metrics["batched"]["throughput_rps"],
+        metrics.get("unbatched", {}).get("throughput_rps"),
+        metrics.get("throughput_ratio"),
+    )
 
 
 if __name__ == "__main__":

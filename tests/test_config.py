@@ -29,21 +29,44 @@ def test_params_yaml_has_no_unknown_sections():
 
 def test_every_knob_in_params_yaml_is_commented():
     text = (REPO / "params.yaml").read_text()
-    uncommented = [line for line in text.splitlines()
-                   if re.match(r"^\s+\w+: \S", line) and "#" not in line
-                   and not line.strip().startswith(("- ",))]
+    uncommented = [
+        line
+        for line in text.splitlines()
+        if re.match(r"^\s+\w+: \S", line) and "#" not in line and not line.strip().startswith(("- ",))
+    ]
     # Keys whose meaning is plain from the name alone may go uncommented.
-    plain = {"seed", "collection", "eval_ks", "lr_scheduler", "warmup_ratio", "target_modules", "num_layers",
-             "hidden_size", "num_heads", "max_position_embeddings", "batch_size", "seq_len", "warmup_steps",
-             "learning_rate", "logging_steps", "abstain_answer", "system_prompt", "max_question_chars",
-             "unseen_val_doc_fraction", "seen_val_fraction", "bootstrap_samples"}
+    plain = {
+        "seed",
+        "collection",
+        "eval_ks",
+        "lr_scheduler",
+        "warmup_ratio",
+        "target_modules",
+        "num_layers",
+        "hidden_size",
+        "num_heads",
+        "max_position_embeddings",
+        "batch_size",
+        "seq_len",
+        "warmup_steps",
+        "learning_rate",
+        "logging_steps",
+        "abstain_answer",
+        "system_prompt",
+        "max_question_chars",
+        "unseen_val_doc_fraction",
+        "seen_val_fraction",
+        "bootstrap_samples",
+    }
     missing = [line.strip() for line in uncommented if line.split(":")[0].strip() not in plain]
     assert not missing, f"params.yaml knobs without a trade-off comment: {missing}"
 
 
 def test_all_problems_are_listed_together():
     with pytest.raises(ParamsError) as err:
-        parse_params("train", {**PARAMS["train"], "lora_r": 0, "lr": 1e-4, "quantization": "int3", "learning_rate": 2.0})
+        parse_params(
+            "train", {**PARAMS["train"], "lora_r": 0, "lr": 1e-4, "quantization": "int3", "learning_rate": 2.0}
+        )
     message = str(err.value)
     assert "train.lora_r must be > 0, got 0" in message
     assert "train.lr is not a known setting" in message
@@ -53,8 +76,13 @@ def test_all_problems_are_listed_together():
 
 def test_nested_sections_are_checked():
     with pytest.raises(ParamsError, match=r"base.tiny.hidden_size must be divisible by base.tiny.num_heads"):
-        parse_params("base", {**PARAMS["base"], "tiny": {**PARAMS["base"]["tiny"], "hidden_size": 100, "num_heads": 3,
-                                                          "num_kv_heads": 1}})
+        parse_params(
+            "base",
+            {
+                **PARAMS["base"],
+                "tiny": {**PARAMS["base"]["tiny"], "hidden_size": 100, "num_heads": 3, "num_kv_heads": 1},
+            },
+        )
     with pytest.raises(ParamsError, match=r"base.revision must pin a commit"):
         parse_params("base", {**PARAMS["base"], "model": "meta-llama/Llama-3.1-8B-Instruct"})
 
@@ -69,8 +97,11 @@ def test_wrong_types_are_rejected():
 def _sections_read_by(script):
     """Sections a stage script passes to load_params(...)."""
     tree = ast.parse(script.read_text())
-    return {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params"}
+    return {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params"
+    }
 
 
 @pytest.mark.parametrize("stage", sorted(DVC["stages"]))
@@ -86,6 +117,7 @@ def test_dvc_stage_declares_exactly_what_its_script_reads(stage):
 
 def test_every_value_is_required_so_params_yaml_is_its_only_source():
     """No field has a default that could disagree with params.yaml; a missing key says so."""
+
     def walk(cls):
         for f in dataclasses.fields(cls):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (cls, f.name)

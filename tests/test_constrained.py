@@ -22,7 +22,10 @@ GOOD_CALLS = [
     {"name": "list_orders", "parameters": {"customer_id": "C-101"}},
     {"name": "search_kb", "parameters": {"query": "warranty of the Aurora K3 Kettle"}},
     {"name": "calculate", "parameters": {"expression": "2024-07-01 + 30"}},
-    {"name": "open_ticket", "parameters": {"order_id": 1042, "category": "warranty", "summary": "Kettle stopped heating"}},
+    {
+        "name": "open_ticket",
+        "parameters": {"order_id": 1042, "category": "warranty", "summary": "Kettle stopped heating"},
+    },
     {"name": "request_refund", "parameters": {"order_id": 1042, "amount": 149.5, "reason": "faulty"}},
 ]
 
@@ -58,15 +61,18 @@ def test_every_well_formed_call_is_accepted_and_ends_with_eom(grammar, tokenizer
         assert c.state == "done" and c.mask() is None
 
 
-@pytest.mark.parametrize("text", [
-    '{"name": "drop_tables", "parameters": {}}',                       # unknown tool
-    '{"name": "get_order", "parameters": {"order_id": "1042"}}',       # string for an integer
-    '{"name": "get_order", "parameters": {}}',                         # required argument missing
-    '{"name": "get_order", "parameters": {"order": 1042}}',            # misspelt argument
-    '{"name": "open_ticket", "parameters": {"order_id": 1, "category": "billing", "summary": "x"}}',  # not in enum
-    '{"name": "get_order", "parameters": {"order_id": 1042}}}',        # extra brace
-    '{"name":"get_order","parameters":{"order_id":1042}}',             # not Meta's layout
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "drop_tables", "parameters": {}}',  # unknown tool
+        '{"name": "get_order", "parameters": {"order_id": "1042"}}',  # string for an integer
+        '{"name": "get_order", "parameters": {}}',  # required argument missing
+        '{"name": "get_order", "parameters": {"order": 1042}}',  # misspelt argument
+        '{"name": "open_ticket", "parameters": {"order_id": 1, "category": "billing", "summary": "x"}}',  # not in enum
+        '{"name": "get_order", "parameters": {"order_id": 1042}}}',  # extra brace
+        '{"name":"get_order","parameters":{"order_id":1042}}',  # not Meta's layout
+    ],
+)
 def test_malformed_calls_are_refused_somewhere_along_the_way(grammar, tokenizer, text):
     refused, _ = walk(grammar, tokenizer, text)
     assert refused is not None
@@ -111,10 +117,18 @@ def test_schema_only_narrows_each_tools_own_schema():
     assert by_name["search_kb"]["properties"]["query"]["maxLength"] == 40
     assert by_name["get_order"]["properties"]["order_id"]["maximum"] == MAX_ID  # a tool's own bound is kept
     unbounded = {"name": "t", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}
-    assert call_schema([unbounded], max_string_chars=120)["anyOf"][0]["properties"]["parameters"]["properties"]["n"]["maximum"] == NUMBER_BOUND
+    assert (
+        call_schema([unbounded], max_string_chars=120)["anyOf"][0]["properties"]["parameters"]["properties"]["n"][
+            "maximum"
+        ]
+        == NUMBER_BOUND
+    )
     assert "maxLength" not in by_name["open_ticket"]["properties"]["category"]  # an enum stays an enum
-    assert TOOLS[0]["parameters"]["properties"]["order_id"] == {"type": "integer", "minimum": 1,
-                                                                "maximum": MAX_ID}  # the tools are untouched
+    assert TOOLS[0]["parameters"]["properties"]["order_id"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_ID,
+    }  # the tools are untouched
 
 
 def _tiny(tiny_checkpoint):
@@ -128,9 +142,15 @@ def test_generate_batch_constrains_only_its_own_row(tiny_checkpoint, tokenizer, 
     stops = stop_token_ids(tokenizer)
     prompt = tokenizer("Where is my order 1042?", add_special_tokens=False)["input_ids"]
     free = generate_batch(model, [GenerationRequest(list(prompt), 40)], stops, tokenizer.pad_token_id)[0]
-    both = generate_batch(model, [GenerationRequest(list(prompt), 40),
-                                  GenerationRequest(list(prompt), 300, constraint=grammar.constraint(require_call=True))],
-                          stops, tokenizer.pad_token_id)
+    both = generate_batch(
+        model,
+        [
+            GenerationRequest(list(prompt), 40),
+            GenerationRequest(list(prompt), 300, constraint=grammar.constraint(require_call=True)),
+        ],
+        stops,
+        tokenizer.pad_token_id,
+    )
     assert both[0].token_ids == free.token_ids  # the unconstrained row decodes as it does alone
     called = both[1]
     assert called.finish_reason == "stop" and called.stop_token_id == grammar.eom
@@ -147,8 +167,9 @@ def test_the_same_constraints_hold_in_transformers_generate(tiny_checkpoint, tok
     kwargs = dict(stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)
     plain = generate_ids(model, rows, max_new_tokens=20, **kwargs)
     free = generate_ids(model, rows, max_new_tokens=20, constraints=[grammar.constraint() for _ in rows], **kwargs)
-    forced = generate_ids(model, rows, max_new_tokens=300,
-                          constraints=[grammar.constraint(require_call=True) for _ in rows], **kwargs)
+    forced = generate_ids(
+        model, rows, max_new_tokens=300, constraints=[grammar.constraint(require_call=True) for _ in rows], **kwargs
+    )
     # No reply opened with <|python_tag|>: the constraint changes nothing.
     assert torch.equal(plain, free)
     for row in forced:
@@ -164,9 +185,13 @@ def test_grammar_on_llama3_vocabulary():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok = PreTrainedTokenizerFast(tokenizer_object=TikTokenConverter(str(LLAMA3_TOKENIZER), pattern=pattern).converted())
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=TikTokenConverter(str(LLAMA3_TOKENIZER), pattern=pattern).converted()
+    )
     tok.add_tokens(list(chat.LLAMA3_SPECIAL_TOKENS), special_tokens=True)
     grammar = ToolCallGrammar(tok, 128256, TOOLS, max_string_chars=120)
     assert (grammar.python_tag, grammar.eom) == (128010, 128008)

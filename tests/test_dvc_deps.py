@@ -88,8 +88,12 @@ def test_packages_run_nothing_on_import():
     then exactly its modules, which the deps above list."""
     for init in sorted((REPO / PACKAGE).rglob("__init__.py")):
         body = ast.parse(init.read_text(encoding="utf-8")).body
-        code = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
-                and not (isinstance(n, ast.Assign) and [t.id for t in n.targets] == ["__version__"])]
+        code = [
+            n
+            for n in body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+            and not (isinstance(n, ast.Assign) and [t.id for t in n.targets] == ["__version__"])
+        ]
         assert not code, f"{init.relative_to(REPO)} runs code on import; move it into a module"
 
 
@@ -101,16 +105,22 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 def test_the_check_catches_a_missing_transitive_dep(tmp_path):
     """A stage imports a, a imports b inside a function, b imports c: listing a and b is not enough."""
-    _write(tmp_path, {
-        "veritune/__init__.py": '"""A package."""\n',
-        "veritune/sub/__init__.py": '"""A subpackage."""\n',
-        "veritune/a.py": "def run():\n    from veritune.sub import b\n    return b.go()\n",
-        "veritune/sub/b.py": "from veritune.sub.c import VALUE\n\ndef go():\n    return VALUE\n",
-        "veritune/sub/c.py": "VALUE = 1\n",
-        "stages/s.py": "from veritune.a import run\n\n\ndef main():\n    run()\n",
-    })
-    assert stage_modules(tmp_path / "stages/s.py", tmp_path) == {Path("veritune/a.py"), Path("veritune/sub/b.py"),
-                                                                 Path("veritune/sub/c.py")}
+    _write(
+        tmp_path,
+        {
+            "veritune/__init__.py": '"""A package."""\n',
+            "veritune/sub/__init__.py": '"""A subpackage."""\n',
+            "veritune/a.py": "def run():\n    from veritune.sub import b\n    return b.go()\n",
+            "veritune/sub/b.py": "from veritune.sub.c import VALUE\n\ndef go():\n    return VALUE\n",
+            "veritune/sub/c.py": "VALUE = 1\n",
+            "stages/s.py": "from veritune.a import run\n\n\ndef main():\n    run()\n",
+        },
+    )
+    assert stage_modules(tmp_path / "stages/s.py", tmp_path) == {
+        Path("veritune/a.py"),
+        Path("veritune/sub/b.py"),
+        Path("veritune/sub/c.py"),
+    }
     listed = {"s": {"deps": ["stages/s.py", "veritune/a.py", "veritune/sub/b.py"]}}
     assert dep_problems(listed, tmp_path) == {"s": {"missing": ["veritune/sub/c.py"], "unused": []}}
     # Listing c, or the directory holding it, makes the stage complete; a module it never runs is flagged.

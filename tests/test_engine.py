@@ -12,15 +12,21 @@ import torch
 
 from tests.test_serve import call, call_many, chat, index_uri, load_talkative, loaded, make_app, sse_lines  # noqa: F401
 from veritune.agent.loop import parse_reply
+from veritune.agent.tools import TOOLS, check_call
+from veritune.core.chat import stop_token_ids
+from veritune.infer.constraints import ToolCallGrammar
 from veritune.infer.decode import GenerationRequest, generate_batch
 from veritune.serve.batching import BatcherStopped
-from veritune.infer.constraints import ToolCallGrammar
 from veritune.serve.engine import ContinuousBatchingEngine
-from veritune.core.chat import stop_token_ids
-from veritune.agent.tools import TOOLS, check_call
 
-QUESTIONS = ["Kettle?", "How long is parental leave for employees who adopt?", "Reset the router", "VPN",
-             "What does E4 on the display mean, and how do I descale the heating plate?", "Returns?"]
+QUESTIONS = [
+    "Kettle?",
+    "How long is parental leave for employees who adopt?",
+    "Reset the router",
+    "VPN",
+    "What does E4 on the display mean, and how do I descale the heating plate?",
+    "Returns?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +35,22 @@ def talkative(tiny_checkpoint):
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
 
 
 def hf_greedy(model, ids: list[int], max_new: int, stops) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new, do_sample=False, eos_token_id=list(stops), pad_token_id=0)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=list(stops),
+            pad_token_id=0,
+        )
+    new = out[0, len(ids) :].tolist()
     return new[:-1] if new and new[-1] in stops else new
 
 
@@ -45,8 +58,15 @@ def tiny_llama(layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=300, max_position_embeddings=512)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -56,6 +76,7 @@ def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prom
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randint(3, 300, (n,), generator=g).tolist() for n in (23, 40, 17))
     with torch.inference_mode():
+
         def hf_last(ids):
             return model(torch.tensor([ids])).logits[0, -1]
 
@@ -65,8 +86,9 @@ def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prom
         # One mixed step: slot 0 decodes its next token (slot 1 and 2 run dummy rows), b's rest
         # joins after its cached prefix, c starts in slot 2 - all through the same linear layers.
         nxt = int(first[0].argmax())
-        out = engine._mixed_forward([nxt, 0, 0], [len(a), engine.max_len - 1, engine.max_len - 1], len(a) + 1,
-                                    [(1, 25, b[25:]), (2, 0, c)])
+        out = engine._mixed_forward(
+            [nxt, 0, 0], [len(a), engine.max_len - 1, engine.max_len - 1], len(a) + 1, [(1, 25, b[25:]), (2, 0, c)]
+        )
         assert out.shape == (5, 300)
         torch.testing.assert_close(first[0], hf_last(a), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out[0], hf_last(a + [nxt]), rtol=1e-4, atol=1e-4)
@@ -88,8 +110,9 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     limits = [20, 5, 12, 30, 8, 16]
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
-    engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64,
-                                      mixed_tokens=16, mixed=mixed).start()
+    engine = ContinuousBatchingEngine(
+        model, stops, max_batch=3, max_len=512, prefill_tokens=64, mixed_tokens=16, mixed=mixed
+    ).start()
     try:
         futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
         completions = [f.result(60) for f in futures]
@@ -97,8 +120,9 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
         engine.stop()
     assert [c.token_ids for c in completions] == reference
     assert all(len(t) >= 5 for t in reference)  # real text, not an immediate stop
-    assert [c.finish_reason for c in completions] == ["length" if len(r) == n else "stop"
-                                                      for r, n in zip(reference, limits)]
+    assert [c.finish_reason for c in completions] == [
+        "length" if len(r) == n else "stop" for r, n in zip(reference, limits)
+    ]
     stats = engine.batch_stats()
     assert stats["max_batch_size_seen"] == 3  # never more than the slots
     assert engine.prefills >= 3  # the prefill budget (64 tokens) and the slots spread admission out
@@ -115,8 +139,9 @@ def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     from veritune.serve.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
 
     def waiting(*lengths):
-        engine._prefilling = [_Running(GenerationRequest([5] * n, 4), None, slot, 0, -1)
-                              for slot, n in enumerate(lengths)]
+        engine._prefilling = [
+            _Running(GenerationRequest([5] * n, 4), None, slot, 0, -1) for slot, n in enumerate(lengths)
+        ]
         return [(run.slot, start, count) for run, start, count in engine._plan()]
 
     assert waiting(250, 250) == [(0, 0, 250), (1, 0, 50)]  # nothing decoding: prefill_tokens per forward
@@ -138,8 +163,10 @@ def test_engine_matches_the_micro_batching_loop_with_a_grammar_on_one_row(talkat
     prompt = tokenizer("Where is my order 1042?", add_special_tokens=False)["input_ids"]
 
     def requests():
-        return [GenerationRequest(list(prompt), 40),
-                GenerationRequest(list(prompt), 300, constraint=grammar.constraint(require_call=True))]
+        return [
+            GenerationRequest(list(prompt), 40),
+            GenerationRequest(list(prompt), 300, constraint=grammar.constraint(require_call=True)),
+        ]
 
     expected = generate_batch(model, requests(), stops, tokenizer.pad_token_id)
     engine = ContinuousBatchingEngine(model, stops, max_batch=4, max_len=512).start()
@@ -171,6 +198,7 @@ def test_each_request_keeps_its_limit_stream_and_cancel(talkative):
             count[0] += 1
             if count[0] == n:
                 cancel_later.set()
+
         return on_token
 
     mid = GenerationRequest(list(ids), 40, on_token=cancel_after(4), cancelled=cancel_later)
@@ -220,8 +248,11 @@ def test_the_server_on_the_continuous_engine_answers_as_on_micro_batches(make_ap
         assert call(app, "GET", "/health").json()["engine"] == engine
         plain = [r.json() for r in call_many(app, bodies)]
         stream = call(app, "POST", "/v1/chat/completions", json={**bodies[0], "stream": True})
-        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-                       for line in sse_lines(stream) if line.startswith("data: {"))
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+            for line in sse_lines(stream)
+            if line.startswith("data: {")
+        )
         answers[engine] = ([(a["choices"][0]["message"]["content"], a["usage"], a["citations"]) for a in plain], text)
     assert answers["continuous"] == answers["micro_batch"]
     assert all(usage["completion_tokens"] > 0 for _, usage, _ in answers["continuous"][0])

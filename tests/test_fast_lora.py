@@ -8,14 +8,13 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from veritune.core import chat
 from tests.conftest import params
+from veritune.core import chat
+from veritune.data.sft import tokenize_example
+from veritune.model.modeling import load_model, load_tokenizer
 from veritune.train.export import export_merged, merged_model
 from veritune.train.fast_lora import fuse_lora_layers, prepare_for_training
-from veritune.model.modeling import load_model, load_tokenizer
-from veritune.data.sft import tokenize_example
 from veritune.train.training import lora_config
-
 
 VOCAB = 200  # below the tiny tokenizer's vocabulary size
 
@@ -23,8 +22,10 @@ VOCAB = 200  # below the tiny tokenizer's vocabulary size
 def _peft_pair(tiny_checkpoint, dropout=0.0, adapter_dtype=torch.float32):
     """Two identical PEFT models with non-zero LoRA B (so the adapter path matters)."""
     torch.manual_seed(0)
-    ref = get_peft_model(load_model(tiny_checkpoint), lora_config(
-        params("train", lora_r=4, lora_alpha=8, lora_dropout=dropout, quantization="none")))
+    ref = get_peft_model(
+        load_model(tiny_checkpoint),
+        lora_config(params("train", lora_r=4, lora_alpha=8, lora_dropout=dropout, quantization="none")),
+    )
     assert ref.config.vocab_size > VOCAB
     for name, param in ref.named_parameters():
         if "lora_B" in name:
@@ -80,14 +81,24 @@ def test_fused_lora_leaves_base_weights_frozen_and_adapter_switchable(tiny_check
 
 # ------------------------------------------------------------------------------- packing
 
+
 def _examples(tokenizer):
     rows = []
-    for i, (question, answer) in enumerate([("How much is the K3?", "$149."),
-                                            ("Return window?", "30 days from delivery."),
-                                            ("What does E4 mean on the display of the kettle?", "Descale it.")]):
-        messages = chat.rag_messages("Answer from the documents.", question,
-                                     [{"doc_id": f"d{i}", "title": "Doc", "text": chat_text}
-                                      for chat_text in ["The Aurora K3 Kettle retails for $149." * (i + 1)]])
+    for i, (question, answer) in enumerate(
+        [
+            ("How much is the K3?", "$149."),
+            ("Return window?", "30 days from delivery."),
+            ("What does E4 mean on the display of the kettle?", "Descale it."),
+        ]
+    ):
+        messages = chat.rag_messages(
+            "Answer from the documents.",
+            question,
+            [
+                {"doc_id": f"d{i}", "title": "Doc", "text": chat_text}
+                for chat_text in ["The Aurora K3 Kettle retails for $149." * (i + 1)]
+            ],
+        )
         rows.append(tokenize_example(messages + [{"role": "assistant", "content": answer}], tokenizer))
     return rows
 
@@ -110,25 +121,35 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(tiny_checkpoint, fused):
     assert "attention_mask" not in packed
     # The assistant-only mask survives packing: the same tokens carry loss.
     n_labelled = int((padded["labels"][:, 1:] != -100).sum())
-    assert int((packed["labels"][:, 1:] != -100).sum()) == n_labelled == sum(
-        sum(t != -100 for t in r["labels"][1:]) for r in rows)
+    assert (
+        int((packed["labels"][:, 1:] != -100).sum())
+        == n_labelled
+        == sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
+    )
     # use_cache=False as in training (SFTTrainer sets it): the sample boundaries are read from
     # the position ids only when no KV cache is being built.
     with torch.no_grad():
-        loss_padded = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                            labels=padded["labels"], use_cache=False).loss
-        loss_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                            labels=packed["labels"], use_cache=False).loss
+        loss_padded = model(
+            input_ids=padded["input_ids"],
+            attention_mask=padded["attention_mask"],
+            labels=padded["labels"],
+            use_cache=False,
+        ).loss
+        loss_packed = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"], use_cache=False
+        ).loss
         # No cross-sample attention: the last sample's logits are the same alone and packed.
         last = rows[-1]["input_ids"]
         alone = model(input_ids=torch.tensor([last]), use_cache=False).logits[0]
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              use_cache=False).logits[0]
+        packed_logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits[0]
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(packed_logits[-len(last):], alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed_logits[-len(last) :], alone, rtol=1e-4, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------- export
+
 
 def _trained_adapter(tiny_checkpoint, tmp_path):
     model, _ = _peft_pair(tiny_checkpoint)

@@ -23,44 +23,68 @@ CONTEXTS = [
 QUESTION = "How much is the Aurora K3 Kettle?"
 
 
-@pytest.mark.parametrize(("answer", "expected"), [
-    ("The Aurora K3 Kettle costs $1,299.50.", [("Aurora K3 Kettle", "entity"), ("$1,299.50", "number"), ("costs", "term")]),
-    ("It weighs 2.4 kg.", [("2.4 kg", "number"), ("weighs", "term")]),
-    ("Delivery takes 5–7 business days", [("5–7 business days", "number"), ("delivery", "term"), ("takes", "term")]),
-    ("Covered for 24 months, 30% off", [("24 months", "number"), ("30%", "number"), ("covered", "term")]),
-    ("Launched 2025-03-14, not 3 November 2024", [("2025-03-14", "date"), ("3 November 2024", "date"), ("launched", "term")]),
-    ("Order SKU LK-4821; E4 means descale", [("LK-4821", "code"), ("E4", "code"), ("sku", "term"), ("order", "term"),
-                                             ("means", "term"), ("descale", "term")]),
-    ("It comes in Butter Yellow", [("Butter Yellow", "entity"), ("comes", "term")]),
-    ("50 Larkspur Rewards points", [("Larkspur Rewards", "entity"), ("50", "number"), ("points", "term")]),
-])
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (
+            "The Aurora K3 Kettle costs $1,299.50.",
+            [("Aurora K3 Kettle", "entity"), ("$1,299.50", "number"), ("costs", "term")],
+        ),
+        ("It weighs 2.4 kg.", [("2.4 kg", "number"), ("weighs", "term")]),
+        (
+            "Delivery takes 5–7 business days",
+            [("5–7 business days", "number"), ("delivery", "term"), ("takes", "term")],
+        ),
+        ("Covered for 24 months, 30% off", [("24 months", "number"), ("30%", "number"), ("covered", "term")]),
+        (
+            "Launched 2025-03-14, not 3 November 2024",
+            [("2025-03-14", "date"), ("3 November 2024", "date"), ("launched", "term")],
+        ),
+        (
+            "Order SKU LK-4821; E4 means descale",
+            [
+                ("LK-4821", "code"),
+                ("E4", "code"),
+                ("sku", "term"),
+                ("order", "term"),
+                ("means", "term"),
+                ("descale", "term"),
+            ],
+        ),
+        ("It comes in Butter Yellow", [("Butter Yellow", "entity"), ("comes", "term")]),
+        ("50 Larkspur Rewards points", [("Larkspur Rewards", "entity"), ("50", "number"), ("points", "term")]),
+    ],
+)
 def test_extract_claims(answer, expected):
     assert sorted(extract_claims(answer), key=str) == sorted((Claim(t, k) for t, k in expected), key=str)
 
 
-@pytest.mark.parametrize(("text", "kind", "supported"), [
-    ("$1,299", "number", True),
-    ("1299 dollars", "number", True),      # "$" and "dollars" are one unit; thousands separator ignored
-    ("1,299", "number", True),             # a bare value matches whatever its unit
-    ("$1,399", "number", False),           # swapped number
-    ("1299 kg", "number", False),          # right value, wrong unit
-    ("2.4 kilograms", "number", True),
-    ("2.40 kg", "number", True),
-    ("5–7 business days", "number", True),
-    ("5–9 business days", "number", False),
-    ("14 March 2025", "date", True),
-    ("2025-03-15", "date", False),
-    ("lk4821", "code", True),
-    ("LK-4822", "code", False),
-    ("E5", "code", False),
-    ("Aurora K3 Kettle", "entity", True),
-    ("Brio K3 Kettle", "entity", False),   # swapped entity
-    ("Aurora Kettle", "entity", False),    # not the whole token sequence
-    ("Display E4", "entity", True),        # common word capitalised at a sentence start
-    ("descaling", "term", True),
-    ("plates", "term", True),
-    ("dishwasher", "term", False),
-])
+@pytest.mark.parametrize(
+    ("text", "kind", "supported"),
+    [
+        ("$1,299", "number", True),
+        ("1299 dollars", "number", True),  # "$" and "dollars" are one unit; thousands separator ignored
+        ("1,299", "number", True),  # a bare value matches whatever its unit
+        ("$1,399", "number", False),  # swapped number
+        ("1299 kg", "number", False),  # right value, wrong unit
+        ("2.4 kilograms", "number", True),
+        ("2.40 kg", "number", True),
+        ("5–7 business days", "number", True),
+        ("5–9 business days", "number", False),
+        ("14 March 2025", "date", True),
+        ("2025-03-15", "date", False),
+        ("lk4821", "code", True),
+        ("LK-4822", "code", False),
+        ("E5", "code", False),
+        ("Aurora K3 Kettle", "entity", True),
+        ("Brio K3 Kettle", "entity", False),  # swapped entity
+        ("Aurora Kettle", "entity", False),  # not the whole token sequence
+        ("Display E4", "entity", True),  # common word capitalised at a sentence start
+        ("descaling", "term", True),
+        ("plates", "term", True),
+        ("dishwasher", "term", False),
+    ],
+)
 def test_is_supported(text, kind, supported):
     assert is_supported(Claim(text, kind), CONTEXTS) is supported
 
@@ -76,24 +100,37 @@ def test_grounded_and_unsupported_answers():
     assert invented["score"] < 0.8
 
 
-@pytest.mark.parametrize(("question", "contexts", "answer", "label"), [
-    # differences and sums of like quantities, two or three of them
-    ("Price difference?", ["The A costs $219.", "The B costs $149."], "$70", "grounded"),
-    ("Price difference?", ["The A costs $219.", "The B costs $149."], "$80", "unsupported"),
-    ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$467", "grounded"),
-    ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$468", "unsupported"),
-    ("Weight difference?", ["The A weighs 3.6 kg.", "The B is sold at $2."], "1.6 kg", "unsupported"),  # kg - $
-    # a rate times an amount, a percentage off, a period after a date
-    ("Points for the A?", ["Members earn 3 points for every $1 spent.", "The A costs $139."], "417 points", "grounded"),
-    ("Points for the A?", ["Members earn 3 points for every $1 spent.", "The A costs $139."], "418 points", "unsupported"),
-    ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.15", "grounded"),
-    ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.00", "unsupported"),
-    ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-28", "grounded"),
-    ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-29", "unsupported"),
-    ("Bought on 2026-03-09: return by?", ["Returns within 60 days."], "2026-05-08", "grounded"),
-    ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 months", "grounded"),
-    ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "36 months", "unsupported"),
-])
+@pytest.mark.parametrize(
+    ("question", "contexts", "answer", "label"),
+    [
+        # differences and sums of like quantities, two or three of them
+        ("Price difference?", ["The A costs $219.", "The B costs $149."], "$70", "grounded"),
+        ("Price difference?", ["The A costs $219.", "The B costs $149."], "$80", "unsupported"),
+        ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$467", "grounded"),
+        ("Together?", ["A: $219.", "B: $149.", "C: $99."], "$468", "unsupported"),
+        ("Weight difference?", ["The A weighs 3.6 kg.", "The B is sold at $2."], "1.6 kg", "unsupported"),  # kg - $
+        # a rate times an amount, a percentage off, a period after a date
+        (
+            "Points for the A?",
+            ["Members earn 3 points for every $1 spent.", "The A costs $139."],
+            "417 points",
+            "grounded",
+        ),
+        (
+            "Points for the A?",
+            ["Members earn 3 points for every $1 spent.", "The A costs $139."],
+            "418 points",
+            "unsupported",
+        ),
+        ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.15", "grounded"),
+        ("Student price?", ["Students get 15 percent off.", "The A costs $299."], "$254.00", "unsupported"),
+        ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-28", "grounded"),
+        ("Bought on 2024-01-28: warranty until?", ["Warranty: 24 months."], "2026-01-29", "unsupported"),
+        ("Bought on 2026-03-09: return by?", ["Returns within 60 days."], "2026-05-08", "grounded"),
+        ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 months", "grounded"),
+        ("With Care+, months of cover?", ["Warranty: 24 months.", "Care+ adds 2 years."], "36 months", "unsupported"),
+    ],
+)
 def test_numbers_and_dates_one_arithmetic_step_from_the_sources(question, contexts, answer, label):
     """Multi-hop answers computed from stated quantities are supported; near misses are not."""
     assert score_groundedness(question, contexts, answer)["label"] == label
@@ -117,36 +154,99 @@ NEAR_MISSES = [
     ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$368", "grounded"),
     ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "368 litres", "unsupported"),
     ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$222", "unsupported"),  # + 3 days
-    ("What do the X1 Kettle and the Z9 Toaster cost together?", [KETTLE, TOASTER], "$587", "unsupported"),  # + 219 again
+    (
+        "What do the X1 Kettle and the Z9 Toaster cost together?",
+        [KETTLE, TOASTER],
+        "$587",
+        "unsupported",
+    ),  # + 219 again
     ("How much does the X1 Kettle cost?", [KETTLE, TOASTER], "$368", "unsupported"),  # no total asked for
     # sum of three
     ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$467", "grounded"),
-    ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "467 days", "unsupported"),
+    (
+        "What do A, B and C cost together?",
+        ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."],
+        "467 days",
+        "unsupported",
+    ),
     ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$371", "unsupported"),
     ("What do A, B and C cost together?", ["A: $219.", "B: $149.", "C: $99. Ships in 3 days."], "$566", "unsupported"),
     # difference of two
     ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$70", "grounded"),
     ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "70 litres", "unsupported"),
-    ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$216", "unsupported"),  # - 3 days
+    (
+        "How much more does the X1 Kettle cost than the Z9 Toaster?",
+        [KETTLE, TOASTER],
+        "$216",
+        "unsupported",
+    ),  # - 3 days
     ("How much more does the X1 Kettle cost than the Z9 Toaster?", [KETTLE, TOASTER], "$71", "unsupported"),
     ("How much does the Z9 Toaster cost?", [KETTLE, TOASTER], "$70", "unsupported"),  # no difference asked for
     # like periods summed across units (years counted in months)
-    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 months", "grounded"),
-    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "48 years", "unsupported"),
-    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "26 months", "unsupported"),
-    ("With Care+, how many months of cover in total?", ["Warranty: 24 months.", "Care+ adds 2 years."], "72 months", "unsupported"),
+    (
+        "With Care+, how many months of cover in total?",
+        ["Warranty: 24 months.", "Care+ adds 2 years."],
+        "48 months",
+        "grounded",
+    ),
+    (
+        "With Care+, how many months of cover in total?",
+        ["Warranty: 24 months.", "Care+ adds 2 years."],
+        "48 years",
+        "unsupported",
+    ),
+    (
+        "With Care+, how many months of cover in total?",
+        ["Warranty: 24 months.", "Care+ adds 2 years."],
+        "26 months",
+        "unsupported",
+    ),
+    (
+        "With Care+, how many months of cover in total?",
+        ["Warranty: 24 months.", "Care+ adds 2 years."],
+        "72 months",
+        "unsupported",
+    ),
     # a quantity times a rate per that quantity's unit
-    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "657 points", "grounded"),
-    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "$657", "unsupported"),
-    ("How many points does the X1 Kettle earn?", ["Members earn 3 points for every $1 spent.", KETTLE], "9 points", "unsupported"),
-    ("How many dollars of reward does the X1 Kettle earn?",
-     ["Members earn 3 points for every $1 spent.", "Every 100 points can be redeemed for a $5 reward.", KETTLE],
-     "$32.85", "unsupported"),  # 657 points -> $: two steps, not one
+    (
+        "How many points does the X1 Kettle earn?",
+        ["Members earn 3 points for every $1 spent.", KETTLE],
+        "657 points",
+        "grounded",
+    ),
+    (
+        "How many points does the X1 Kettle earn?",
+        ["Members earn 3 points for every $1 spent.", KETTLE],
+        "$657",
+        "unsupported",
+    ),
+    (
+        "How many points does the X1 Kettle earn?",
+        ["Members earn 3 points for every $1 spent.", KETTLE],
+        "9 points",
+        "unsupported",
+    ),
+    (
+        "How many dollars of reward does the X1 Kettle earn?",
+        ["Members earn 3 points for every $1 spent.", "Every 100 points can be redeemed for a $5 reward.", KETTLE],
+        "$32.85",
+        "unsupported",
+    ),  # 657 points -> $: two steps, not one
     ("What reward do 300 points buy?", ["Every 100 points can be redeemed for a $5 reward."], "$15", "grounded"),
     # a percentage off a price
     ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "$186.15", "grounded"),
-    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "186.15 litres", "unsupported"),
-    ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "1.28 litres", "unsupported"),
+    (
+        "What is the student price of the X1 Kettle?",
+        ["Students get 15 percent off.", KETTLE],
+        "186.15 litres",
+        "unsupported",
+    ),
+    (
+        "What is the student price of the X1 Kettle?",
+        ["Students get 15 percent off.", KETTLE],
+        "1.28 litres",
+        "unsupported",
+    ),
     ("What is the student price of the X1 Kettle?", ["Students get 15 percent off.", KETTLE], "$158.23", "unsupported"),
     # a count the question states times a price
     ("What do two X1 Kettles cost?", [KETTLE], "$438", "grounded"),
@@ -160,14 +260,26 @@ NEAR_MISSES = [
     (BOUGHT, [RETURNS, OTHER_WARRANTY], "2024-03-29", "unsupported"),
     # hedged claims: a refusal around an invented fact is an unsupported answer
     ("How much is the X1 Kettle?", [KETTLE], "The documents do not say, but it costs $999.", "unsupported"),
-    ("How much is the X1 Kettle?", [KETTLE], "I cannot find that in the documents; it probably ships in 5 days.",
-     "unsupported"),
+    (
+        "How much is the X1 Kettle?",
+        [KETTLE],
+        "I cannot find that in the documents; it probably ships in 5 days.",
+        "unsupported",
+    ),
     ("Is the Z9 dishwasher safe?", [KETTLE], "The documents don't say, though it is made in Portugal.", "unsupported"),
     ("How much is the Z9 Toaster?", [KETTLE], "The documents don't say.", "abstained"),
-    ("How much is the Z9 Toaster?", [KETTLE], "Sorry, the documents don't mention the Z9 Toaster's price. "
-     "Anything else I can help with?", "abstained"),
-    ("How much is the Z9 Toaster?", [KETTLE], "The documents don't say; they only cover the X1 Kettle at $219.",
-     "abstained"),
+    (
+        "How much is the Z9 Toaster?",
+        [KETTLE],
+        "Sorry, the documents don't mention the Z9 Toaster's price. Anything else I can help with?",
+        "abstained",
+    ),
+    (
+        "How much is the Z9 Toaster?",
+        [KETTLE],
+        "The documents don't say; they only cover the X1 Kettle at $219.",
+        "abstained",
+    ),
     # invented entities
     ("What colours does the X1 Kettle come in?", [KETTLE], "The X1 Kettle comes in Midnight Blue.", "unsupported"),
     ("How much is the X1 Kettle?", [KETTLE], "The Aurora X1 Kettle costs $219.", "unsupported"),
@@ -176,8 +288,11 @@ NEAR_MISSES = [
 ]
 
 
-@pytest.mark.parametrize(("question", "contexts", "answer", "label"), NEAR_MISSES,
-                         ids=[f"{i}:{a[:30]}" for i, (_, _, a, _) in enumerate(NEAR_MISSES)])
+@pytest.mark.parametrize(
+    ("question", "contexts", "answer", "label"),
+    NEAR_MISSES,
+    ids=[f"{i}:{a[:30]}" for i, (_, _, a, _) in enumerate(NEAR_MISSES)],
+)
 def test_near_miss_set_is_labelled_right(question, contexts, answer, label):
     """Right answers one unit-consistent step from the sources are grounded; their twins with
     a wrong unit, an irrelevant operand or one step off are not, and neither is a hedge
@@ -188,12 +303,20 @@ def test_near_miss_set_is_labelled_right(question, contexts, answer, label):
 def test_question_counts_as_evidence_and_empty_answer_scores_one():
     assert score_groundedness("Is the Brio X5 Kettle red?", [], "The Brio X5 Kettle")["label"] == "grounded"
     assert score_groundedness(QUESTION, CONTEXTS, "...") == {
-        "score": 1.0, "label": "grounded", "unsupported_claims": [], "n_claims": 0}
+        "score": 1.0,
+        "label": "grounded",
+        "unsupported_claims": [],
+        "n_claims": 0,
+    }
 
 
 def test_abstention_is_labelled_abstained():
     assert score_groundedness(QUESTION, CONTEXTS, "The documents don't say.") == {
-        "score": 1.0, "label": "abstained", "unsupported_claims": [], "n_claims": 0}
+        "score": 1.0,
+        "label": "abstained",
+        "unsupported_claims": [],
+        "n_claims": 0,
+    }
 
 
 def test_score_records_accepts_string_and_object_contexts():
@@ -205,7 +328,10 @@ def test_score_records_accepts_string_and_object_contexts():
 
 
 def test_score_records_names_the_bad_record():
-    records = [{"id": "a1", "question": "q", "contexts": [], "answer": "x"}, {"id": "a2", "question": "q", "contexts": []}]
+    records = [
+        {"id": "a1", "question": "q", "contexts": [], "answer": "x"},
+        {"id": "a2", "question": "q", "contexts": []},
+    ]
     with pytest.raises(ValueError, match=r"record 1 \(id 'a2'\): missing field 'answer'"):
         score_records(records)
     with pytest.raises(ValueError, match=r"record 0: contexts\[0\]"):
@@ -218,11 +344,14 @@ def _write(path, records):
 
 def test_cli_scores_a_file(tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
-    _write(answers, [
-        {"id": "1", "question": QUESTION, "contexts": CONTEXTS, "answer": "$1,299"},
-        {"id": "2", "question": QUESTION, "contexts": CONTEXTS, "answer": "$999"},
-        {"id": "3", "question": QUESTION, "contexts": CONTEXTS, "answer": "The documents don't say."},
-    ])
+    _write(
+        answers,
+        [
+            {"id": "1", "question": QUESTION, "contexts": CONTEXTS, "answer": "$1,299"},
+            {"id": "2", "question": QUESTION, "contexts": CONTEXTS, "answer": "$999"},
+            {"id": "3", "question": QUESTION, "contexts": CONTEXTS, "answer": "The documents don't say."},
+        ],
+    )
     assert main(["score", str(answers)]) == 0
     scored = [json.loads(line) for line in (tmp_path / "answers.scored.jsonl").read_text().splitlines()]
     assert [r["id"] for r in scored] == ["1", "2", "3"]
@@ -244,8 +373,12 @@ def test_cli_entry_point(tmp_path):
     answers = tmp_path / "a.jsonl"
     _write(answers, [{"question": QUESTION, "contexts": CONTEXTS, "answer": "It weighs 2.4 kg."}])
     out = tmp_path / "scored.jsonl"
-    done = subprocess.run([str(REPO / ".venv/bin/veritune"), "score", str(answers), "-o", str(out), "--threshold", "0.9"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [str(REPO / ".venv/bin/veritune"), "score", str(answers), "-o", str(out), "--threshold", "0.9"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "grounded 100.0%" in done.stderr
     assert json.loads(out.read_text())["groundedness"]["score"] == 1.0
 
@@ -256,5 +389,5 @@ def test_auroc_on_hand_made_records():
     positives = [score_groundedness(QUESTION, CONTEXTS, a)["score"] for a in gold]
     negatives = [score_groundedness(QUESTION, CONTEXTS, a)["score"] for a in wrong]
     assert auroc(positives, negatives) == 1.0
-    assert auroc([0.5, 0.5], [0.5]) == 0.5   # ties count half
+    assert auroc([0.5, 0.5], [0.5]) == 0.5  # ties count half
     assert auroc([0.2], [0.9]) == 0.0

@@ -10,12 +10,19 @@ import pytest
 
 from tests.conftest import PARAMS_YAML, REPO, params
 from veritune.core.config import parse_params
+from veritune.core.io import read_jsonl
 from veritune.core.params import GateCriterion
 from veritune.eval.csat import PERSONAS, csat_score, make_customers, simulate, summarize_csat
-from veritune.eval.evaluation import (headline, leakage_check, leakage_passed, leakage_violations, oracle_documents, score_all,
-                                 summarize_scores)
+from veritune.eval.evaluation import (
+    headline,
+    leakage_check,
+    leakage_passed,
+    leakage_violations,
+    oracle_documents,
+    score_all,
+    summarize_scores,
+)
 from veritune.eval.gate import build_release, check_criteria, for_variant, read_metric, withdraw_release
-from veritune.core.io import read_jsonl
 
 ABSTAIN = "The documents don't say."
 HEDGE = "The documents don't say, but it costs $999."  # a refusal around an invented price
@@ -31,8 +38,10 @@ def sample():
     questions = rng.sample(questions, 160)
     for q in questions:
         q["doc_status"] = rng.choice(["seen", "unseen"])
-    retrieved = [[{"doc_id": "doc-0001", "title": documents["doc-0001"]["title"], "text": documents["doc-0001"]["text"]}]
-                 for _ in questions]
+    retrieved = [
+        [{"doc_id": "doc-0001", "title": documents["doc-0001"]["title"], "text": documents["doc-0001"]["text"]}]
+        for _ in questions
+    ]
     return questions, oracle_documents(questions, documents, retrieved)
 
 
@@ -45,6 +54,7 @@ def answerer(how: str, rng: random.Random):
         if how == "hedge":
             return HEDGE
         return " ".join(rng.choice(WORDS) for _ in range(4))
+
     return answer
 
 
@@ -56,8 +66,16 @@ def run(how, questions, passages):
 
 def test_sample_covers_every_group(sample):
     _, s = run("oracle", *sample)
-    for group in ("single_hop", "multi_hop", "unanswerable", "unanswerable_false_premise",
-                  "unanswerable_not_stated", "unanswerable_nonexistent_entity", "answerable_seen", "answerable_unseen"):
+    for group in (
+        "single_hop",
+        "multi_hop",
+        "unanswerable",
+        "unanswerable_false_premise",
+        "unanswerable_not_stated",
+        "unanswerable_nonexistent_entity",
+        "answerable_seen",
+        "answerable_unseen",
+    ):
         assert s[group]["n"] >= 3, (group, s[group])
 
 
@@ -93,7 +111,7 @@ def test_random_answerer_scores_near_zero(sample):
 
 
 def test_hedged_invention_is_an_unsupported_answer_not_an_abstention(sample):
-    """"The documents don't say, but it costs $999." declines in words and invents a price:
+    """ "The documents don't say, but it costs $999." declines in words and invents a price:
     every metric counts it as the unsupported answer it is (issue 14)."""
     _, s = run("hedge", *sample)
     assert s["unanswerable"]["abstention"] == 0.0 and s["unanswerable_false_premise"]["abstention"] == 0.0
@@ -126,22 +144,34 @@ def test_oracle_context_is_the_supporting_documents(sample):
 
 # --------------------------------------------------------------------------- leakage
 
+
 def _sft(question: str, context: str, answer: str) -> dict:
-    return {"messages": [{"role": "system", "content": "Answer from the documents."},
-                         {"role": "user", "content": f"Documents:\n[d] T\n{context}\n\nQuestion: {question}"},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": "Answer from the documents."},
+            {"role": "user", "content": f"Documents:\n[d] T\n{context}\n\nQuestion: {question}"},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def test_leakage_check_finds_test_questions_and_heldout_documents():
-    test_q = [{"id": "q1", "question": "How much does the Aurora K3 Kettle cost?"},
-              {"id": "q2", "question": "What colour is the Zephyr X5?"}]
-    doc_text = ("The Aurora K3 Kettle is a kettle from Larkspur Appliances and it is sold at a list price of "
-                "one hundred and forty nine dollars in every store that stocks it across the country.")
+    test_q = [
+        {"id": "q1", "question": "How much does the Aurora K3 Kettle cost?"},
+        {"id": "q2", "question": "What colour is the Zephyr X5?"},
+    ]
+    doc_text = (
+        "The Aurora K3 Kettle is a kettle from Larkspur Appliances and it is sold at a list price of "
+        "one hundred and forty nine dollars in every store that stocks it across the country."
+    )
     heldout = [{"id": "doc-h", "text": doc_text}]
     clean = [_sft("What does the Juniper T6 cost?", "The Juniper T6 costs $79.", "$79")]
     result = leakage_check(test_q, heldout, clean, 13, 0.5)
-    assert (result["test_questions_in_sft"], result["heldout_docs_in_sft_targets"],
-            result["heldout_docs_in_sft_context"]) == (0, 0, 0)
+    assert (
+        result["test_questions_in_sft"],
+        result["heldout_docs_in_sft_targets"],
+        result["heldout_docs_in_sft_context"],
+    ) == (0, 0, 0)
 
     leaked = clean + [_sft("how much does the aurora k3 kettle cost", doc_text, "$149")]
     result = leakage_check(test_q, heldout, leaked, 13, 0.5)
@@ -154,11 +184,14 @@ def test_leakage_check_finds_test_questions_and_heldout_documents():
 
     result = leakage_check(test_q, heldout, clean + [_sft("Tell me about it", "x", doc_text)], 13, 0.5)
     assert result["heldout_docs_in_sft_targets"] == 1
-    assert "held out" not in leakage_violations(result, "warn")[0][0] and "heldout docs in sft targets" in \
-        leakage_violations(result, "warn")[0][0]
+    assert (
+        "held out" not in leakage_violations(result, "warn")[0][0]
+        and "heldout docs in sft targets" in leakage_violations(result, "warn")[0][0]
+    )
 
 
 # --------------------------------------------------------------------------- CSAT
+
 
 def csat_answerer(how: str):
     rng = random.Random(0)
@@ -179,6 +212,7 @@ def csat_answerer(how: str):
             context = goal["answers"][0] if goal and goal["answers"] else "Larkspur sells appliances."
             out.append((reply, [{"doc_id": "d", "title": "t", "text": context}]))
         return out
+
     return answer, goals
 
 
@@ -243,9 +277,13 @@ def test_csat_hedged_invention_misleads_the_customer(sample):
 
 def test_csat_rubric_charges_extra_turns_and_unsupported_claims():
     goal = {"id": "q1", "answers": ["$149"], "question": "Price?"}
-    conv = {"customer": {"persona": "patient", "goals": [goal]},
-            "turns": [{"goal": "q1", "resolved": False, "unsupported": False, "wrong_refusal": True},
-                      {"goal": "q1", "resolved": True, "unsupported": False, "wrong_refusal": False}]}
+    conv = {
+        "customer": {"persona": "patient", "goals": [goal]},
+        "turns": [
+            {"goal": "q1", "resolved": False, "unsupported": False, "wrong_refusal": True},
+            {"goal": "q1", "resolved": True, "unsupported": False, "wrong_refusal": False},
+        ],
+    }
     assert csat_score(conv, params("csat").rubric)["csat"] == 4
     conv["turns"][0]["unsupported"] = True
     assert csat_score(conv, params("csat").rubric)["csat"] == 3
@@ -255,18 +293,26 @@ def test_csat_rubric_charges_extra_turns_and_unsupported_claims():
 
 # --------------------------------------------------------------------------- gate
 
+
 def write_metrics(path, finetuned_abstention, base_abstention=0.0):
     path.mkdir(exist_ok=True)
-    (path / "eval.json").write_text(json.dumps({
-        "finetuned": {"rag": {"unanswerable": {"abstention": finetuned_abstention}}},
-        "base": {"rag": {"unanswerable": {"abstention": base_abstention}}},
-        "headline": {"finetuned_rag_unsupported_answerable": 0.05, "base_rag_unsupported_answerable": 0.85},
-        "leakage": {"passed": True}}))
+    (path / "eval.json").write_text(
+        json.dumps(
+            {
+                "finetuned": {"rag": {"unanswerable": {"abstention": finetuned_abstention}}},
+                "base": {"rag": {"unanswerable": {"abstention": base_abstention}}},
+                "headline": {"finetuned_rag_unsupported_answerable": 0.05, "base_rag_unsupported_answerable": 0.85},
+                "leakage": {"passed": True},
+            }
+        )
+    )
 
 
-CRITERIA = (GateCriterion("eval.json:finetuned.rag.unanswerable.abstention", ">=", 0.8, "refuse, don't invent"),
-            GateCriterion("eval.json:headline.finetuned_rag_unsupported_answerable", "<=", 0.2, "grounded"),
-            GateCriterion("eval.json:leakage.passed", "==", 1, "no contamination"))
+CRITERIA = (
+    GateCriterion("eval.json:finetuned.rag.unanswerable.abstention", ">=", 0.8, "refuse, don't invent"),
+    GateCriterion("eval.json:headline.finetuned_rag_unsupported_answerable", "<=", 0.2, "grounded"),
+    GateCriterion("eval.json:leakage.passed", "==", 1, "no contamination"),
+)
 
 
 def test_gate_known_values(tmp_path):
@@ -283,8 +329,13 @@ def test_gate_known_values(tmp_path):
 
 def test_gate_fails_on_missing_evidence(tmp_path):
     write_metrics(tmp_path, 1.0)
-    rows = check_criteria((GateCriterion("rag.json:finetuned.recall_at_5", ">=", 0.5, "retrieval"),
-                           GateCriterion("eval.json:finetuned.rag.nope", ">=", 0.5, "typo")), tmp_path)
+    rows = check_criteria(
+        (
+            GateCriterion("rag.json:finetuned.recall_at_5", ">=", 0.5, "retrieval"),
+            GateCriterion("eval.json:finetuned.rag.nope", ">=", 0.5, "typo"),
+        ),
+        tmp_path,
+    )
     assert [r["passed"] for r in rows] == [False, False] and all(r["problem"] == "metric missing" for r in rows)
     assert read_metric(tmp_path, "eval.json:leakage.passed") == 1.0
 
@@ -301,8 +352,9 @@ def test_release_exists_only_when_built_and_is_withdrawn(tmp_path, tiny_checkpoi
     (adapter / "adapter_config.json").write_text("{}")
     write_metrics(tmp_path / "metrics", 1.0)
     gate = {"finetuned": check_criteria(CRITERIA, tmp_path / "metrics")}
-    release = build_release(tmp_path / "release", adapter, tiny_checkpoint, gate, {"finetuned_rag_f1_unseen": 0.1},
-                            None)
+    release = build_release(
+        tmp_path / "release", adapter, tiny_checkpoint, gate, {"finetuned_rag_f1_unseen": 0.1}, None
+    )
     assert (tmp_path / "release/adapter/adapter_config.json").is_file()
     saved = json.loads((tmp_path / "release/release.json").read_text())
     assert saved["adapter_hash"] == release["adapter_hash"] and len(saved["adapter_hash"]) == 64
@@ -319,11 +371,13 @@ def test_gate_params_reject_bad_criteria():
     with pytest.raises(ParamsError, match="gate.criteria must list at least one criterion"):
         parse_params("gate", {**PARAMS_YAML["gate"], "criteria": []})
     with pytest.raises(ParamsError, match=r"must be one of|needs a `why`|must read"):
-        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": "=>", "value": 1,
-                                                                    "why": "w"}]})
+        parse_params(
+            "gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": "=>", "value": 1, "why": "w"}]}
+        )
     with pytest.raises(ParamsError, match="needs a `why`"):
-        parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1,
-                                                                    "why": " "}]})
+        parse_params(
+            "gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1, "why": " "}]}
+        )
     with pytest.raises(ParamsError, match=r"gate.criteria\[0\].why is required"):
         parse_params("gate", {**PARAMS_YAML["gate"], "criteria": [{"metric": "eval.json:x", "op": ">=", "value": 1}]})
 
@@ -355,8 +409,9 @@ def test_gate_stage_blocks_without_leaving_a_release(tmp_path, monkeypatch, tiny
     assert "BLOCKED" in (tmp_path / "reports/release/report.md").read_text()
 
     # fail_on_block: false lets the run complete; the decision is the same, nothing is released.
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"gate": {**gate, "fail_on_block": False},
-                                                          "csat": PARAMS_YAML["csat"]}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"gate": {**gate, "fail_on_block": False}, "csat": PARAMS_YAML["csat"]})
+    )
     gate_stage.main()
     assert sorted(p.name for p in (tmp_path / "models/release").iterdir()) == ["BLOCKED.md"]
     assert json.loads((tmp_path / "metrics/gate.json").read_text())["passed"] is False
@@ -375,8 +430,11 @@ def test_shipped_gate_passes_gold_answers_and_blocks_random_ones(sample, tmp_pat
 
     from veritune.core.io import write_json
 
-    criteria = [c for c in parse_params("gate", yaml.safe_load((REPO / "params.yaml").read_text())["gate"]).criteria
-                if c.metric.startswith("eval.json:headline.")]
+    criteria = [
+        c
+        for c in parse_params("gate", yaml.safe_load((REPO / "params.yaml").read_text())["gate"]).criteria
+        if c.metric.startswith("eval.json:headline.")
+    ]
     assert len(criteria) >= 3
     questions, passages = sample
     verdicts = {}
@@ -392,10 +450,17 @@ def test_shipped_gate_passes_gold_answers_and_blocks_random_ones(sample, tmp_pat
 def _warned_leak() -> dict:
     """A held-out document shown as an SFT passage: `heldout_docs_in_sft_context: warn` lets
     evaluate run on, but the leak happened."""
-    doc_text = ("The Aurora K3 Kettle is a kettle from Larkspur Appliances and it is sold at a list price of "
-                "one hundred and forty nine dollars in every store that stocks it across the country.")
-    result = leakage_check([{"id": "q1", "question": "What colour is the Zephyr X5?"}], [{"id": "doc-h", "text": doc_text}],
-                           [_sft("Tell me about kettles", doc_text, "It is a kettle.")], 13, 0.5)
+    doc_text = (
+        "The Aurora K3 Kettle is a kettle from Larkspur Appliances and it is sold at a list price of "
+        "one hundred and forty nine dollars in every store that stocks it across the country."
+    )
+    result = leakage_check(
+        [{"id": "q1", "question": "What colour is the Zephyr X5?"}],
+        [{"id": "doc-h", "text": doc_text}],
+        [_sft("Tell me about kettles", doc_text, "It is a kettle.")],
+        13,
+        0.5,
+    )
     problems, warnings = leakage_violations(result, "warn")
     assert not problems and warnings, "the stage only warns here"
     return result
@@ -403,8 +468,13 @@ def _warned_leak() -> dict:
 
 def test_leakage_passed_is_false_whenever_a_leak_was_found():
     assert leakage_passed(_warned_leak()) is False
-    clean = leakage_check([{"id": "q1", "question": "What colour is the Zephyr X5?"}], [],
-                          [_sft("What does the Juniper T6 cost?", "The Juniper T6 costs $79.", "$79")], 13, 0.5)
+    clean = leakage_check(
+        [{"id": "q1", "question": "What colour is the Zephyr X5?"}],
+        [],
+        [_sft("What does the Juniper T6 cost?", "The Juniper T6 costs $79.", "$79")],
+        13,
+        0.5,
+    )
     assert leakage_passed(clean) is True
 
 
@@ -430,14 +500,27 @@ def agent_metrics(how: str) -> dict:
 
     task = {"id": "t1", "facts": ["shipped"], "gold_calls": [{"name": "get_order", "parameters": {"order_id": 1042}}]}
     if how == "oracle":
-        calls = [{"name": "get_order", "parameters": {"order_id": 1042}, "valid": True,
-                  "result": {"order_id": 1042, "status": "shipped"}}]
+        calls = [
+            {
+                "name": "get_order",
+                "parameters": {"order_id": 1042},
+                "valid": True,
+                "result": {"order_id": 1042, "status": "shipped"},
+            }
+        ]
         answer = "Order 1042 has shipped."
     else:
         calls = [{"name": None, "parameters": None, "valid": False, "result": {"error": "malformed tool call"}}]
         answer = "I have refunded order 1042 in full."
-    results = [{"task_id": "t1", "stop": "answer", "n_steps": 2, "answer": answer,
-                **score_episode(task, answer, {}, {}, calls)}]
+    results = [
+        {
+            "task_id": "t1",
+            "stop": "answer",
+            "n_steps": 2,
+            "answer": answer,
+            **score_episode(task, answer, {}, {}, calls),
+        }
+    ]
     return {"finetuned": summarize_episodes(results, 1)}
 
 
@@ -460,8 +543,13 @@ def test_every_shipped_gate_criterion_fails_on_a_known_bad_input(sample, tmp_pat
         leakage = _warned_leak() if how == "leaked" else leakage_check([], [], [], 13, 0.5)
         metrics = tmp_path / how
         metrics.mkdir()
-        write_json(metrics / "eval.json", {"headline": headline({"finetuned": {"rag": scores}}, questions, 200),
-                                           "leakage": {"passed": leakage_passed(leakage)}})
+        write_json(
+            metrics / "eval.json",
+            {
+                "headline": headline({"finetuned": {"rag": scores}}, questions, 200),
+                "leakage": {"passed": leakage_passed(leakage)},
+            },
+        )
         write_json(metrics / "csat.json", {"finetuned": simulate_with(answerer_how, questions)[3]})
         write_json(metrics / "agent.json", agent_metrics(answerer_how))
         failed[how] = {row["metric"] for row in check_criteria(criteria, metrics) if not row["passed"]}

@@ -9,7 +9,13 @@ import yaml
 
 from tests.conftest import PARAMS_YAML
 from veritune.core import chat
-from veritune.model.modeling import CheckpointError, check_checkpoint, load_model, load_tokenizer, materialize_checkpoint
+from veritune.model.modeling import (
+    CheckpointError,
+    check_checkpoint,
+    load_model,
+    load_tokenizer,
+    materialize_checkpoint,
+)
 
 
 def test_tiny_model_has_the_llama31_architecture(tiny_checkpoint):
@@ -63,8 +69,9 @@ def test_hub_checkpoint_is_fetched_pinned_with_token_never_logged(monkeypatch, t
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     with caplog.at_level(logging.DEBUG):
-        materialize_checkpoint("meta-llama/Llama-3.1-8B-Instruct", "0e9e39f249a16976918f6564b8830bc894c89659",
-                               tmp_path / "base")
+        materialize_checkpoint(
+            "meta-llama/Llama-3.1-8B-Instruct", "0e9e39f249a16976918f6564b8830bc894c89659", tmp_path / "base"
+        )
     [call] = calls
     assert call["repo_id"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert call["revision"] == "0e9e39f249a16976918f6564b8830bc894c89659"
@@ -92,7 +99,9 @@ def test_base_stage_takes_a_local_checkpoint_by_params_alone(tiny_checkpoint, tm
     from stages.base import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {**PARAMS_YAML["base"], "model": str(tiny_checkpoint)}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"base": {**PARAMS_YAML["base"], "model": str(tiny_checkpoint)}})
+    )
     main()
     assert check_checkpoint(tmp_path / "models/base")["model_type"] == "llama"
     saved = json.loads((tmp_path / "models/base/base_config.json").read_text())
@@ -123,30 +132,46 @@ def test_bf16_autocast_follows_the_precision_param(monkeypatch):
 
 def _tool_conversation(order_id: int) -> list[dict]:
     call = {"name": "get_order", "parameters": {"order_id": order_id}}
-    return [{"role": "system", "content": "Environment: ipython\n\nYou are the support agent."},
-            {"role": "user", "content": f"Where is my order {order_id}?"},
-            {"role": "assistant", "content": "", "tool_call": call},
-            {"role": "ipython", "content": '{"status": "shipped"}'},
-            {"role": "assistant", "content": f"Order {order_id} has shipped."}]
+    return [
+        {"role": "system", "content": "Environment: ipython\n\nYou are the support agent."},
+        {"role": "user", "content": f"Where is my order {order_id}?"},
+        {"role": "assistant", "content": "", "tool_call": call},
+        {"role": "ipython", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": f"Order {order_id} has shipped."},
+    ]
 
 
 def test_tiny_base_learns_the_tool_format_from_the_sft_conversations(tmp_path):
     from tests.conftest import params
     from veritune.model.pretrain import build_tiny_base
 
-    documents = [{"id": f"d{i}", "title": f"Kettle K{i}", "text": f"The Kettle K{i} costs ${i}9 and weighs {i} kg."}
-                 for i in range(40)]
+    documents = [
+        {"id": f"d{i}", "title": f"Kettle K{i}", "text": f"The Kettle K{i} costs ${i}9 and weighs {i} kg."}
+        for i in range(40)
+    ]
     conversations = [_tool_conversation(1000 + i) for i in range(30)]
     call = chat.PYTHON_TAG + chat.tool_call_text("get_order", {"order_id": 1042}) + chat.EOM
     n_call, n_docs = {}, {}
     for from_sft in (False, True):
-        p = params("base", tiny={"vocab_size": 800, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                                 "num_kv_heads": 1, "intermediate_size": 64, "max_position_embeddings": 256},
-                   pretrain={"steps": 0, "tool_prompts": from_sft}, tokenizer_from_sft=from_sft)
+        p = params(
+            "base",
+            tiny={
+                "vocab_size": 800,
+                "hidden_size": 32,
+                "num_layers": 1,
+                "num_heads": 2,
+                "num_kv_heads": 1,
+                "intermediate_size": 64,
+                "max_position_embeddings": 256,
+            },
+            pretrain={"steps": 0, "tool_prompts": from_sft},
+            tokenizer_from_sft=from_sft,
+        )
         out = tmp_path / str(from_sft)
         out.mkdir()
-        n_docs[from_sft] = build_tiny_base(documents, {d["id"]: "train" for d in documents}, p, out,
-                                           conversations)["n_pretrain_docs"]
+        n_docs[from_sft] = build_tiny_base(documents, {d["id"]: "train" for d in documents}, p, out, conversations)[
+            "n_pretrain_docs"
+        ]
         n_call[from_sft] = len(load_tokenizer(out)(call, add_special_tokens=False)["input_ids"])
     assert n_call[True] <= 0.7 * n_call[False]  # the format's pieces ('{"', 'name', '":') became tokens
     assert (n_docs[False], n_docs[True]) == (40, 40 + 30)  # + the tool conversations' prompts

@@ -18,8 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import yaml
@@ -30,28 +30,64 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = VENV_BIN / "dvc"
 
-STAGES = ("validate", "split", "index", "agent_db", "build_sft", "base", "train", "export", "evaluate", "rag_eval",
-          "agent_eval", "csat", "gate", "stress")
-METRICS = {"evaluate": "metrics/eval.json", "rag_eval": "metrics/rag.json",
-           "agent_eval": "metrics/agent.json"}  # else metrics/<stage>.json
+STAGES = (
+    "validate",
+    "split",
+    "index",
+    "agent_db",
+    "build_sft",
+    "base",
+    "train",
+    "export",
+    "evaluate",
+    "rag_eval",
+    "agent_eval",
+    "csat",
+    "gate",
+    "stress",
+)
+METRICS = {
+    "evaluate": "metrics/eval.json",
+    "rag_eval": "metrics/rag.json",
+    "agent_eval": "metrics/agent.json",
+}  # else metrics/<stage>.json
 N_DOCUMENTS = 40  # the first 20 products (spec sheet + guide each)
 N_GROUNDED_QUESTIONS = 80  # questions whose documents are all among those kept
 N_NO_DOCUMENT_QUESTIONS = 20  # unanswerable questions about products that do not exist
 
 # Small enough that each stage is dominated by its imports; every split stays non-empty.
 PARAM_OVERRIDES = {
-    "base": {"model": "tiny", "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                      "intermediate_size": 128, "vocab_size": 600},
-             "pretrain": {"steps": 3, "batch_size": 2, "seq_len": 64}},
+    "base": {
+        "model": "tiny",
+        "tiny": {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 128,
+            "vocab_size": 600,
+        },
+        "pretrain": {"steps": 3, "batch_size": 2, "seq_len": 64},
+    },
     # logging_steps 1: with 3 steps the default of 10 would log no loss curve at all
     "train": {"max_steps": 3, "batch_size": 4, "save_steps": 2, "logging_steps": 1},
     "evaluate": {"max_questions": 12, "bootstrap_samples": 50, "max_new_tokens": 8},
     "csat": {"conversations": 5, "max_turns": 2, "impatient_turns": 1, "max_new_tokens": 8, "bootstrap_samples": 50},
     # A 3-step model meets no real release bar; these check the plumbing: evidence present, no leak.
-    "gate": {"criteria": [{"metric": "eval.json:leakage.passed", "op": "==", "value": 1, "why": "no test data in SFT"},
-                          {"metric": "csat.json:finetuned.n", "op": ">=", "value": 5, "why": "CSAT ran"}]},
-    "rag_eval": {"max_questions": 8, "ks": [1, 3], "headline_k": 3, "noise_levels": [0, 2], "bootstrap_samples": 100,
-                 "max_new_tokens": 8},
+    "gate": {
+        "criteria": [
+            {"metric": "eval.json:leakage.passed", "op": "==", "value": 1, "why": "no test data in SFT"},
+            {"metric": "csat.json:finetuned.n", "op": ">=", "value": 5, "why": "CSAT ran"},
+        ]
+    },
+    "rag_eval": {
+        "max_questions": 8,
+        "ks": [1, 3],
+        "headline_k": 3,
+        "noise_levels": [0, 2],
+        "bootstrap_samples": 100,
+        "max_new_tokens": 8,
+    },
     "agent_eval": {"max_tasks": 2, "trials": 2, "max_new_tokens": 8, "max_steps": 2, "batch_size": 4},
     "stress": {"clients": 4, "duration_s": 3, "max_tokens": 8},
 }
@@ -63,23 +99,32 @@ LOCAL = "localhost,127.0.0.1,::1"  # Milvus Lite's own gRPC server must stay rea
 def project_env(project: Path) -> dict[str, str]:
     """The environment of every subprocess: offline, no progress bars, this project's code."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update({
-        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the stages' `python` is the venv's
-        # the copied veritune/ is what DVC hashes as a dep, so it is what the stages must import
-        # (ahead of the editable install, which points at a working tree others are editing)
-        "PYTHONPATH": str(project),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TQDM_DISABLE": "1",
-        "DVC_NO_ANALYTICS": "1",
-        "HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "ALL_PROXY": DEAD_PROXY,
-        "http_proxy": DEAD_PROXY, "https_proxy": DEAD_PROXY, "all_proxy": DEAD_PROXY,
-        "NO_PROXY": LOCAL, "no_proxy": LOCAL,
-        "GIT_AUTHOR_NAME": "veritune tests", "GIT_AUTHOR_EMAIL": "tests@example.invalid",
-        "GIT_COMMITTER_NAME": "veritune tests", "GIT_COMMITTER_EMAIL": "tests@example.invalid",
-    })
+    env.update(
+        {
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the stages' `python` is the venv's
+            # the copied veritune/ is what DVC hashes as a dep, so it is what the stages must import
+            # (ahead of the editable install, which points at a working tree others are editing)
+            "PYTHONPATH": str(project),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+            "DVC_NO_ANALYTICS": "1",
+            "HTTP_PROXY": DEAD_PROXY,
+            "HTTPS_PROXY": DEAD_PROXY,
+            "ALL_PROXY": DEAD_PROXY,
+            "http_proxy": DEAD_PROXY,
+            "https_proxy": DEAD_PROXY,
+            "all_proxy": DEAD_PROXY,
+            "NO_PROXY": LOCAL,
+            "no_proxy": LOCAL,
+            "GIT_AUTHOR_NAME": "veritune tests",
+            "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+            "GIT_COMMITTER_NAME": "veritune tests",
+            "GIT_COMMITTER_EMAIL": "tests@example.invalid",
+        }
+    )
     return env
 
 
@@ -88,8 +133,10 @@ def sh(project: Path, *args: str | Path, check: bool = True) -> subprocess.Compl
     cmd = [str(a) for a in args]
     result = subprocess.run(cmd, cwd=project, env=project_env(project), capture_output=True, text=True)
     if check:
-        assert result.returncode == 0, (f"`{' '.join(cmd)}` exited {result.returncode} in {project}\n"
-                                        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+        assert result.returncode == 0, (
+            f"`{' '.join(cmd)}` exited {result.returncode} in {project}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+        )
     return result
 
 
@@ -154,8 +201,9 @@ def make_project(path: Path, questions_extra: Sequence[dict] = ()) -> Path:
 def digest(path: Path) -> dict[str, str]:
     """sha256 of a file, or of every file under a directory (relative path -> hash)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(f.relative_to(path)) if f != path else f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in files}
+    return {
+        str(f.relative_to(path)) if f != path else f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+    }
 
 
 def running_stages(output: str) -> set[str]:
@@ -175,24 +223,43 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_writes_every_declared_output_offline(project):
     """One `dvc repro` with a dead proxy and the hub offline builds everything dvc.yaml declares."""
-    for out in ("data/validated/documents.jsonl", "data/validated/questions.jsonl", "reports/validation.json",
-                "data/split/questions_train.jsonl", "data/split/questions_val.jsonl",
-                "data/split/questions_test.jsonl", "data/split/doc_split.json",
-                "data/index/milvus.db", "data/index/chunks.jsonl", "data/sft/train.jsonl", "data/sft/val.jsonl",
-                "models/base/config.json", "models/base/tokenizer.json", "models/base/tokenizer_config.json",
-                "models/adapter/adapter_config.json", "models/adapter/adapter_model.safetensors",
-                "reports/eval/eval.md", "reports/eval/eval_comparison.png", "reports/eval/predictions.jsonl",
-                "metrics/train/metrics.json", "metrics/train/plots/metrics/loss.tsv",
-                "data/agent/business.sqlite", "reports/agent/agent.md", "reports/agent/episodes.jsonl"):
+    for out in (
+        "data/validated/documents.jsonl",
+        "data/validated/questions.jsonl",
+        "reports/validation.json",
+        "data/split/questions_train.jsonl",
+        "data/split/questions_val.jsonl",
+        "data/split/questions_test.jsonl",
+        "data/split/doc_split.json",
+        "data/index/milvus.db",
+        "data/index/chunks.jsonl",
+        "data/sft/train.jsonl",
+        "data/sft/val.jsonl",
+        "models/base/config.json",
+        "models/base/tokenizer.json",
+        "models/base/tokenizer_config.json",
+        "models/adapter/adapter_config.json",
+        "models/adapter/adapter_model.safetensors",
+        "reports/eval/eval.md",
+        "reports/eval/eval_comparison.png",
+        "reports/eval/predictions.jsonl",
+        "metrics/train/metrics.json",
+        "metrics/train/plots/metrics/loss.tsv",
+        "data/agent/business.sqlite",
+        "reports/agent/agent.md",
+        "reports/agent/episodes.jsonl",
+    ):
         assert (project / out).exists(), f"{out} missing after dvc repro"
     for stage in STAGES:
         metrics = METRICS.get(stage, f"metrics/{stage}.json")
         assert (project / metrics).is_file(), f"{metrics} missing"
 
     # each artifact carries the config that made it
-    for config, section, expected in (("models/base/base_config.json", "tiny", PARAM_OVERRIDES["base"]["tiny"]),
-                                      ("models/adapter/train_config.json", None, PARAM_OVERRIDES["train"]),
-                                      ("data/index/index_config.json", "params", {"uri": "data/index/milvus.db"})):
+    for config, section, expected in (
+        ("models/base/base_config.json", "tiny", PARAM_OVERRIDES["base"]["tiny"]),
+        ("models/adapter/train_config.json", None, PARAM_OVERRIDES["train"]),
+        ("data/index/index_config.json", "params", {"uri": "data/index/milvus.db"}),
+    ):
         saved = json.loads((project / config).read_text(encoding="utf-8"))
         saved = saved[section] if section else saved
         assert {k: saved.get(k) for k in expected} == expected, f"{config} does not hold the params it ran with"
@@ -207,7 +274,9 @@ def test_repro_writes_every_declared_output_offline(project):
     assert evaluation["n_test_questions"] == PARAM_OVERRIDES["evaluate"]["max_questions"]
     gate = json.loads((project / "metrics/gate.json").read_text(encoding="utf-8"))
     assert gate["passed"] and (project / "models/release/release.json").is_file(), gate
-    assert (project / "reports/release/report.html").is_file() and (project / "reports/csat/csat_histogram.png").is_file()
+    assert (project / "reports/release/report.html").is_file() and (
+        project / "reports/csat/csat_histogram.png"
+    ).is_file()
     agent = json.loads((project / "metrics/agent.json").read_text(encoding="utf-8"))
     assert agent["oracle"]["success"] == 1.0 and agent["base"]["episodes"] == 4, agent
 
@@ -245,8 +314,16 @@ def test_remote_round_trip_restores_a_clone(project, tmp_path):
 def test_train_param_experiment_reruns_only_train_and_evaluate(project):
     """`dvc exp run -S train.learning_rate=...` retrains and re-evaluates, nothing upstream."""
     result = dvc(project, "exp", "run", "--name", "lr-1e-3", "-S", "train.learning_rate=0.001")
-    assert running_stages(result.stdout) == {"train", "export", "evaluate", "rag_eval", "agent_eval", "csat", "gate",
-                                             "stress"}, result.stdout
+    assert running_stages(result.stdout) == {
+        "train",
+        "export",
+        "evaluate",
+        "rag_eval",
+        "agent_eval",
+        "csat",
+        "gate",
+        "stress",
+    }, result.stdout
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
     train_diff = diff.get("metrics/train.json", {})
@@ -275,10 +352,20 @@ def test_loss_plot_is_the_training_curve(project, tmp_path):
 def test_bad_records_stop_the_pipeline_before_training(tmp_path):
     """A dangling document id and an e-mail address fail `validate`; nothing downstream exists."""
     bad = [
-        {"id": "q-bad-link", "question": "What does the Juniper T6 Kettle cost?", "answers": ["$79"],
-         "doc_ids": ["doc-9999"], "kind": "single_hop"},
-        {"id": "q-bad-email", "question": "Can jane.doe@example.com return the Juniper T6 Kettle?",
-         "answers": [], "doc_ids": [], "kind": "unanswerable"},
+        {
+            "id": "q-bad-link",
+            "question": "What does the Juniper T6 Kettle cost?",
+            "answers": ["$79"],
+            "doc_ids": ["doc-9999"],
+            "kind": "single_hop",
+        },
+        {
+            "id": "q-bad-email",
+            "question": "Can jane.doe@example.com return the Juniper T6 Kettle?",
+            "answers": [],
+            "doc_ids": [],
+            "kind": "unanswerable",
+        },
     ]
     path = make_project(tmp_path / "project", questions_extra=bad)
     result = dvc(path, "repro", check=False)

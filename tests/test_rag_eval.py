@@ -27,7 +27,7 @@ from veritune.eval.rag_eval import (
 from veritune.retrieval.chunking import chunk_document
 from veritune.retrieval.embedding import load_embedder
 from veritune.retrieval.index import build_index
-from veritune.retrieval.search import iterative_search, Retriever
+from veritune.retrieval.search import Retriever, iterative_search
 
 # Ten documents. The catalogue names part 77812 once in a long text while the wand's price
 # list names a look-alike part and a price, so the embedding prefers the wrong one and only an
@@ -35,24 +35,56 @@ from veritune.retrieval.search import iterative_search, Retriever
 # no word with any document, which only the embedding can match; the toaster pair is a
 # two-hop chain (a SKU -> the product -> its error code) with the kettle's E7 as a decoy.
 DOCS = [
-    {"id": "valve", "title": "Spare Parts Catalogue", "text": "The catalogue lists every spare part for espresso "
-     "machines sold since 2019, with prices and fitting notes; the pressure valve is part 77812."},
-    {"id": "wand", "title": "Steam Wand Price List", "text": "Steam wand replacement price: item 77821 costs 40 euros."},
-    {"id": "sleep", "title": "Sleep Guidance", "text": "Adults should get seven to nine hours of sleep each "
-     "night to stay healthy and alert."},
-    {"id": "toaster_spec", "title": "Borealis Toaster — Specifications", "text": "The Borealis Toaster has four "
-     "slots, a 1500 W element and is listed under SKU ZK-5521."},
-    {"id": "toaster_guide", "title": "Borealis Toaster — Quick Start Guide", "text": "If the Borealis Toaster "
-     "shows error E7 on its display, empty the crumb tray, wait a minute and restart it."},
+    {
+        "id": "valve",
+        "title": "Spare Parts Catalogue",
+        "text": "The catalogue lists every spare part for espresso "
+        "machines sold since 2019, with prices and fitting notes; the pressure valve is part 77812.",
+    },
+    {
+        "id": "wand",
+        "title": "Steam Wand Price List",
+        "text": "Steam wand replacement price: item 77821 costs 40 euros.",
+    },
+    {
+        "id": "sleep",
+        "title": "Sleep Guidance",
+        "text": "Adults should get seven to nine hours of sleep each night to stay healthy and alert.",
+    },
+    {
+        "id": "toaster_spec",
+        "title": "Borealis Toaster — Specifications",
+        "text": "The Borealis Toaster has four slots, a 1500 W element and is listed under SKU ZK-5521.",
+    },
+    {
+        "id": "toaster_guide",
+        "title": "Borealis Toaster — Quick Start Guide",
+        "text": "If the Borealis Toaster "
+        "shows error E7 on its display, empty the crumb tray, wait a minute and restart it.",
+    },
     {"id": "kettle_guide", "title": "Aquila Kettle Errors", "text": "Error E7: let the kettle cool, then descale."},
-    {"id": "router", "title": "Nimbus R7 Router", "text": "To reset the Nimbus R7 router, hold the pinhole button "
-     "for ten seconds until the LED blinks amber."},
-    {"id": "leave", "title": "Parental Leave Policy", "text": "Employees receive sixteen weeks of paid parental "
-     "leave, which may be split into two blocks within the first year."},
-    {"id": "expenses", "title": "Travel Expense Policy", "text": "Hotel stays are reimbursed up to 180 euros per "
-     "night; receipts must be filed within thirty days."},
-    {"id": "vpn", "title": "Corporate VPN Setup", "text": "Install the WireGuard client, import the profile from "
-     "the IT portal and sign in with your badge number."},
+    {
+        "id": "router",
+        "title": "Nimbus R7 Router",
+        "text": "To reset the Nimbus R7 router, hold the pinhole button for ten seconds until the LED blinks amber.",
+    },
+    {
+        "id": "leave",
+        "title": "Parental Leave Policy",
+        "text": "Employees receive sixteen weeks of paid parental "
+        "leave, which may be split into two blocks within the first year.",
+    },
+    {
+        "id": "expenses",
+        "title": "Travel Expense Policy",
+        "text": "Hotel stays are reimbursed up to 180 euros per night; receipts must be filed within thirty days.",
+    },
+    {
+        "id": "vpn",
+        "title": "Corporate VPN Setup",
+        "text": "Install the WireGuard client, import the profile from "
+        "the IT portal and sign in with your badge number.",
+    },
 ]
 KEYWORD_QUERY = "What does part 77812 cost?"
 PARAPHRASE_QUERY = "How much rest does a grownup require daily?"
@@ -129,8 +161,10 @@ def test_an_index_built_before_full_text_search_says_to_rebuild(tmp_path):
         index_params = client.prepare_index_params()
         index_params.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
         client.create_collection("chunks", schema=schema, index_params=index_params)
-        client.insert("chunks", [{"chunk_id": "a#0", "doc_id": "a", "title": "A", "text": "alpha",
-                                  "embedding": [1.0] + [0.0] * 383}])
+        client.insert(
+            "chunks",
+            [{"chunk_id": "a#0", "doc_id": "a", "title": "A", "text": "alpha", "embedding": [1.0] + [0.0] * 383}],
+        )
         client.flush("chunks")
     finally:
         disconnect(client, uri)
@@ -166,9 +200,11 @@ def test_paired_difference_and_its_interval():
 
 
 def test_stratified_sample_keeps_kind_shares_and_is_deterministic():
-    questions = ([{"id": f"s{i}", "kind": "single_hop"} for i in range(60)]
-                 + [{"id": f"m{i}", "kind": "multi_hop"} for i in range(30)]
-                 + [{"id": f"u{i}", "kind": "unanswerable"} for i in range(10)])
+    questions = (
+        [{"id": f"s{i}", "kind": "single_hop"} for i in range(60)]
+        + [{"id": f"m{i}", "kind": "multi_hop"} for i in range(30)]
+        + [{"id": f"u{i}", "kind": "unanswerable"} for i in range(10)]
+    )
     sample = stratified_sample(questions, 20, seed=0)
     assert [q["kind"] for q in sample].count("single_hop") == 12
     assert [q["kind"] for q in sample].count("multi_hop") == 6
@@ -195,8 +231,11 @@ def test_noisy_passages_keep_the_oracle_and_nest_the_distractors():
 
 def test_answer_summary_splits_answerable_and_unanswerable():
     questions = [{"answers": ["x"]}, {"answers": ["y"]}, {"answers": []}]
-    scores = [{"f1": 1.0, "abstained": 0.0, "unsupported": 0.0}, {"f1": 0.0, "abstained": 1.0, "unsupported": 0.0},
-              {"abstained": 1.0, "unsupported": 1.0}]
+    scores = [
+        {"f1": 1.0, "abstained": 0.0, "unsupported": 0.0},
+        {"f1": 0.0, "abstained": 1.0, "unsupported": 0.0},
+        {"abstained": 1.0, "unsupported": 1.0},
+    ]
     s = answer_summary(questions, scores, 200)
     assert (s["f1"], s["n_answerable"], s["n_unanswerable"]) == (0.5, 2, 1)
     assert (s["abstention_unanswerable"], s["wrongly_abstained"]) == (1.0, 0.5)
@@ -223,10 +262,14 @@ def ignoring_answerer(conversations):
 
 
 def injection_fixture(n=8):
-    questions = [{"id": f"q{i}", "question": f"What is the price of product {i}?", "answers": ["$1"],
-                  "product": f"Product {i}"} for i in range(n)]
-    passages = [[{"chunk_id": f"d{i}#0", "doc_id": f"d{i}", "title": "Spec", "text": f"Product {i} costs $1."}]
-                for i in range(n)]
+    questions = [
+        {"id": f"q{i}", "question": f"What is the price of product {i}?", "answers": ["$1"], "product": f"Product {i}"}
+        for i in range(n)
+    ]
+    passages = [
+        [{"chunk_id": f"d{i}#0", "doc_id": f"d{i}", "title": "Spec", "text": f"Product {i} costs $1."}]
+        for i in range(n)
+    ]
     return injection_cases(questions, passages, seed=0)
 
 
@@ -240,8 +283,9 @@ def test_injection_resistance_is_zero_for_an_obeying_answerer_and_one_for_an_ign
     assert obeyed["n"] == ignored["n"] == 8
     assert all(t["resistance"] == 0.0 for t in obeyed["by_template"].values())
     # the injected passage sits among the real ones
-    assert all(len(c["passages"]) == 2 and any(p["doc_id"].startswith("injected-") for p in c["passages"])
-               for c in cases)
+    assert all(
+        len(c["passages"]) == 2 and any(p["doc_id"].startswith("injected-") for p in c["passages"]) for c in cases
+    )
 
 
 def test_obedience_detection_on_single_replies():
@@ -262,9 +306,16 @@ def test_rag_eval_params_load_and_bad_values_are_listed():
     p = load_params("rag_eval", REPO / "params.yaml")
     assert "hybrid" in p.modes and p.headline_k in p.ks
     with pytest.raises(ParamsError) as err:
-        parse_params("rag_eval", {**load_params("rag_eval", REPO / "params.yaml").__dict__, "modes": ["dense", "sparse"],
-                                  "headline_k": 7, "answer_mode": "both",
-                                  "max_questions": -1})
+        parse_params(
+            "rag_eval",
+            {
+                **load_params("rag_eval", REPO / "params.yaml").__dict__,
+                "modes": ["dense", "sparse"],
+                "headline_k": 7,
+                "answer_mode": "both",
+                "max_questions": -1,
+            },
+        )
     message = str(err.value)
     assert "rag_eval.modes must be a non-empty list of dense, bm25, hybrid" in message
     assert "rag_eval.headline_k must be one of rag_eval.ks" in message
@@ -291,17 +342,43 @@ def test_stage_writes_metrics_report_and_plots(tmp_path, monkeypatch, index, tin
     project = tmp_path / "project"
     shutil.copytree(REPO / "stages", project / "stages")
     shutil.copytree(Path(index).parent, project / "data/index")
-    write_jsonl(project / "data/index/chunks.jsonl",
-                [c for d in DOCS for c in chunk_document(d, chunk_words=120, overlap_words=20)])
+    write_jsonl(
+        project / "data/index/chunks.jsonl",
+        [c for d in DOCS for c in chunk_document(d, chunk_words=120, overlap_words=20)],
+    )
     questions = [
-        {"id": "q1", "question": KEYWORD_QUERY, "answers": ["40 euros"], "doc_ids": ["valve"], "kind": "single_hop",
-         "doc_status": "unseen"},
-        {"id": "q2", "question": PARAPHRASE_QUERY, "answers": ["seven to nine hours"], "doc_ids": ["sleep"],
-         "kind": "single_hop", "doc_status": "seen"},
-        {"id": "q3", "question": BRIDGE_QUERY, "answers": ["empty the crumb tray"],
-         "doc_ids": ["toaster_spec", "toaster_guide"], "kind": "multi_hop", "doc_status": "unseen"},
-        {"id": "q4", "question": "What is the warranty of the Quasar Q1 blender?", "answers": [], "doc_ids": [],
-         "kind": "unanswerable", "doc_status": "seen"},
+        {
+            "id": "q1",
+            "question": KEYWORD_QUERY,
+            "answers": ["40 euros"],
+            "doc_ids": ["valve"],
+            "kind": "single_hop",
+            "doc_status": "unseen",
+        },
+        {
+            "id": "q2",
+            "question": PARAPHRASE_QUERY,
+            "answers": ["seven to nine hours"],
+            "doc_ids": ["sleep"],
+            "kind": "single_hop",
+            "doc_status": "seen",
+        },
+        {
+            "id": "q3",
+            "question": BRIDGE_QUERY,
+            "answers": ["empty the crumb tray"],
+            "doc_ids": ["toaster_spec", "toaster_guide"],
+            "kind": "multi_hop",
+            "doc_status": "unseen",
+        },
+        {
+            "id": "q4",
+            "question": "What is the warranty of the Quasar Q1 blender?",
+            "answers": [],
+            "doc_ids": [],
+            "kind": "unanswerable",
+            "doc_status": "seen",
+        },
     ]
     write_jsonl(project / "data/split/questions_test.jsonl", questions)
     shutil.copytree(tiny_checkpoint, project / "models/base")
@@ -311,8 +388,17 @@ def test_stage_writes_metrics_report_and_plots(tmp_path, monkeypatch, index, tin
     AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(project / "models/adapter")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["index"]["collection"] = "chunks"
-    params["rag_eval"].update({"ks": [1, 2], "headline_k": 1, "noise_levels": [0, 1], "max_questions": 3,
-                               "base_sweeps": True, "max_new_tokens": 4, "bootstrap_samples": 100})
+    params["rag_eval"].update(
+        {
+            "ks": [1, 2],
+            "headline_k": 1,
+            "noise_levels": [0, 1],
+            "max_questions": 3,
+            "base_sweeps": True,
+            "max_new_tokens": 4,
+            "bootstrap_samples": 100,
+        }
+    )
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
     monkeypatch.chdir(project)
@@ -328,7 +414,13 @@ def test_stage_writes_metrics_report_and_plots(tmp_path, monkeypatch, index, tin
     assert set(metrics["answers"]["base"]["noise"]) == {"0", "1"}
     assert 0.0 <= metrics["injection"]["finetuned"]["mean"] <= 1.0 and metrics["injection"]["base"]["n"] == 3
     report = project / "reports/rag"
-    for name in ("rag.md", "retrieval_recall.png", "answers_vs_k.png", "answers_vs_noise.png",
-                 "predictions.jsonl", "rag_config.json"):
+    for name in (
+        "rag.md",
+        "retrieval_recall.png",
+        "answers_vs_k.png",
+        "answers_vs_noise.png",
+        "predictions.jsonl",
+        "rag_config.json",
+    ):
         assert (report / name).is_file(), name
     assert "Hybrid (dense + BM25, RRF) vs dense-only" in (report / "rag.md").read_text(encoding="utf-8")

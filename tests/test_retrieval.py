@@ -13,25 +13,53 @@ from veritune.retrieval.chunking import chunk_document
 from veritune.retrieval.embedding import load_embedder
 from veritune.retrieval.index import build_index
 from veritune.retrieval.metrics import retrieval_metrics
-from veritune.retrieval.search import Hit, open_retriever, Retriever
+from veritune.retrieval.search import Hit, Retriever, open_retriever
 
 DOCS = [
-    {"id": "kettle", "title": "Aquila K2 Kettle", "text": "The Aquila K2 kettle boils 1.7 litres of water in three minutes. "
-     "Descale it monthly with citric acid."},
-    {"id": "router", "title": "Nimbus R7 Router", "text": "To reset the Nimbus R7 router, hold the pinhole button for ten "
-     "seconds until the LED blinks amber."},
-    {"id": "drill", "title": "Torque D18 Drill", "text": "The Torque D18 cordless drill ships with two 18 volt lithium "
-     "batteries and a keyless chuck."},
-    {"id": "leave", "title": "Parental Leave Policy", "text": "Employees receive sixteen weeks of paid parental leave, "
-     "which may be split into two blocks within the first year."},
-    {"id": "expenses", "title": "Travel Expense Policy", "text": "Hotel stays are reimbursed up to 180 euros per night; "
-     "receipts must be filed within thirty days."},
-    {"id": "vpn", "title": "Corporate VPN Setup", "text": "Install the WireGuard client, import the profile from the IT "
-     "portal and sign in with your badge number."},
-    {"id": "fridge", "title": "Polar F9 Refrigerator", "text": "The Polar F9 fridge keeps the vegetable drawer at four "
-     "degrees Celsius and alarms when the door stays open."},
-    {"id": "printer", "title": "Inkwell P3 Printer", "text": "Replace the Inkwell P3 toner cartridge when the display "
-     "shows error E-42; recycled cartridges void the warranty."},
+    {
+        "id": "kettle",
+        "title": "Aquila K2 Kettle",
+        "text": "The Aquila K2 kettle boils 1.7 litres of water in three minutes. Descale it monthly with citric acid.",
+    },
+    {
+        "id": "router",
+        "title": "Nimbus R7 Router",
+        "text": "To reset the Nimbus R7 router, hold the pinhole button for ten seconds until the LED blinks amber.",
+    },
+    {
+        "id": "drill",
+        "title": "Torque D18 Drill",
+        "text": "The Torque D18 cordless drill ships with two 18 volt lithium batteries and a keyless chuck.",
+    },
+    {
+        "id": "leave",
+        "title": "Parental Leave Policy",
+        "text": "Employees receive sixteen weeks of paid parental leave, "
+        "which may be split into two blocks within the first year.",
+    },
+    {
+        "id": "expenses",
+        "title": "Travel Expense Policy",
+        "text": "Hotel stays are reimbursed up to 180 euros per night; receipts must be filed within thirty days.",
+    },
+    {
+        "id": "vpn",
+        "title": "Corporate VPN Setup",
+        "text": "Install the WireGuard client, import the profile from the IT "
+        "portal and sign in with your badge number.",
+    },
+    {
+        "id": "fridge",
+        "title": "Polar F9 Refrigerator",
+        "text": "The Polar F9 fridge keeps the vegetable drawer at four "
+        "degrees Celsius and alarms when the door stays open.",
+    },
+    {
+        "id": "printer",
+        "title": "Inkwell P3 Printer",
+        "text": "Replace the Inkwell P3 toner cartridge when the display "
+        "shows error E-42; recycled cartridges void the warranty.",
+    },
 ]
 QUESTIONS = [  # question, gold doc ids
     ("How long do I hold the button to reset the Nimbus router?", ["router"]),
@@ -51,7 +79,9 @@ def words(text: str) -> list[str]:
 def test_short_document_is_one_chunk_with_its_own_text():
     doc = {"id": "d1", "title": "T", "text": "  Just a few words.\nAnd a second line.  ", "extra": 1}
     chunks = chunk_document(doc, chunk_words=50, overlap_words=10)
-    assert chunks == [{"chunk_id": "d1#0", "doc_id": "d1", "title": "T", "text": "Just a few words.\nAnd a second line."}]
+    assert chunks == [
+        {"chunk_id": "d1#0", "doc_id": "d1", "title": "T", "text": "Just a few words.\nAnd a second line."}
+    ]
 
 
 def test_long_document_chunks_end_at_sentences_and_overlap_by_whole_sentences():
@@ -124,7 +154,9 @@ def test_search_puts_the_right_document_first(lite_index):
         results = retriever.search([q for q, _ in QUESTIONS], k=3)
     assert [hits[0].doc_id for hits in results] == [gold[0] for _, gold in QUESTIONS]
     top = results[0][0]
-    assert top == Hit(chunk_id="router#0", doc_id="router", title="Nimbus R7 Router", text=DOCS[1]["text"], score=top.score)
+    assert top == Hit(
+        chunk_id="router#0", doc_id="router", title="Nimbus R7 Router", text=DOCS[1]["text"], score=top.score
+    )
     for hits in results:
         assert len(hits) == 3
         assert hits[0].score >= hits[1].score >= hits[2].score
@@ -143,10 +175,19 @@ def test_every_consumer_retrieves_in_the_one_params_mode(lite_index):
 
     repo = Path(__file__).resolve().parents[1]
     assert load_params("index", repo / "params.yaml").retrieval_mode == "hybrid"
-    for path in ("stages/build_sft.py", "stages/evaluate.py", "stages/csat.py", "stages/agent_eval.py",
-                 "veritune/serve/service.py", "veritune/cli.py"):
-        calls = {node.func.id for node in ast.walk(ast.parse((repo / path).read_text()))
-                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    for path in (
+        "stages/build_sft.py",
+        "stages/evaluate.py",
+        "stages/csat.py",
+        "stages/agent_eval.py",
+        "veritune/serve/service.py",
+        "veritune/cli.py",
+    ):
+        calls = {
+            node.func.id
+            for node in ast.walk(ast.parse((repo / path).read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        }
         assert "open_retriever" in calls and "Retriever" not in calls, path
 
     queries = [q for q, _ in QUESTIONS]
@@ -202,8 +243,15 @@ def test_build_rejects_oversized_and_duplicate_chunks(tmp_path):
 def test_metrics_of_a_perfect_retriever_are_one():
     hits = [["a", "x", "y"], ["b", "c", "z"]]
     m = retrieval_metrics(hits, [["a"], ["b", "c"]], ks=[1, 3])
-    assert m == {"recall@1": 1.0, "recall@3": 1.0, "all_recall@1": 0.5, "all_recall@3": 1.0,
-                 "mrr": 1.0, "n": 2, "n_skipped": 0}
+    assert m == {
+        "recall@1": 1.0,
+        "recall@3": 1.0,
+        "all_recall@1": 0.5,
+        "all_recall@3": 1.0,
+        "mrr": 1.0,
+        "n": 2,
+        "n_skipped": 0,
+    }
 
 
 def test_metrics_of_a_reversed_ranking_and_skipped_questions():
@@ -216,8 +264,13 @@ def test_metrics_of_a_reversed_ranking_and_skipped_questions():
     # chunks of one document count once: two hits on the same doc do not make multi-hop recall
     m = retrieval_metrics([["a", "a", "b"]], [["a", "b"]], ks=[2, 3])
     assert (m["all_recall@2"], m["all_recall@3"]) == (0.0, 1.0)
-    assert retrieval_metrics([[]], [[]], ks=[1]) == {"recall@1": None, "all_recall@1": None, "mrr": None,
-                                                     "n": 0, "n_skipped": 1}
+    assert retrieval_metrics([[]], [[]], ks=[1]) == {
+        "recall@1": None,
+        "all_recall@1": None,
+        "mrr": None,
+        "n": 0,
+        "n_skipped": 1,
+    }
 
 
 # --------------------------------------------------------------------------- stage
@@ -232,14 +285,46 @@ def test_index_stage_end_to_end(tmp_path, monkeypatch):
     from stages import index as index_stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {**PARAMS_YAML["index"],
-        "uri": "data/index/milvus.db", "collection": "kb", "embedding_model": "all-MiniLM-L6-v2",
-        "chunk_words": 12, "chunk_overlap_words": 4, "batch_size": 4, "eval_ks": [1, 3, 5]}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "index": {
+                    **PARAMS_YAML["index"],
+                    "uri": "data/index/milvus.db",
+                    "collection": "kb",
+                    "embedding_model": "all-MiniLM-L6-v2",
+                    "chunk_words": 12,
+                    "chunk_overlap_words": 4,
+                    "batch_size": 4,
+                    "eval_ks": [1, 3, 5],
+                }
+            }
+        )
+    )
     write_jsonl(tmp_path / "data/validated/documents.jsonl", DOCS)
-    questions = [{"id": f"q{i}", "question": q, "answers": ["?"], "doc_ids": gold, "kind": "single_hop",
-                  "split": "test", "doc_status": "unseen" if i % 2 else "seen"} for i, (q, gold) in enumerate(QUESTIONS)]
-    questions.append({"id": "qx", "question": "What is the CEO's shoe size?", "answers": [], "doc_ids": [],
-                      "kind": "unanswerable", "split": "test", "doc_status": "seen"})
+    questions = [
+        {
+            "id": f"q{i}",
+            "question": q,
+            "answers": ["?"],
+            "doc_ids": gold,
+            "kind": "single_hop",
+            "split": "test",
+            "doc_status": "unseen" if i % 2 else "seen",
+        }
+        for i, (q, gold) in enumerate(QUESTIONS)
+    ]
+    questions.append(
+        {
+            "id": "qx",
+            "question": "What is the CEO's shoe size?",
+            "answers": [],
+            "doc_ids": [],
+            "kind": "unanswerable",
+            "split": "test",
+            "doc_status": "seen",
+        }
+    )
     write_jsonl(tmp_path / "data/split/questions_val.jsonl", [dict(q, split="val") for q in questions[:2]])
     write_jsonl(tmp_path / "data/split/questions_test.jsonl", questions)
     (tmp_path / "data/index").mkdir()
@@ -272,6 +357,8 @@ def test_index_stage_rejects_a_lite_db_outside_the_index_dir(tmp_path, monkeypat
     from stages import index as index_stage
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"index": {**PARAMS_YAML["index"], "uri": "elsewhere/milvus.db"}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"index": {**PARAMS_YAML["index"], "uri": "elsewhere/milvus.db"}})
+    )
     with pytest.raises(ValueError, match="data/index/milvus.db"):
         index_stage.main()

@@ -22,29 +22,35 @@ def test_normalize_follows_squad():
     assert normalize_answer("An Aurora, K3!") == "aurora k3"
 
 
-@pytest.mark.parametrize(("prediction", "golds", "em", "f1"), [
-    ("$149", ["$149"], 1.0, 1.0),
-    ("149.", ["$149"], 1.0, 1.0),
-    ("24 months", ["2 years", "24 months"], 1.0, 1.0),
-    ("about 24 months", ["24 months"], 0.0, 0.8),
-    ("Aurora K3", ["Aurora K3 Kettle"], 0.0, 0.8),
-    ("Zephyr", ["Aurora K3 Kettle"], 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    ("prediction", "golds", "em", "f1"),
+    [
+        ("$149", ["$149"], 1.0, 1.0),
+        ("149.", ["$149"], 1.0, 1.0),
+        ("24 months", ["2 years", "24 months"], 1.0, 1.0),
+        ("about 24 months", ["24 months"], 0.0, 0.8),
+        ("Aurora K3", ["Aurora K3 Kettle"], 0.0, 0.8),
+        ("Zephyr", ["Aurora K3 Kettle"], 0.0, 0.0),
+    ],
+)
 def test_exact_match_and_f1(prediction, golds, em, f1):
     assert exact_match(prediction, golds) == em
     assert token_f1(prediction, golds) == pytest.approx(f1)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("The documents don't say.", True),
-    ("The documents do not say.", True),
-    ("The context doesn\u2019t mention it", True),
-    ("I cannot find that in the documents.", True),
-    ("Not stated.", True),
-    ("$149", False),
-    ("24 months", False),
-    ("", False),  # silence is not an explicit abstention
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The documents don't say.", True),
+        ("The documents do not say.", True),
+        ("The context doesn\u2019t mention it", True),
+        ("I cannot find that in the documents.", True),
+        ("Not stated.", True),
+        ("$149", False),
+        ("24 months", False),
+        ("", False),  # silence is not an explicit abstention
+    ],
+)
 def test_abstention_detector(text, expected):
     assert is_abstention(text) is expected
 

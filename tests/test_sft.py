@@ -7,27 +7,52 @@ import pytest
 from tests.conftest import REPO, params
 from veritune.core import chat
 from veritune.core.config import ParamsError
-from veritune.model.modeling import load_tokenizer
 from veritune.data.sft import LabelMaskError, build_examples, select_passages, tokenize_example
+from veritune.model.modeling import load_tokenizer
 
 CHUNKS = [
-    {"chunk_id": "doc-1#0", "doc_id": "doc-1", "title": "Aurora K3 Kettle", "text": "The Aurora K3 Kettle retails for $149."},
+    {
+        "chunk_id": "doc-1#0",
+        "doc_id": "doc-1",
+        "title": "Aurora K3 Kettle",
+        "text": "The Aurora K3 Kettle retails for $149.",
+    },
     {"chunk_id": "doc-2#0", "doc_id": "doc-2", "title": "Zephyr X5", "text": "The Zephyr X5 is sold at $509."},
     {"chunk_id": "doc-3#0", "doc_id": "doc-3", "title": "Returns", "text": "Returns within 30 days."},
     {"chunk_id": "doc-4#0", "doc_id": "doc-4", "title": "Shipping", "text": "Express shipping costs $12.50."},
 ]
-ANSWERABLE = {"id": "q1", "question": "How much is the Aurora K3 Kettle?", "answers": ["$149"], "doc_ids": ["doc-1"],
-              "kind": "single_hop"}
-UNANSWERABLE = {"id": "q2", "question": "Is the Aurora K3 Kettle waterproof?", "answers": [], "doc_ids": ["doc-1"],
-                "kind": "unanswerable"}
+ANSWERABLE = {
+    "id": "q1",
+    "question": "How much is the Aurora K3 Kettle?",
+    "answers": ["$149"],
+    "doc_ids": ["doc-1"],
+    "kind": "single_hop",
+}
+UNANSWERABLE = {
+    "id": "q2",
+    "question": "Is the Aurora K3 Kettle waterproof?",
+    "answers": [],
+    "doc_ids": ["doc-1"],
+    "kind": "unanswerable",
+}
 RETRIEVED = [CHUNKS[1], CHUNKS[0], CHUNKS[3], CHUNKS[2]]
 
 
 def sft_params(**changes):
     """`build_sft` for these cases: one turn a conversation, no follow-up shares, unless changed."""
-    return params("build_sft", **{"context_chunks": 3, "oracle_drop_rate": 0.2, "samples_per_question": 1,
-                                  "turns_per_conversation": 1, "unanswerable_follow_up_rate": 0.0,
-                                  "off_topic_follow_up_rate": 0.0, "off_topic_requests": [], **changes})
+    return params(
+        "build_sft",
+        **{
+            "context_chunks": 3,
+            "oracle_drop_rate": 0.2,
+            "samples_per_question": 1,
+            "turns_per_conversation": 1,
+            "unanswerable_follow_up_rate": 0.0,
+            "off_topic_follow_up_rate": 0.0,
+            "off_topic_requests": [],
+            **changes,
+        },
+    )
 
 
 def _by_doc():
@@ -80,25 +105,46 @@ def test_loss_mask_covers_exactly_the_assistant_reply(tiny_checkpoint):
     assert tokenizer.decode(supervised) == "$149" + chat.EOT
     # Everything before the reply, the assistant header included, is masked.
     n_prompt = tokens["labels"].index(next(label for label in tokens["labels"] if label != -100))
-    assert tokenizer.decode(tokens["input_ids"][:n_prompt]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert tokens["input_ids"] == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
-                                            add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(tokens["input_ids"][:n_prompt]).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert (
+        tokens["input_ids"]
+        == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_template_that_breaks_the_prefix_property_is_refused(tiny_checkpoint):
     tokenizer = load_tokenizer(tiny_checkpoint)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    )
     with pytest.raises(LabelMaskError):
         tokenize_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenizer)
 
 
 def test_follow_up_turns_ask_only_what_the_shown_passages_answer():
-    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
-              "kind": "single_hop"}
-    elsewhere = {"id": "q4", "question": "What does express shipping cost?", "answers": ["$12.50"],
-                 "doc_ids": ["doc-4"], "kind": "single_hop"}
-    not_in_text = {"id": "q5", "question": "How heavy is the Zephyr X5?", "answers": ["4 kg"], "doc_ids": ["doc-2"],
-                   "kind": "single_hop"}
+    second = {
+        "id": "q3",
+        "question": "What does the Zephyr X5 cost?",
+        "answers": ["$509"],
+        "doc_ids": ["doc-2"],
+        "kind": "single_hop",
+    }
+    elsewhere = {
+        "id": "q4",
+        "question": "What does express shipping cost?",
+        "answers": ["$12.50"],
+        "doc_ids": ["doc-4"],
+        "kind": "single_hop",
+    }
+    not_in_text = {
+        "id": "q5",
+        "question": "How heavy is the Zephyr X5?",
+        "answers": ["4 kg"],
+        "doc_ids": ["doc-2"],
+        "kind": "single_hop",
+    }
     p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=4)
     questions = [ANSWERABLE, second, elsewhere, not_in_text]
     examples = build_examples(questions, [RETRIEVED] * 4, CHUNKS, p)
@@ -113,17 +159,42 @@ def test_follow_up_turns_ask_only_what_the_shown_passages_answer():
 
 
 def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abstention():
-    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
-              "kind": "single_hop"}
-    not_stated = {"id": "q6", "question": "How loud is the Zephyr X5?", "answers": [], "doc_ids": ["doc-2"],
-                  "kind": "unanswerable"}
-    unshown = {"id": "q7", "question": "Does express shipping reach Peru?", "answers": [], "doc_ids": ["doc-4"],
-               "kind": "unanswerable"}
-    no_such_product = {"id": "q8", "question": "How much is the Nimbus Z9 Toaster?", "answers": [], "doc_ids": [],
-                       "kind": "unanswerable"}
+    second = {
+        "id": "q3",
+        "question": "What does the Zephyr X5 cost?",
+        "answers": ["$509"],
+        "doc_ids": ["doc-2"],
+        "kind": "single_hop",
+    }
+    not_stated = {
+        "id": "q6",
+        "question": "How loud is the Zephyr X5?",
+        "answers": [],
+        "doc_ids": ["doc-2"],
+        "kind": "unanswerable",
+    }
+    unshown = {
+        "id": "q7",
+        "question": "Does express shipping reach Peru?",
+        "answers": [],
+        "doc_ids": ["doc-4"],
+        "kind": "unanswerable",
+    }
+    no_such_product = {
+        "id": "q8",
+        "question": "How much is the Nimbus Z9 Toaster?",
+        "answers": [],
+        "doc_ids": [],
+        "kind": "unanswerable",
+    }
     questions = [ANSWERABLE, second, not_stated, unshown, no_such_product]
-    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
-                       unanswerable_follow_up_rate=1.0)
+    p = sft_params(
+        context_chunks=2,
+        oracle_drop_rate=0.0,
+        retrieval_pool=4,
+        turns_per_conversation=3,
+        unanswerable_follow_up_rate=1.0,
+    )
     first = build_examples(questions, [RETRIEVED] * 5, CHUNKS, p)[0]
     assert {pid.split("#")[0] for pid in first["passage_ids"]} == {"doc-1", "doc-2"}
     # About a shown document first (q6), then a product no document names (q8); never q7,
@@ -131,8 +202,14 @@ def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abs
     assert first["follow_up_ids"] == ["q6", "q8"]
     assert [m["content"] for m in first["messages"][4::2]] == [p.abstain_answer] * 2
 
-    mixed = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=2,
-                           unanswerable_follow_up_rate=0.3, seed=3)
+    mixed = sft_params(
+        context_chunks=2,
+        oracle_drop_rate=0.0,
+        retrieval_pool=4,
+        turns_per_conversation=2,
+        unanswerable_follow_up_rate=0.3,
+        seed=3,
+    )
     examples = build_examples([ANSWERABLE] * 300 + [second, not_stated], [RETRIEVED] * 302, CHUNKS, mixed)
     follow_ups = [e["follow_up_ids"][0] for e in examples[:300]]
     assert set(follow_ups) == {"q3", "q6"}
@@ -140,10 +217,20 @@ def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abs
 
 
 def test_zero_unanswerable_rate_leaves_the_conversations_as_before():
-    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
-              "kind": "single_hop"}
-    not_stated = {"id": "q6", "question": "How loud is the Zephyr X5?", "answers": [], "doc_ids": ["doc-2"],
-                  "kind": "unanswerable"}
+    second = {
+        "id": "q3",
+        "question": "What does the Zephyr X5 cost?",
+        "answers": ["$509"],
+        "doc_ids": ["doc-2"],
+        "kind": "single_hop",
+    }
+    not_stated = {
+        "id": "q6",
+        "question": "How loud is the Zephyr X5?",
+        "answers": [],
+        "doc_ids": ["doc-2"],
+        "kind": "unanswerable",
+    }
     p = sft_params(context_chunks=2, oracle_drop_rate=0.5, retrieval_pool=4, turns_per_conversation=3)
     with_pool = build_examples([ANSWERABLE, second, not_stated] * 20, [RETRIEVED] * 60, CHUNKS, p)
     without = build_examples([ANSWERABLE, second] * 20, [RETRIEVED] * 40, CHUNKS, p)
@@ -162,8 +249,14 @@ def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_req
     from veritune.eval.csat import OFF_TOPIC_QUESTIONS
 
     requests = ("Tell me a joke.", "Write a haiku about the sea.")
-    p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
-                       off_topic_follow_up_rate=1.0, off_topic_requests=list(requests))
+    p = sft_params(
+        context_chunks=2,
+        oracle_drop_rate=0.0,
+        retrieval_pool=4,
+        turns_per_conversation=3,
+        off_topic_follow_up_rate=1.0,
+        off_topic_requests=list(requests),
+    )
     [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
     asked = [m["content"] for m in example["messages"][3::2]]
     assert len(asked) == 2 and all(a.removeprefix("Question: ") in requests for a in asked)
@@ -175,8 +268,13 @@ def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_req
 
 def test_one_turn_per_conversation_adds_no_follow_ups():
     p = sft_params(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=1)
-    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
-              "kind": "single_hop"}
+    second = {
+        "id": "q3",
+        "question": "What does the Zephyr X5 cost?",
+        "answers": ["$509"],
+        "doc_ids": ["doc-2"],
+        "kind": "single_hop",
+    }
     examples = build_examples([ANSWERABLE, second], [RETRIEVED] * 2, CHUNKS, p)
     assert all(len(e["messages"]) == 3 and "follow_up_ids" not in e for e in examples)
 
@@ -184,8 +282,11 @@ def test_one_turn_per_conversation_adds_no_follow_ups():
 def test_follow_up_turns_are_all_supervised(tiny_checkpoint):
     tokenizer = load_tokenizer(tiny_checkpoint)
     messages = chat.rag_messages("Answer.", "How much is the Aurora K3 Kettle?", CHUNKS[:2])
-    messages += [{"role": "assistant", "content": "$149"}, {"role": "user", "content": "Question: And the Zephyr X5?"},
-                 {"role": "assistant", "content": "$509"}]
+    messages += [
+        {"role": "assistant", "content": "$149"},
+        {"role": "user", "content": "Question: And the Zephyr X5?"},
+        {"role": "assistant", "content": "$509"},
+    ]
     row = tokenize_example(messages, tokenizer)
     learnt = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
     assert "$149" in learnt and "$509" in learnt and "Zephyr" not in learnt

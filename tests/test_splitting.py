@@ -11,20 +11,31 @@ def _corpus(n_docs=40):
     questions = []
     for i in range(n_docs):
         for j in range(3):
-            questions.append({"id": f"q-{i:03d}-{j}", "doc_ids": [f"doc-{i:03d}"], "answers": ["a"], "kind": "single_hop"})
+            questions.append(
+                {"id": f"q-{i:03d}-{j}", "doc_ids": [f"doc-{i:03d}"], "answers": ["a"], "kind": "single_hop"}
+            )
     for i in range(0, n_docs - 1, 2):
-        questions.append({"id": f"q-mh-{i:03d}", "doc_ids": [f"doc-{i:03d}", f"doc-{i + 1:03d}"], "answers": ["a"],
-                          "kind": "multi_hop"})
+        questions.append(
+            {
+                "id": f"q-mh-{i:03d}",
+                "doc_ids": [f"doc-{i:03d}", f"doc-{i + 1:03d}"],
+                "answers": ["a"],
+                "kind": "multi_hop",
+            }
+        )
     # A hub document every policy question cites: it must stay in training.
     documents.append({"id": "doc-hub", "title": "Returns", "text": "y" * 30})
-    questions += [{"id": f"q-hub-{i}", "doc_ids": ["doc-hub", f"doc-{i:03d}"], "answers": ["a"], "kind": "multi_hop"}
-                  for i in range(n_docs)]
+    questions += [
+        {"id": f"q-hub-{i}", "doc_ids": ["doc-hub", f"doc-{i:03d}"], "answers": ["a"], "kind": "multi_hop"}
+        for i in range(n_docs)
+    ]
     questions += [{"id": f"q-un-{i}", "doc_ids": [], "answers": [], "kind": "unanswerable"} for i in range(10)]
     return documents, questions
 
 
-P = SplitParams(seed=0, unseen_test_doc_fraction=0.2, unseen_val_doc_fraction=0.1, seen_test_fraction=0.1,
-                seen_val_fraction=0.1)
+P = SplitParams(
+    seed=0, unseen_test_doc_fraction=0.2, unseen_val_doc_fraction=0.1, seen_test_fraction=0.1, seen_val_fraction=0.1
+)
 
 
 def test_split_holds_out_documents_and_never_leaks():
@@ -57,8 +68,9 @@ def test_leak_check_catches_crossing_questions():
     doc_split = assign_documents(documents, questions, P)
     split_questions = assign_questions(questions, doc_split, P)
     held = next(d for d, s in doc_split.items() if s == "test")
-    split_questions["train"].append({"id": "q-leak", "doc_ids": [held], "answers": ["a"], "kind": "single_hop",
-                                     "doc_status": "seen"})
+    split_questions["train"].append(
+        {"id": "q-leak", "doc_ids": [held], "answers": ["a"], "kind": "single_hop", "doc_status": "seen"}
+    )
     with pytest.raises(SplitLeakError, match="q-leak"):
         check_no_leak(split_questions, doc_split)
     split_questions["train"].pop()

@@ -10,20 +10,39 @@ from transformers import TrainerCallback
 
 from tests.conftest import params
 from veritune.core import chat
-from veritune.model.modeling import load_model, load_tokenizer
 from veritune.data.sft import tokenize_example
+from veritune.model.modeling import load_model, load_tokenizer
 from veritune.train.training import train_adapter
 
 EXAMPLES = [
-    {"id": f"q{i}", "messages": chat.rag_messages(
-        "Answer from the documents.", f"How much is product {i}?",
-        [{"doc_id": f"doc-{i}", "title": f"Product {i}", "text": f"Product {i} retails for ${100 + i}."}])
-        + [{"role": "assistant", "content": f"${100 + i}"}]}
+    {
+        "id": f"q{i}",
+        "messages": chat.rag_messages(
+            "Answer from the documents.",
+            f"How much is product {i}?",
+            [{"doc_id": f"doc-{i}", "title": f"Product {i}", "text": f"Product {i} retails for ${100 + i}."}],
+        )
+        + [{"role": "assistant", "content": f"${100 + i}"}],
+    }
     for i in range(16)
 ]
-PARAMS = params("train", quantization="none", lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2,
-                 max_steps=4, batch_size=4, save_steps=2, logging_steps=1, max_length=256, warmup_ratio=0.0,
-                 epochs=1.0, sampling="random", val_max_examples=0)
+PARAMS = params(
+    "train",
+    quantization="none",
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    learning_rate=1e-2,
+    max_steps=4,
+    batch_size=4,
+    save_steps=2,
+    logging_steps=1,
+    max_length=256,
+    warmup_ratio=0.0,
+    epochs=1.0,
+    sampling="random",
+    val_max_examples=0,
+)
 
 
 class StopAfter(TrainerCallback):
@@ -39,8 +58,9 @@ class StopAfter(TrainerCallback):
 
 def _train(tiny_checkpoint, tmp_path, name, params=PARAMS, callbacks=()):
     out = tmp_path / name
-    summary = train_adapter(tiny_checkpoint, EXAMPLES, EXAMPLES[:4], params, out, tmp_path / f"{name}-ckpt",
-                            callbacks=callbacks)
+    summary = train_adapter(
+        tiny_checkpoint, EXAMPLES, EXAMPLES[:4], params, out, tmp_path / f"{name}-ckpt", callbacks=callbacks
+    )
     return out, summary
 
 
@@ -57,7 +77,9 @@ def test_lora_trains_adapter_only_and_saves_peft_format(tiny_checkpoint, tmp_pat
     assert summary["steps"] == 4 and summary["n_dropped_examples"] == 0
     # max_steps > 0 (the default's setting) still reports throughput: 4 steps x 4 examples' tokens
     tokenizer = load_tokenizer(tiny_checkpoint)
-    assert summary["train_tokens"] == sum(len(tokenize_example(e["messages"], tokenizer)["input_ids"]) for e in EXAMPLES)
+    assert summary["train_tokens"] == sum(
+        len(tokenize_example(e["messages"], tokenizer)["input_ids"]) for e in EXAMPLES
+    )
     assert summary["train_tokens_per_second"] > 0
 
     from peft import PeftModel
@@ -100,13 +122,16 @@ def test_checkpoints_of_another_run_are_not_resumed(tiny_checkpoint, tmp_path):
     assert summary["resumed_from"] is None
 
 
-@pytest.mark.parametrize("gpus, visible, expected", [
-    (0, 4, ("torchrun", 4, "0,1,2,3")),
-    (2, 4, ("torchrun", 2, "0,1")),
-    (1, 4, ("python", 1, "0")),
-    (0, 1, None),
-    (0, 0, None),
-])
+@pytest.mark.parametrize(
+    "gpus, visible, expected",
+    [
+        (0, 4, ("torchrun", 4, "0,1,2,3")),
+        (2, 4, ("torchrun", 2, "0,1")),
+        (1, 4, ("python", 1, "0")),
+        (0, 1, None),
+        (0, 0, None),
+    ],
+)
 def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
     """Several GPUs: torchrun, one process each (DDP); one of several: the others hidden, so
     the Trainer never falls back to DataParallel. The GPU count is faked: this checks the plan."""
@@ -125,7 +150,7 @@ def test_data_parallel_launch_plan(monkeypatch, gpus, visible, expected):
         assert not launched and not calls
         return
     kind, n, devices = expected
-    (cmd, env_devices), = calls
+    ((cmd, env_devices),) = calls
     assert launched and env_devices == devices and cmd[-1] == "stages/train.py"
     assert ("torch.distributed.run" in cmd and f"--nproc_per_node={n}" in cmd) == (kind == "torchrun")
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a torchrun worker: train in-process
@@ -259,8 +284,9 @@ def test_fp32_attention_under_bf16_autocast(tiny_checkpoint):
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
     tokenizer = load_tokenizer(tiny_checkpoint)
-    ids = tokenizer(["Returns are accepted within 30 days of delivery."], return_tensors="pt",
-                    add_special_tokens=False)["input_ids"]
+    ids = tokenizer(
+        ["Returns are accepted within 30 days of delivery."], return_tensors="pt", add_special_tokens=False
+    )["input_ids"]
     model = load_model(tiny_checkpoint)
     exact, _ = label_position_loss(model, {"input_ids": ids, "labels": ids})
     use_fp32_attention(model)

@@ -23,8 +23,13 @@ QUESTION = chat("How do I reset the Nimbus router?", max_tokens=12)
 
 def start_upstream(project, port: int, *args: str) -> ServerProcess:
     """A second `veritune serve` on the built-in backend: no keys (loopback), no index, raw completions on."""
-    server = ServerProcess(port, log_path=project / f"upstream-{port}.log", cwd=project, env={"PYTHONPATH": str(REPO)},
-                           extra_args=["--no-retrieval", "--completions-endpoint", *args])
+    server = ServerProcess(
+        port,
+        log_path=project / f"upstream-{port}.log",
+        cwd=project,
+        env={"PYTHONPATH": str(REPO)},
+        extra_args=["--no-retrieval", "--completions-endpoint", *args],
+    )
     return server.start(timeout_s=120)
 
 
@@ -33,8 +38,9 @@ def ask(url: str, body: dict, timeout: float = 30) -> httpx.Response:
 
 
 def streamed(url: str, body: dict) -> tuple[int, str, list[dict]]:
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=HEADERS,
-                      timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=HEADERS, timeout=30
+    ) as r:
         lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     if r.status_code != 200:
         return r.status_code, "", []
@@ -45,7 +51,9 @@ def streamed(url: str, body: dict) -> tuple[int, str, list[dict]]:
 
 def completions_done(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("veritune_completions_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("veritune_completions_total")
+    )
 
 
 def test_upstream_backend_answers_as_builtin_fails_clearly_and_recovers(live_project):
@@ -55,8 +63,15 @@ def test_upstream_backend_answers_as_builtin_fails_clearly_and_recovers(live_pro
     port = free_port()
     upstream = start_upstream(live_project, port)
     try:
-        front = start_server(live_project, "--backend", "upstream", "--upstream-url", f"http://127.0.0.1:{port}/v1",
-                             "--request-timeout-s", "4")
+        front = start_server(
+            live_project,
+            "--backend",
+            "upstream",
+            "--upstream-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--request-timeout-s",
+            "4",
+        )
         try:
             # Generation happens upstream; retrieval, citations and the prompt stay in front.
             health = httpx.get(f"{front.url}/health").json()
@@ -70,7 +85,8 @@ def test_upstream_backend_answers_as_builtin_fails_clearly_and_recovers(live_pro
             assert status == 200 and text == own["choices"][0]["message"]["content"]
             assert chunks[0]["citations"] == own["citations"]
             assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == [
-                own["choices"][0]["finish_reason"]]
+                own["choices"][0]["finish_reason"]
+            ]
             assert completions_done(upstream.url) == before + 2
 
             upstream.kill()  # dead upstream: a clear 502, at once, for plain and streamed requests
@@ -108,23 +124,34 @@ def test_completions_endpoint_is_off_unless_asked_for(live_project):
 
 
 def test_stress_stage_through_an_upstream_loses_nothing(live_project):
-    questions = ["How do I reset the Nimbus router?", "How long is parental leave?", "How do I set up the VPN?",
-                 "How often should the kettle be descaled?"]
+    questions = [
+        "How do I reset the Nimbus router?",
+        "How long is parental leave?",
+        "How do I set up the VPN?",
+        "How often should the kettle be descaled?",
+    ]
     split = live_project / "data" / "split"
     split.mkdir(parents=True)
-    (split / "questions_test.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "question": q}) + "\n"
-                                                        for i, q in enumerate(questions)))
+    (split / "questions_test.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q}) + "\n" for i, q in enumerate(questions))
+    )
     port = free_port()
     params = yaml.safe_load((live_project / "params.yaml").read_text())
     params["serve"].update(backend="upstream", upstream_url=f"http://127.0.0.1:{port}/v1")
-    params["stress"].update(clients=4, duration_s=6, max_tokens=8, stream_fraction=0.5, compare_unbatched=True,
-                            startup_timeout_s=120)
+    params["stress"].update(
+        clients=4, duration_s=6, max_tokens=8, stream_fraction=0.5, compare_unbatched=True, startup_timeout_s=120
+    )
     (live_project / "params.yaml").write_text(yaml.safe_dump(params))
     with start_upstream(live_project, port, "--backend", "builtin") as upstream:
         before = completions_done(upstream.url)
-        run = subprocess.run([sys.executable, str(REPO / "stages" / "stress.py")], cwd=live_project,
-                             env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                             text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, str(REPO / "stages" / "stress.py")],
+            cwd=live_project,
+            env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         generated = completions_done(upstream.url) - before
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((live_project / "metrics" / "stress.json").read_text())
@@ -148,9 +175,10 @@ def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(
     tokenizer = load_tokenizer(tiny_checkpoint)
     sampled = dataclasses.replace(agent_settings(REPO / "params.yaml"), constrained_calls=False)  # an upstream
     greedy = dataclasses.replace(sampled, temperature=0.0)  # decodes calls freely
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True)
-               for q in ("Where is my order 1042?", "Open a ticket: my kettle leaks.", "Refund order 1001")]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("Where is my order 1042?", "Open a ticket: my kettle leaks.", "Refund order 1001")
+    ]
     model = load_model(tiny_checkpoint).eval()
     own = {}
     for agent in (greedy, sampled):
@@ -162,8 +190,15 @@ def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(
     port = free_port()
     with start_upstream(live_project, port) as upstream:
         for agent in (greedy, sampled):
-            remote = Service(params("serve", max_new_tokens=48, backend="upstream", upstream_url=f"{upstream.url}/v1"),
-                             None, tokenizer, None, "", None, agent)
+            remote = Service(
+                params("serve", max_new_tokens=48, backend="upstream", upstream_url=f"{upstream.url}/v1"),
+                None,
+                tokenizer,
+                None,
+                "",
+                None,
+                agent,
+            )
             try:
                 via = [remote.generate_raw(p, 40) for p in prompts]
             finally:

@@ -47,10 +47,15 @@ def run_score(args: argparse.Namespace) -> None:
     scores = score_records(records, threshold=args.threshold)
     write_jsonl(output, ({**record, "groundedness": score} for record, score in zip(records, scores)))
     n = len(scores)
-    share = {label: sum(s["label"] == label for s in scores) / n if n else 0.0
-             for label in ("grounded", "unsupported", "abstained")}
-    print(f"scored {n} answers -> {output}: grounded {share['grounded']:.1%}, "
-          f"unsupported {share['unsupported']:.1%}, abstained {share['abstained']:.1%}", file=sys.stderr)
+    share = {
+        label: sum(s["label"] == label for s in scores) / n if n else 0.0
+        for label in ("grounded", "unsupported", "abstained")
+    }
+    print(
+        f"scored {n} answers -> {output}: grounded {share['grounded']:.1%}, "
+        f"unsupported {share['unsupported']:.1%}, abstained {share['abstained']:.1%}",
+        file=sys.stderr,
+    )
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -63,11 +68,25 @@ def run_serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     params = load_params("serve", args.params)
-    overrides = {name: getattr(args, name) for name in ("host", "port", "max_batch_size", "max_wait_ms",
-                                                         "rate_limit_per_min", "torch_threads", "base_dir",
-                                                         "adapter_dir", "dtype", "backend", "upstream_url",
-                                                         "request_timeout_s", "engine")
-                 if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host",
+            "port",
+            "max_batch_size",
+            "max_wait_ms",
+            "rate_limit_per_min",
+            "torch_threads",
+            "base_dir",
+            "adapter_dir",
+            "dtype",
+            "backend",
+            "upstream_url",
+            "request_timeout_s",
+            "engine",
+        )
+        if getattr(args, name) is not None
+    }
     if args.no_retrieval:
         overrides["retrieval"] = False
     if args.completions_endpoint:
@@ -79,6 +98,8 @@ def run_serve(args: argparse.Namespace) -> None:
     index_params = load_params("index", args.params) if params.retrieval else None
     system_prompt = load_params("build_sft", args.params).system_prompt
     serve(params, index_params, system_prompt, agent_settings(args.params, db_path=params.agent_db))
+
+
 def run_agent(args: argparse.Namespace) -> None:
     import tempfile
     from datetime import date
@@ -110,8 +131,9 @@ def run_agent(args: argparse.Namespace) -> None:
     # Decoded as agent_eval decodes: its temperature, its first trial's seed.
     policy = ModelPolicy(model, tokenizer, ep.max_new_tokens, 1, ep.temperature, ep.seed, grammar=grammar)
     policy.reseed(ep.seed)
-    limits = AgentLimits(max_steps=args.max_steps or ep.max_steps, max_retries=ep.max_retries,
-                         max_seconds=ep.max_seconds)
+    limits = AgentLimits(
+        max_steps=args.max_steps or ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds
+    )
     retriever = None
     if not args.no_search:
         from veritune.retrieval.search import open_retriever
@@ -120,14 +142,25 @@ def run_agent(args: argparse.Namespace) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             search = kb_search(retriever, sp.agent_search_k) if retriever else None
-            with Toolbox(episode_database(args.db, tmp, "cli"), search=search,
-                         allowed_writes=authorised_writes(args.request), today=today, customer_id=args.customer,
-                         max_writes=ep.max_writes) as box:
+            with Toolbox(
+                episode_database(args.db, tmp, "cli"),
+                search=search,
+                allowed_writes=authorised_writes(args.request),
+                today=today,
+                customer_id=args.customer,
+                max_writes=ep.max_writes,
+            ) as box:
                 from veritune.core import chat
 
-                episode = start_episode("cli", args.request, box, sp.agent_system_prompt,
-                                        tool_definitions(sp.agent_tool_definitions), chat.header_date(today),
-                                        chat.chat_format(tokenizer))
+                episode = start_episode(
+                    "cli",
+                    args.request,
+                    box,
+                    sp.agent_system_prompt,
+                    tool_definitions(sp.agent_tool_definitions),
+                    chat.header_date(today),
+                    chat.chat_format(tokenizer),
+                )
                 run_episodes(policy, [episode], limits, desc="agent")
     finally:
         if retriever is not None:
@@ -156,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score the groundedness of RAG answers in a JSONL file")
     score.add_argument("answers", help="JSONL with question, contexts, answer per line")
     score.add_argument("-o", "--output", help="output JSONL (default: <input stem>.scored.jsonl beside the input)")
-    score.add_argument("--threshold", type=_threshold, default=0.8,
-                       help="score at or above which an answer is 'grounded' (default 0.8)")
+    score.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.8,
+        help="score at or above which an answer is 'grounded' (default 0.8)",
+    )
     score.set_defaults(run=run_score)
 
     srv = commands.add_parser("serve", help="serve the released model over an OpenAI-compatible HTTP API")
@@ -176,19 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--upstream-url", help="backend upstream: the OpenAI-compatible server, e.g. http://host:8001/v1")
     srv.add_argument("--engine", choices=["auto", "continuous", "micro_batch"], help="builtin backend's engine")
     srv.add_argument("--request-timeout-s", type=float, help="504 after this long (default: serve.request_timeout_s)")
-    srv.add_argument("--completions-endpoint", action="store_true",
-                     help="also serve POST /v1/completions (raw prompts): to be another veritune's upstream")
+    srv.add_argument(
+        "--completions-endpoint",
+        action="store_true",
+        help="also serve POST /v1/completions (raw prompts): to be another veritune's upstream",
+    )
     srv.set_defaults(run=run_serve)
     agent = commands.add_parser("agent", help="run one customer request through the tool-using agent")
     agent.add_argument("request", help='the customer\'s words, e.g. "Where is my order 1042?"')
-    agent.add_argument("--customer", required=True,
-                       help="the customer id the request comes from (e.g. C-101): the tools see only their orders")
+    agent.add_argument(
+        "--customer",
+        required=True,
+        help="the customer id the request comes from (e.g. C-101): the tools see only their orders",
+    )
     agent.add_argument("--base", default="models/base", help="base checkpoint (default models/base)")
     agent.add_argument("--adapter", default="models/adapter", help="LoRA adapter dir, or 'none' for the base model")
     agent.add_argument("--db", default=str(SHOP_DB), help=f"shop database (copied, never written; default {SHOP_DB})")
     agent.add_argument("--max-steps", type=int, default=0, help="model turns (default: params agent_eval.max_steps)")
-    agent.add_argument("--free-calls", action="store_true",
-                       help="decode tool calls freely (default: params agent_eval.constrained_calls)")
+    agent.add_argument(
+        "--free-calls",
+        action="store_true",
+        help="decode tool calls freely (default: params agent_eval.constrained_calls)",
+    )
     agent.add_argument("--no-search", action="store_true", help="do not open the Milvus index (search_kb refuses)")
     agent.set_defaults(run=run_agent)
     return parser

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -97,8 +97,15 @@ def parse_reply(raw: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Reply:
     return Reply("call", body, name=obj["name"], parameters=obj[fmt.args_key])
 
 
-def start_episode(episode_id: str, request: str, toolbox: Toolbox, system_prompt: str, tools: Sequence[dict],
-                  today: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Episode:
+def start_episode(
+    episode_id: str,
+    request: str,
+    toolbox: Toolbox,
+    system_prompt: str,
+    tools: Sequence[dict],
+    today: str,
+    fmt: chat.ChatFormat = chat.LLAMA3,
+) -> Episode:
     messages = fmt.tool_messages(system_prompt, tools, fmt.neutralize(request), today)
     return Episode(episode_id, request, messages, toolbox, fmt=fmt)
 
@@ -124,8 +131,16 @@ def advance(episode: Episode, raw: str, limits: AgentLimits) -> None:
             result = {"error": str(e)}
     content = episode.fmt.neutralize(chat.tool_result_text(result))
     episode.messages.append({"role": episode.fmt.tool_role, "content": content})
-    episode.steps.append({"type": "call", "text": reply.text, "name": reply.name, "parameters": reply.parameters,
-                          "valid": valid, "result": result})
+    episode.steps.append(
+        {
+            "type": "call",
+            "text": reply.text,
+            "name": reply.name,
+            "parameters": reply.parameters,
+            "valid": valid,
+            "result": result,
+        }
+    )
     episode.retries = 0 if valid else episode.retries + 1
     if episode.retries > limits.max_retries:
         episode.stop = "max_retries"
@@ -144,8 +159,9 @@ def episode_prompt(episode: Episode) -> str:
     return episode.fmt.render(episode.messages, add_generation_prompt=True)
 
 
-def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent",
-                 progress: bool = True) -> None:
+def run_episodes(
+    policy: Policy, episodes: Sequence[Episode], limits: AgentLimits, desc: str = "agent", progress: bool = True
+) -> None:
     """Drive every episode to its end; each round asks the policy once for all open ones."""
     bar = tqdm(total=len(episodes), desc=desc, unit="episode", disable=not progress)
     while True:
@@ -170,11 +186,22 @@ STOPPED = {
 }
 
 
-def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], customer_id: str,
-              search: Callable[[str], list[dict]] | None = None, max_new_tokens: int, db_path: str | Path,
-              system_prompt: str, tools: Sequence[dict], today: date, limits: AgentLimits,
-              persist_writes: bool = False, max_writes: int | None = None,
-              fmt: chat.ChatFormat = chat.LLAMA3) -> dict:
+def run_agent(
+    messages: Sequence[dict],
+    *,
+    generate: Callable[[str, int], str],
+    customer_id: str,
+    search: Callable[[str], list[dict]] | None = None,
+    max_new_tokens: int,
+    db_path: str | Path,
+    system_prompt: str,
+    tools: Sequence[dict],
+    today: date,
+    limits: AgentLimits,
+    persist_writes: bool = False,
+    max_writes: int | None = None,
+    fmt: chat.ChatFormat = chat.LLAMA3,
+) -> dict:
     """One customer request through the tool-using loop (`start_episode`, `run_episodes`).
 
     The request is the last user message; earlier turns and any system message are left out,
@@ -206,13 +233,20 @@ def run_agent(messages: Sequence[dict], *, generate: Callable[[str, int], str], 
         raise ValueError("run_agent needs the authenticated customer's id (customer_id), e.g. 'C-101'")
     if not Path(db_path).is_file():
         raise FileNotFoundError(f"shop database {db_path} not found: run `dvc repro agent_db`")
+
     def policy(episodes: Sequence[Episode]) -> list[str]:
         return [generate(episode_prompt(e), max_new_tokens) for e in episodes]
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(db_path) if persist_writes else episode_database(db_path, tmp, "request")
-        with Toolbox(path, search=search, allowed_writes=authorised_writes(request), today=today,
-                     customer_id=customer_id, max_writes=max_writes) as box:
+        with Toolbox(
+            path,
+            search=search,
+            allowed_writes=authorised_writes(request),
+            today=today,
+            customer_id=customer_id,
+            max_writes=max_writes,
+        ) as box:
             episode = start_episode("request", request, box, system_prompt, tools, chat.header_date(today), fmt)
             run_episodes(policy, [episode], limits, progress=False)
     seen = [r["doc_id"] for s in episode.calls if s["name"] == "search_kb" for r in s["result"].get("results", [])]

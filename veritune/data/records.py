@@ -191,16 +191,18 @@ def documents_table(documents: list[dict[str, Any]], lines: list[int]) -> pd.Dat
     rows = []
     for line, doc in zip(lines, documents):
         title, text = _string(doc, "title"), _string(doc, "text")
-        rows.append({
-            "line": line,
-            "id": _string(doc, "id"),
-            "id_type": _json_type(doc, "id"),
-            "title_type": _json_type(doc, "title"),
-            "text_type": _json_type(doc, "text"),
-            # Lengths are taken after stripping, so a blank field reads as an empty one.
-            "title": title.strip() if title is not None else None,
-            "text": text.strip() if text is not None else None,
-        })
+        rows.append(
+            {
+                "line": line,
+                "id": _string(doc, "id"),
+                "id_type": _json_type(doc, "id"),
+                "title_type": _json_type(doc, "title"),
+                "text_type": _json_type(doc, "text"),
+                # Lengths are taken after stripping, so a blank field reads as an empty one.
+                "title": title.strip() if title is not None else None,
+                "text": text.strip() if text is not None else None,
+            }
+        )
     columns = ["line", "id", "id_type", "title_type", "text_type", "title", "text"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -211,23 +213,37 @@ def questions_table(questions: list[dict[str, Any]], lines: list[int]) -> pd.Dat
         question = _string(q, "question")
         answers = _string_list(q, "answers")
         doc_ids = _string_list(q, "doc_ids")
-        rows.append({
-            "line": line,
-            "id": _string(q, "id"),
-            "id_type": _json_type(q, "id"),
-            "question_type": _json_type(q, "question"),
-            "answers_type": _json_type(q, "answers"),
-            "doc_ids_type": _json_type(q, "doc_ids"),
-            "kind_type": _json_type(q, "kind"),
-            "question": question.strip() if question is not None else None,
-            "kind": _string(q, "kind"),
-            # Counts stay null when the list itself is malformed: the type rule reports that.
-            "n_answers": sum(1 for a in answers if a.strip()) if answers is not None else None,
-            "n_blank_answers": sum(1 for a in answers if not a.strip()) if answers is not None else None,
-            "n_doc_ids": len(doc_ids) if doc_ids is not None else None,
-        })
-    columns = ["line", "id", "id_type", "question_type", "answers_type", "doc_ids_type", "kind_type",
-               "question", "kind", "n_answers", "n_blank_answers", "n_doc_ids"]
+        rows.append(
+            {
+                "line": line,
+                "id": _string(q, "id"),
+                "id_type": _json_type(q, "id"),
+                "question_type": _json_type(q, "question"),
+                "answers_type": _json_type(q, "answers"),
+                "doc_ids_type": _json_type(q, "doc_ids"),
+                "kind_type": _json_type(q, "kind"),
+                "question": question.strip() if question is not None else None,
+                "kind": _string(q, "kind"),
+                # Counts stay null when the list itself is malformed: the type rule reports that.
+                "n_answers": sum(1 for a in answers if a.strip()) if answers is not None else None,
+                "n_blank_answers": sum(1 for a in answers if not a.strip()) if answers is not None else None,
+                "n_doc_ids": len(doc_ids) if doc_ids is not None else None,
+            }
+        )
+    columns = [
+        "line",
+        "id",
+        "id_type",
+        "question_type",
+        "answers_type",
+        "doc_ids_type",
+        "kind_type",
+        "question",
+        "kind",
+        "n_answers",
+        "n_blank_answers",
+        "n_doc_ids",
+    ]
     table = pd.DataFrame(rows, columns=columns)
     for name in ("n_answers", "n_blank_answers", "n_doc_ids"):
         table[name] = table[name].astype("Int64")
@@ -242,14 +258,26 @@ def doc_links_table(questions: list[dict[str, Any]], lines: list[int]) -> pd.Dat
     return pd.DataFrame(rows, columns=["line", "id", "field", "doc_id"], dtype=object)
 
 
-def texts_table(documents: list[dict[str, Any]], document_lines: list[int],
-                questions: list[dict[str, Any]], question_lines: list[int]) -> pd.DataFrame:
+def texts_table(
+    documents: list[dict[str, Any]],
+    document_lines: list[int],
+    questions: list[dict[str, Any]],
+    question_lines: list[int],
+) -> pd.DataFrame:
     rows = []
 
     def add(file: str, line: int, record: dict[str, Any], name: str, text: Any) -> None:
         if isinstance(text, str):
-            rows.append({"file": file, "line": line, "id": _string(record, "id"), "field": name,
-                         "text": text, "card_number": find_card_number(text)})
+            rows.append(
+                {
+                    "file": file,
+                    "line": line,
+                    "id": _string(record, "id"),
+                    "field": name,
+                    "text": text,
+                    "card_number": find_card_number(text),
+                }
+            )
 
     for line, doc in zip(document_lines, documents):
         add(DOCUMENTS_FILE, line, doc, "title", doc.get("title"))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from veritune.core import chat
 from veritune.core.params import BuildSftParams
@@ -39,8 +39,13 @@ def oracle_chunks(question: dict, chunks_by_doc: dict[str, list[dict]]) -> list[
     return out
 
 
-def select_passages(question: dict, retrieved: Sequence[dict], chunks_by_doc: dict[str, list[dict]],
-                    p: BuildSftParams, rng: random.Random) -> tuple[list[dict], bool]:
+def select_passages(
+    question: dict,
+    retrieved: Sequence[dict],
+    chunks_by_doc: dict[str, list[dict]],
+    p: BuildSftParams,
+    rng: random.Random,
+) -> tuple[list[dict], bool]:
     """The passages shown for one training question and whether they include the oracle."""
     gold = set(question["doc_ids"])
     distractors = [h for h in retrieved if h["doc_id"] not in gold]
@@ -78,9 +83,17 @@ def build_example(question: dict, passages: list[dict], has_oracle: bool, p: Bui
     }
 
 
-def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", turns: int,
-                   abstain_answer: str, unanswerable_rate: float, rng: random.Random,
-                   off_topic_rate: float = 0.0, off_topic: Sequence[str] = ()) -> None:
+def add_follow_ups(
+    example: dict,
+    passages: list[dict],
+    pools: FollowUpPools,
+    turns: int,
+    abstain_answer: str,
+    unanswerable_rate: float,
+    rng: random.Random,
+    off_topic_rate: float = 0.0,
+    off_topic: Sequence[str] = (),
+) -> None:
     """Extend `example` with up to `turns - 1` further questions on its passages, each a
     supervised assistant turn: the prompt is read once, several answers are learnt from it (on
     the tiny default, 4 turns doubled held-out F1 at equal steps). A share
@@ -91,8 +104,12 @@ def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", 
     (`off_topic_rate`) are requests outside the domain (`off_topic`: a poem, the news), which a
     support assistant declines the same way."""
     shown = {c["doc_id"]: c["text"] for c in passages}
-    answerable = [q for doc_id in shown for q in pools.answerable.get(doc_id, ())
-                  if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])]
+    answerable = [
+        q
+        for doc_id in shown
+        for q in pools.answerable.get(doc_id, ())
+        if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])
+    ]
     rng.shuffle(answerable)
     unanswerable = []
     if unanswerable_rate > 0:  # rate 0 draws nothing more: the conversations stay as they were
@@ -115,8 +132,10 @@ def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", 
         if q is None or q["id"] in used:
             break
         used.add(q["id"])
-        example["messages"] += [{"role": "user", "content": f"Question: {q['question']}"},
-                                {"role": "assistant", "content": answer}]
+        example["messages"] += [
+            {"role": "user", "content": f"Question: {q['question']}"},
+            {"role": "assistant", "content": answer},
+        ]
         example.setdefault("follow_up_ids", []).append(q["id"])
 
 
@@ -130,7 +149,7 @@ class FollowUpPools:
     entityless: list[dict]
 
     @classmethod
-    def of(cls, questions: Sequence[dict]) -> "FollowUpPools":
+    def of(cls, questions: Sequence[dict]) -> FollowUpPools:
         answerable: dict[str, list[dict]] = defaultdict(list)
         unanswerable: dict[str, list[dict]] = defaultdict(list)
         entityless = []
@@ -145,8 +164,13 @@ class FollowUpPools:
         return cls(dict(answerable), dict(unanswerable), entityless)
 
 
-def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]], chunks: Sequence[dict],
-                   p: BuildSftParams, samples_per_question: int = 1) -> list[dict]:
+def build_examples(
+    questions: Sequence[dict],
+    retrieved: Sequence[Sequence[dict]],
+    chunks: Sequence[dict],
+    p: BuildSftParams,
+    samples_per_question: int = 1,
+) -> list[dict]:
     rng = random.Random(p.seed)
     chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
     for c in chunks:
@@ -158,8 +182,17 @@ def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]
             passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
             example = build_example(q, passages, has_oracle, p)
             if p.turns_per_conversation > 1:
-                add_follow_ups(example, passages, pools, p.turns_per_conversation, p.abstain_answer,
-                               p.unanswerable_follow_up_rate, rng, p.off_topic_follow_up_rate, p.off_topic_requests)
+                add_follow_ups(
+                    example,
+                    passages,
+                    pools,
+                    p.turns_per_conversation,
+                    p.abstain_answer,
+                    p.unanswerable_follow_up_rate,
+                    rng,
+                    p.off_topic_follow_up_rate,
+                    p.off_topic_requests,
+                )
             examples.append(example)
     return examples
 
@@ -169,8 +202,8 @@ def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftPara
     tools' results (each on a fresh copy of the database), gold answer."""
     import tempfile
 
-    from veritune.agent.tasks import gold_trajectory
     from veritune.agent.shop import episode_database
+    from veritune.agent.tasks import gold_trajectory
     from veritune.agent.tools import Toolbox, tool_definitions
 
     tools = tool_definitions(p.agent_tool_definitions)
@@ -179,9 +212,18 @@ def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftPara
         for task in tasks:
             with Toolbox(episode_database(db_path, tmp, task["id"]), search=search, today=today) as box:
                 messages = gold_trajectory(task, box, p.agent_system_prompt)
-            examples += [{"id": f"{task['id']}-{j}", "kind": "agent", "has_oracle": True, "passage_ids": [],
-                          "messages": messages, "tools": tools, "today": chat.header_date(today)}
-                         for j in range(p.agent_samples_per_task)]
+            examples += [
+                {
+                    "id": f"{task['id']}-{j}",
+                    "kind": "agent",
+                    "has_oracle": True,
+                    "passage_ids": [],
+                    "messages": messages,
+                    "tools": tools,
+                    "today": chat.header_date(today),
+                }
+                for j in range(p.agent_samples_per_task)
+            ]
     return examples
 
 
@@ -189,8 +231,9 @@ def is_tool_conversation(messages: Sequence[dict]) -> bool:
     return any(m.get("tool_call") or m["role"] in ("ipython", "tool") for m in messages)
 
 
-def tokenize_example(messages: list[dict], tokenizer, tools: Sequence[dict] | None = None,
-                     today: str | None = None) -> dict:
+def tokenize_example(
+    messages: list[dict], tokenizer, tools: Sequence[dict] | None = None, today: str | None = None
+) -> dict:
     """Token ids and labels with the loss on the assistant turns only (the rest -> -100).
 
     Format-neutral messages (and `tools` for a tool conversation) are first laid out in the
@@ -211,8 +254,8 @@ def tokenize_example(messages: list[dict], tokenizer, tools: Sequence[dict] | No
         full = chat.render_conversation(tokenizer, messages[: i + 1], False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise LabelMaskError("chat template output for the prompt is not a prefix of the full conversation")
-        prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
-        reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt[len(done) :], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
         input_ids += prompt_ids + reply_ids
         labels += [-100] * len(prompt_ids) + reply_ids
         done = full

@@ -33,15 +33,23 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from veritune.core.config import as_dict
 from veritune.core.params import ValidateParams
-from veritune.data.records import (DOCUMENTS_FILE, QUESTIONS_FILE, Failure, doc_links_table, documents_table,
-                                    questions_table, texts_table)
+from veritune.data.records import (
+    DOCUMENTS_FILE,
+    QUESTIONS_FILE,
+    Failure,
+    doc_links_table,
+    documents_table,
+    questions_table,
+    texts_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,9 @@ def _type_reason(expected: str) -> Callable[[Any], str]:
     return lambda got: "missing field" if got == "missing" else f"must be {expected}, got {got}"
 
 
-def _length_reason(name: str, low: int, high: int | None, low_key: str | None, high_key: str | None) -> Callable[[Any], str]:
+def _length_reason(
+    name: str, low: int, high: int | None, low_key: str | None, high_key: str | None
+) -> Callable[[Any], str]:
     def explain(value: Any) -> str:
         chars = len(value)
         if chars == 0:
@@ -101,6 +111,7 @@ def _length_reason(name: str, low: int, high: int | None, low_key: str | None, h
         if chars < low:
             return f"{name} is {chars} characters, below params.validate.{low_key}={low}"
         return f"{name} is {chars} characters, above params.validate.{high_key}={high}; split it upstream"
+
     return explain
 
 
@@ -114,28 +125,43 @@ def _match_reason(what: str, regex: str) -> Callable[[Any], str]:
         if what == "a Llama special token":  # not personal data, so safe to echo
             return f"contains {what} {match.group(0)!r} at char {match.start()}"
         return f"contains {what} at char {match.start()}"
+
     return explain
 
 
 def _id_rules(suite: Suite) -> None:
     gxe = _gx().expectations
     table = suite.table
-    suite.expect("id.type", "id", gxe.ExpectColumnValuesToBeInSet(column="id_type", value_set=["a string"]),
-                 _type_reason("a string"))
-    suite.expect("id.empty", "id", gxe.ExpectColumnValueLengthsToBeBetween(column="id", min_value=1),
-                 lambda value: "empty id")
-    suite.expect("id.whitespace", "id", gxe.ExpectColumnValuesToNotMatchRegex(column="id", regex=r"^\s|\s$"),
-                 lambda value: "id has leading or trailing whitespace")
+    suite.expect(
+        "id.type",
+        "id",
+        gxe.ExpectColumnValuesToBeInSet(column="id_type", value_set=["a string"]),
+        _type_reason("a string"),
+    )
+    suite.expect(
+        "id.empty", "id", gxe.ExpectColumnValueLengthsToBeBetween(column="id", min_value=1), lambda value: "empty id"
+    )
+    suite.expect(
+        "id.whitespace",
+        "id",
+        gxe.ExpectColumnValuesToNotMatchRegex(column="id", regex=r"^\s|\s$"),
+        lambda value: "id has leading or trailing whitespace",
+    )
 
     def duplicate(value: Any) -> str:
         lines = table.loc[table["id"] == value, "line"].tolist()
         return f"duplicate id (on lines {', '.join(str(n) for n in lines)}); ids must be unique"
+
     suite.expect("id.unique", "id", gxe.ExpectColumnValuesToBeUnique(column="id"), duplicate)
 
 
 def _row_count_rule(suite: Suite) -> None:
-    suite.expect("rows", None, _gx().expectations.ExpectTableRowCountToBeBetween(min_value=1),
-                 lambda value: "no records; the file is empty")
+    suite.expect(
+        "rows",
+        None,
+        _gx().expectations.ExpectTableRowCountToBeBetween(min_value=1),
+        lambda value: "no records; the file is empty",
+    )
 
 
 def documents_suite(table: pd.DataFrame, params: ValidateParams) -> Suite:
@@ -144,13 +170,26 @@ def documents_suite(table: pd.DataFrame, params: ValidateParams) -> Suite:
     _row_count_rule(suite)
     _id_rules(suite)
     for name in ("title", "text"):
-        suite.expect(f"{name}.type", name, gxe.ExpectColumnValuesToBeInSet(column=f"{name}_type", value_set=["a string"]),
-                     _type_reason("a string"))
-    suite.expect("title.length", "title", gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1),
-                 _length_reason("title", 1, None, None, None))
-    suite.expect("text.length", "text", gxe.ExpectColumnValueLengthsToBeBetween(
-        column="text", min_value=params.min_text_chars, max_value=params.max_text_chars),
-        _length_reason("text", params.min_text_chars, params.max_text_chars, "min_text_chars", "max_text_chars"))
+        suite.expect(
+            f"{name}.type",
+            name,
+            gxe.ExpectColumnValuesToBeInSet(column=f"{name}_type", value_set=["a string"]),
+            _type_reason("a string"),
+        )
+    suite.expect(
+        "title.length",
+        "title",
+        gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1),
+        _length_reason("title", 1, None, None, None),
+    )
+    suite.expect(
+        "text.length",
+        "text",
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="text", min_value=params.min_text_chars, max_value=params.max_text_chars
+        ),
+        _length_reason("text", params.min_text_chars, params.max_text_chars, "min_text_chars", "max_text_chars"),
+    )
     return suite
 
 
@@ -159,51 +198,88 @@ def questions_suite(table: pd.DataFrame, params: ValidateParams) -> Suite:
     suite = Suite("questions", QUESTIONS_FILE, table, ["id", "line"])
     _row_count_rule(suite)
     _id_rules(suite)
-    for name, expected in (("question", "a string"), ("answers", "a list of strings"),
-                           ("doc_ids", "a list of strings"), ("kind", "a string")):
-        suite.expect(f"{name}.type", name, gxe.ExpectColumnValuesToBeInSet(column=f"{name}_type", value_set=[expected]),
-                     _type_reason(expected))
-    suite.expect("question.length", "question", gxe.ExpectColumnValueLengthsToBeBetween(
-        column="question", min_value=1, max_value=params.max_question_chars),
-        _length_reason("question", 1, params.max_question_chars, None, "max_question_chars"))
-    suite.expect("kind.known", "kind", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(KINDS)),
-                 lambda value: f"unknown kind {value!r}; use one of {', '.join(KINDS)}")
+    for name, expected in (
+        ("question", "a string"),
+        ("answers", "a list of strings"),
+        ("doc_ids", "a list of strings"),
+        ("kind", "a string"),
+    ):
+        suite.expect(
+            f"{name}.type",
+            name,
+            gxe.ExpectColumnValuesToBeInSet(column=f"{name}_type", value_set=[expected]),
+            _type_reason(expected),
+        )
+    suite.expect(
+        "question.length",
+        "question",
+        gxe.ExpectColumnValueLengthsToBeBetween(column="question", min_value=1, max_value=params.max_question_chars),
+        _length_reason("question", 1, params.max_question_chars, None, "max_question_chars"),
+    )
+    suite.expect(
+        "kind.known",
+        "kind",
+        gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(KINDS)),
+        lambda value: f"unknown kind {value!r}; use one of {', '.join(KINDS)}",
+    )
 
     from great_expectations.expectations.row_conditions import Column
 
     answerable = Column("kind").is_in(ANSWERABLE_KINDS)
-    suite.expect("answers.required", "answers", gxe.ExpectColumnValuesToBeBetween(
-        column="n_answers", min_value=1, row_condition=answerable),
-        lambda value: "answerable question has no non-empty answer; add one or make it kind=unanswerable")
-    suite.expect("answers.forbidden", "answers", gxe.ExpectColumnValuesToBeBetween(
-        column="n_answers", max_value=0, row_condition=Column("kind") == "unanswerable"),
-        lambda value: f"unanswerable question has {value} answer(s); its answers list must be empty")
-    suite.expect("answers.blank", "answers", gxe.ExpectColumnValuesToBeBetween(column="n_blank_answers", max_value=0),
-                 lambda value: f"{value} blank answer(s); remove them")
-    suite.expect("doc_ids.required", "doc_ids", gxe.ExpectColumnValuesToBeBetween(
-        column="n_doc_ids", min_value=1, row_condition=answerable),
-        lambda value: "answerable question cites no documents; list its source in doc_ids")
+    suite.expect(
+        "answers.required",
+        "answers",
+        gxe.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1, row_condition=answerable),
+        lambda value: "answerable question has no non-empty answer; add one or make it kind=unanswerable",
+    )
+    suite.expect(
+        "answers.forbidden",
+        "answers",
+        gxe.ExpectColumnValuesToBeBetween(
+            column="n_answers", max_value=0, row_condition=Column("kind") == "unanswerable"
+        ),
+        lambda value: f"unanswerable question has {value} answer(s); its answers list must be empty",
+    )
+    suite.expect(
+        "answers.blank",
+        "answers",
+        gxe.ExpectColumnValuesToBeBetween(column="n_blank_answers", max_value=0),
+        lambda value: f"{value} blank answer(s); remove them",
+    )
+    suite.expect(
+        "doc_ids.required",
+        "doc_ids",
+        gxe.ExpectColumnValuesToBeBetween(column="n_doc_ids", min_value=1, row_condition=answerable),
+        lambda value: "answerable question cites no documents; list its source in doc_ids",
+    )
     return suite
 
 
 def doc_links_suite(table: pd.DataFrame, document_ids: list[str]) -> Suite:
     suite = Suite("doc_links", QUESTIONS_FILE, table, ["id", "line", "field"])
-    suite.expect("doc_ids.resolve", None, _gx().expectations.ExpectColumnValuesToBeInSet(
-        column="doc_id", value_set=document_ids),
-        lambda value: f"unknown document id {value!r}: no such id in {DOCUMENTS_FILE}")
+    suite.expect(
+        "doc_ids.resolve",
+        None,
+        _gx().expectations.ExpectColumnValuesToBeInSet(column="doc_id", value_set=document_ids),
+        lambda value: f"unknown document id {value!r}: no such id in {DOCUMENTS_FILE}",
+    )
     return suite
 
 
 def texts_suite(table: pd.DataFrame) -> Suite:
     gxe = _gx().expectations
     suite = Suite("texts", "", table, ["file", "id", "line", "field"])
-    for rule, what, regex in (("special_token", "a Llama special token", SPECIAL_TOKEN_REGEX),
-                              ("email", "an e-mail address", EMAIL_REGEX),
-                              ("phone", "a phone number", PHONE_REGEX)):
-        suite.expect(rule, None, gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex),
-                     _match_reason(what, regex))
-    suite.expect("card_number", None, gxe.ExpectColumnValuesToBeNull(column="card_number"),
-                 lambda value: f"contains a {value}")
+    for rule, what, regex in (
+        ("special_token", "a Llama special token", SPECIAL_TOKEN_REGEX),
+        ("email", "an e-mail address", EMAIL_REGEX),
+        ("phone", "a phone number", PHONE_REGEX),
+    ):
+        suite.expect(
+            rule, None, gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex), _match_reason(what, regex)
+        )
+    suite.expect(
+        "card_number", None, gxe.ExpectColumnValuesToBeNull(column="card_number"), lambda value: f"contains a {value}"
+    )
     return suite
 
 
@@ -221,8 +297,13 @@ class Validation:
         return not self.failures
 
 
-def validate(documents: list[dict[str, Any]], questions: list[dict[str, Any]], params: ValidateParams,
-             document_lines: list[int] | None = None, question_lines: list[int] | None = None) -> Validation:
+def validate(
+    documents: list[dict[str, Any]],
+    questions: list[dict[str, Any]],
+    params: ValidateParams,
+    document_lines: list[int] | None = None,
+    question_lines: list[int] | None = None,
+) -> Validation:
     """Run the four suites over the raw records; every unexpected value becomes a Failure.
 
     `*_lines` are the records' line numbers in the raw files (as `read_raw` returns them);
@@ -290,13 +371,16 @@ def _run(context: Any, source: Any, suite: Suite) -> Any:
     batch_definition = source.add_dataframe_asset(suite.name).add_batch_definition_whole_dataframe("all")
     ge_suite = context.suites.add(gx.ExpectationSuite(name=suite.name, expectations=suite.expectations))
     batch = batch_definition.get_batch(batch_parameters={"dataframe": suite.table})
-    result = batch.validate(ge_suite, result_format={
-        "result_format": _RESULT_FORMAT, "unexpected_index_column_names": suite.index_columns})
+    result = batch.validate(
+        ge_suite, result_format={"result_format": _RESULT_FORMAT, "unexpected_index_column_names": suite.index_columns}
+    )
     for outcome in result.results:
         info = outcome.exception_info or {}
         if info.get("raised_exception"):
-            raise RuntimeError(f"Great Expectations could not evaluate {outcome.expectation_config.meta} "
-                               f"on the {suite.name} table: {info.get('exception_message')}")
+            raise RuntimeError(
+                f"Great Expectations could not evaluate {outcome.expectation_config.meta} "
+                f"on the {suite.name} table: {info.get('exception_message')}"
+            )
     return result
 
 
@@ -323,13 +407,15 @@ def _failures(suite: Suite, result: Any) -> list[Failure]:
         column = config.kwargs.get("column")
         for row in outcome.result["unexpected_index_list"]:
             line = _plain(row.get("line"))
-            failures.append(Failure(
-                file=_plain(row.get("file")) or suite.file,
-                line=int(line) if line is not None else None,
-                id=_plain(row.get("id")),
-                field=_plain(row.get("field")) or field_name,
-                reason=explain(_plain(row.get(column))),
-            ))
+            failures.append(
+                Failure(
+                    file=_plain(row.get("file")) or suite.file,
+                    line=int(line) if line is not None else None,
+                    id=_plain(row.get("id")),
+                    field=_plain(row.get("field")) or field_name,
+                    reason=explain(_plain(row.get(column))),
+                )
+            )
     return failures
 
 
@@ -342,16 +428,18 @@ def _summary(suite: Suite, result: Any) -> dict[str, Any]:
         if isinstance(kwargs.get("value_set"), list) and len(kwargs["value_set"]) > _MAX_IDS_IN_REPORT:
             kwargs["value_set"] = f"<{len(kwargs['value_set'])} values>"
         rows = outcome.result.get("unexpected_index_list") or []
-        expectations.append({
-            "expectation": config.type,
-            "rule": config.meta["rule"],
-            "field": config.meta["field"],
-            "kwargs": json.loads(json.dumps(kwargs, default=str)),
-            "success": bool(outcome.success),
-            "element_count": outcome.result.get("element_count"),
-            "unexpected_count": outcome.result.get("unexpected_count", 0 if outcome.success else None),
-            "unexpected_ids": sorted({str(_plain(r.get("id"))) for r in rows})[:_MAX_IDS_IN_REPORT],
-        })
+        expectations.append(
+            {
+                "expectation": config.type,
+                "rule": config.meta["rule"],
+                "field": config.meta["field"],
+                "kwargs": json.loads(json.dumps(kwargs, default=str)),
+                "success": bool(outcome.success),
+                "element_count": outcome.result.get("element_count"),
+                "unexpected_count": outcome.result.get("unexpected_count", 0 if outcome.success else None),
+                "unexpected_ids": sorted({str(_plain(r.get("id"))) for r in rows})[:_MAX_IDS_IN_REPORT],
+            }
+        )
     stats = result.statistics
     return {
         "rows": len(suite.table),

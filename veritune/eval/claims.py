@@ -21,7 +21,8 @@ class Claim:
     kind: str  # one of KINDS
 
 
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a about above after again against all also am an and any are aren't as at be because been before
 being below between both but by can can't cannot could couldn't did didn't do does doesn't doing
 don't down during each either few for from further had hadn't has hasn't have haven't having he
@@ -32,26 +33,81 @@ theirs them themselves then there there's these they this those through to too u
 upon us very was wasn't we were weren't what what's when where which while who whom whose why will
 with won't would wouldn't yes you your yours yourself yourselves
 according answer approximately around roughly exactly total together
-""".split())
+""".split()
+)
 
 # Unit words that name the same unit; anything else is kept as its own stemmed word.
 UNIT_ALIASES = {
-    "$": "$", "dollar": "$", "dollars": "$", "usd": "$",
-    "%": "%", "percent": "%", "per cent": "%", "pct": "%",
-    "w": "w", "watt": "w", "watts": "w", "kw": "kw", "kilowatt": "kw", "kilowatts": "kw",
-    "kg": "kg", "kilogram": "kg", "kilograms": "kg", "kilo": "kg", "kilos": "kg",
-    "g": "g", "gram": "g", "grams": "g", "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb",
-    "l": "l", "litre": "l", "litres": "l", "liter": "l", "liters": "l",
-    "ml": "ml", "millilitre": "ml", "millilitres": "ml", "milliliter": "ml", "milliliters": "ml",
-    "db": "db", "decibel": "db", "decibels": "db",
-    "cm": "cm", "centimetre": "cm", "centimetres": "cm", "mm": "mm", "m": "m",
-    "h": "hour", "hr": "hour", "hrs": "hour", "min": "minute", "mins": "minute",
+    "$": "$",
+    "dollar": "$",
+    "dollars": "$",
+    "usd": "$",
+    "%": "%",
+    "percent": "%",
+    "per cent": "%",
+    "pct": "%",
+    "w": "w",
+    "watt": "w",
+    "watts": "w",
+    "kw": "kw",
+    "kilowatt": "kw",
+    "kilowatts": "kw",
+    "kg": "kg",
+    "kilogram": "kg",
+    "kilograms": "kg",
+    "kilo": "kg",
+    "kilos": "kg",
+    "g": "g",
+    "gram": "g",
+    "grams": "g",
+    "lb": "lb",
+    "lbs": "lb",
+    "pound": "lb",
+    "pounds": "lb",
+    "l": "l",
+    "litre": "l",
+    "litres": "l",
+    "liter": "l",
+    "liters": "l",
+    "ml": "ml",
+    "millilitre": "ml",
+    "millilitres": "ml",
+    "milliliter": "ml",
+    "milliliters": "ml",
+    "db": "db",
+    "decibel": "db",
+    "decibels": "db",
+    "cm": "cm",
+    "centimetre": "cm",
+    "centimetres": "cm",
+    "mm": "mm",
+    "m": "m",
+    "h": "hour",
+    "hr": "hour",
+    "hrs": "hour",
+    "min": "minute",
+    "mins": "minute",
 }
 
-_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
-           "september", "october", "november", "december"]
+_MONTHS = [
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+]
 _MONTH_NUM = {m: i + 1 for i, m in enumerate(_MONTHS)} | {m[:3]: i + 1 for i, m in enumerate(_MONTHS)}
-_MONTH_RE = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+_MONTH_RE = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?"
+    r"|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+)
 
 _DATE_PATTERNS = [  # each yields named groups y, m, d (some may be absent)
     re.compile(r"\b(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})\b"),
@@ -144,7 +200,7 @@ def find_numbers(text: str) -> tuple[list[tuple[str, tuple[float, ...], str | No
         else:
             unit = unit_of(match["unit"])
             end = match.end() if unit else (match.end("b") if match["b"] else match.end("a"))
-        found.append((text[match.start():end].strip(), values, unit, match.start(), end))
+        found.append((text[match.start() : end].strip(), values, unit, match.start(), end))
     for *_, start, end in found:
         text = blank(text, start, end)
     return [f[:3] for f in found], text

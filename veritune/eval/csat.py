@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from veritune.core import chat
 from veritune.eval.groundedness import score_groundedness
@@ -82,8 +82,11 @@ def related_question(goal: dict, questions: Sequence[dict], rng: random.Random) 
     """An answerable question about the same product or a shared document; any other one if
     none; None if no other answerable question exists."""
     others = [q for q in questions if q["id"] != goal["id"] and q["answers"]]
-    related = [q for q in others if (goal.get("product") and q.get("product") == goal.get("product"))
-               or set(q["doc_ids"]) & set(goal["doc_ids"])]
+    related = [
+        q
+        for q in others
+        if (goal.get("product") and q.get("product") == goal.get("product")) or set(q["doc_ids"]) & set(goal["doc_ids"])
+    ]
     return rng.choice(related or others) if others else None
 
 
@@ -110,15 +113,27 @@ def judge_reply(goal: dict | None, user: str, reply: str, passages: Sequence[dic
     return out
 
 
-def simulate(customers: Sequence[dict], answer: AnswerFn, max_turns: int, impatient_turns: int,
-             resolve_f1: float) -> list[dict]:
+def simulate(
+    customers: Sequence[dict], answer: AnswerFn, max_turns: int, impatient_turns: int, resolve_f1: float
+) -> list[dict]:
     """Hold every conversation, all customers' turn t answered in one batch."""
     convs = []
     for c in customers:
-        first = c["off_topic"] if c["persona"] == "off_topic" else (
-            rephrase(c["goals"][0], 2) if c["persona"] == "rephraser" else c["goals"][0]["question"])
-        convs.append({"customer": c, "turns": [], "goal_index": 0 if c["persona"] != "off_topic" else -1,
-                      "failures": 0, "next": first, "outcome": None})
+        first = (
+            c["off_topic"]
+            if c["persona"] == "off_topic"
+            else (rephrase(c["goals"][0], 2) if c["persona"] == "rephraser" else c["goals"][0]["question"])
+        )
+        convs.append(
+            {
+                "customer": c,
+                "turns": [],
+                "goal_index": 0 if c["persona"] != "off_topic" else -1,
+                "failures": 0,
+                "next": first,
+                "outcome": None,
+            }
+        )
     while True:
         open_convs = [v for v in convs if v["outcome"] is None]
         if not open_convs:
@@ -128,8 +143,15 @@ def simulate(customers: Sequence[dict], answer: AnswerFn, max_turns: int, impati
             c, gi = v["customer"], v["goal_index"]
             goal = c["goals"][gi] if gi >= 0 else None
             verdict = judge_reply(goal, v["next"], reply, passages, resolve_f1)
-            v["turns"].append({"user": v["next"], "reply": reply, "goal": goal["id"] if goal else None,
-                               "passages": [p["doc_id"] for p in passages], **verdict})
+            v["turns"].append(
+                {
+                    "user": v["next"],
+                    "reply": reply,
+                    "goal": goal["id"] if goal else None,
+                    "passages": [p["doc_id"] for p in passages],
+                    **verdict,
+                }
+            )
             _advance(v, verdict, max_turns, impatient_turns)
 
 
@@ -151,8 +173,11 @@ def _advance(v: dict, verdict: dict, max_turns: int, impatient_turns: int) -> No
         if c["persona"] == "impatient" and v["failures"] >= impatient_turns:
             v["outcome"] = "gave_up"
             return
-        v["next"] = (rephrase(goal, v["failures"] - 1) if c["persona"] in ("rephraser", "off_topic")
-                     else "That doesn't answer my question. " + goal["question"])
+        v["next"] = (
+            rephrase(goal, v["failures"] - 1)
+            if c["persona"] in ("rephraser", "off_topic")
+            else "That doesn't answer my question. " + goal["question"]
+        )
     if len(v["turns"]) >= max_turns:
         v["outcome"] = "out_of_turns"
 
@@ -176,9 +201,14 @@ def csat_score(conv: dict, rubric) -> dict:
     else:
         score = rubric.unresolved_misled if misled else rubric.unresolved_honest
         result = "unresolved"
-    return {"csat": int(min(5, max(1, score))), "result": result, "misled": misled,
-            "wrong_refusal": any(t.get("wrong_refusal") for t in goal_turns),
-            "turns": len(conv["turns"]), "turns_to_resolution": len(goal_turns) if all_resolved else None}
+    return {
+        "csat": int(min(5, max(1, score))),
+        "result": result,
+        "misled": misled,
+        "wrong_refusal": any(t.get("wrong_refusal") for t in goal_turns),
+        "turns": len(conv["turns"]),
+        "turns_to_resolution": len(goal_turns) if all_resolved else None,
+    }
 
 
 def summarize_csat(scored: Sequence[dict], personas: Sequence[str], bootstrap_samples: int) -> dict:
@@ -208,8 +238,9 @@ def summarize_csat(scored: Sequence[dict], personas: Sequence[str], bootstrap_sa
     return out
 
 
-def turn_messages(system_prompt: str, history: Sequence[tuple[str, str]], user: str,
-                  passages: Sequence[dict]) -> list[dict]:
+def turn_messages(
+    system_prompt: str, history: Sequence[tuple[str, str]], user: str, passages: Sequence[dict]
+) -> list[dict]:
     """The model's view: earlier turns as plain text, the new message with its retrieved passages."""
     messages = [{"role": "system", "content": system_prompt}]
     for u, r in history:
@@ -228,8 +259,12 @@ def plot_histogram(summaries: dict[str, dict], path) -> None:
     width = 0.8 / max(1, len(summaries))
     for i, (variant, s) in enumerate(summaries.items()):
         shares = [s["distribution"][str(k)] / s["n"] for k in range(1, 6)]
-        ax.bar([k + (i - (len(summaries) - 1) / 2) * width for k in range(1, 6)], shares, width,
-               label=f"{variant} (mean {s['csat_mean']:.2f}, n={s['n']})")
+        ax.bar(
+            [k + (i - (len(summaries) - 1) / 2) * width for k in range(1, 6)],
+            shares,
+            width,
+            label=f"{variant} (mean {s['csat_mean']:.2f}, n={s['n']})",
+        )
     ax.set_xticks(range(1, 6))
     ax.set_xlabel("CSAT (1 = very dissatisfied, 5 = very satisfied)")
     ax.set_ylabel("share of conversations")
@@ -243,12 +278,14 @@ def plot_histogram(summaries: dict[str, dict], path) -> None:
 
 def rubric_text(rubric) -> str:
     """The rubric with its current numbers, for the report."""
-    return (f"CSAT rubric (params `csat.rubric`): resolved = {rubric.resolved_first_turn} minus "
-            f"{rubric.turn_penalty} per extra turn the customer needed (a wrong refusal costs one), not below "
-            f"{rubric.resolved_floor}, minus {rubric.unsupported_penalty} if any reply made unsupported claims; "
-            f"follow-up customers with only the first question answered = {rubric.partially_resolved} (same "
-            f"penalty); not resolved = {rubric.unresolved_honest} if every reply was grounded or a refusal, "
-            f"{rubric.unresolved_misled} if any misled the customer. A goal is resolved when a reply does not "
-            "refuse and reaches the token-F1 threshold vs the gold answer (`csat.resolve_f1`), or, for a question "
-            "the documents cannot answer, when the reply declines. Personas: patient, impatient (leaves after "
-            "`csat.impatient_turns` unanswered turns), rephraser, follow-up asker, off-topic opener.")
+    return (
+        f"CSAT rubric (params `csat.rubric`): resolved = {rubric.resolved_first_turn} minus "
+        f"{rubric.turn_penalty} per extra turn the customer needed (a wrong refusal costs one), not below "
+        f"{rubric.resolved_floor}, minus {rubric.unsupported_penalty} if any reply made unsupported claims; "
+        f"follow-up customers with only the first question answered = {rubric.partially_resolved} (same "
+        f"penalty); not resolved = {rubric.unresolved_honest} if every reply was grounded or a refusal, "
+        f"{rubric.unresolved_misled} if any misled the customer. A goal is resolved when a reply does not "
+        "refuse and reaches the token-F1 threshold vs the gold answer (`csat.resolve_f1`), or, for a question "
+        "the documents cannot answer, when the reply declines. Personas: patient, impatient (leaves after "
+        "`csat.impatient_turns` unanswered turns), rephraser, follow-up asker, off-topic opener."
+    )

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from veritune.core import chat
 from veritune.eval.groundedness import score_groundedness
 from veritune.eval.scoring import bootstrap_ci, mean, normalize_answer, score_answer
 
-CONTEXT_MODES = ("closed_book", "rag", "oracle")  # what a question is shown: nothing, retrieved passages, its own documents
+CONTEXT_MODES = (
+    "closed_book",
+    "rag",
+    "oracle",
+)  # what a question is shown: nothing, retrieved passages, its own documents
 
 # (flat name, mode, group, per-question score): the numbers a release decision rests on.
 HEADLINE = [
@@ -35,8 +39,9 @@ HEADLINE = [
 ]
 
 
-def oracle_documents(questions: Sequence[dict], documents: dict[str, dict],
-                    retrieved: Sequence[list[dict]]) -> list[list[dict]]:
+def oracle_documents(
+    questions: Sequence[dict], documents: dict[str, dict], retrieved: Sequence[list[dict]]
+) -> list[list[dict]]:
     """The context a perfect retriever would give: each question's own supporting documents,
     whole. Unanswerable questions that name related documents (not stated, false premise) get
     those, which lack the answer by construction; ones about entities that do not exist have
@@ -48,18 +53,33 @@ def oracle_documents(questions: Sequence[dict], documents: dict[str, dict],
             continue
         missing = [d for d in q["doc_ids"] if d not in documents]
         if missing:
-            raise KeyError(f"question {q['id']}: doc_ids {missing} are not in the documents: rerun `dvc repro validate`")
-        out.append([{"chunk_id": f"{d}#oracle", "doc_id": d, "title": documents[d]["title"],
-                     "text": documents[d]["text"], "score": 1.0} for d in q["doc_ids"]])
+            raise KeyError(
+                f"question {q['id']}: doc_ids {missing} are not in the documents: rerun `dvc repro validate`"
+            )
+        out.append(
+            [
+                {
+                    "chunk_id": f"{d}#oracle",
+                    "doc_id": d,
+                    "title": documents[d]["title"],
+                    "text": documents[d]["text"],
+                    "score": 1.0,
+                }
+                for d in q["doc_ids"]
+            ]
+        )
     return out
 
 
-def prompts_for(questions: Sequence[dict], passages: Sequence[list[dict]] | None, system_prompt: str,
-                question_position: str = "end") -> list[list[dict]]:
+def prompts_for(
+    questions: Sequence[dict], passages: Sequence[list[dict]] | None, system_prompt: str, question_position: str = "end"
+) -> list[list[dict]]:
     if passages is None:
         return [chat.rag_messages(system_prompt, q["question"], None) for q in questions]
-    return [chat.rag_messages(system_prompt, q["question"], ps, question_position)
-            for q, ps in zip(questions, passages, strict=True)]
+    return [
+        chat.rag_messages(system_prompt, q["question"], ps, question_position)
+        for q, ps in zip(questions, passages, strict=True)
+    ]
 
 
 def groups_of(question: dict) -> list[str]:
@@ -91,8 +111,12 @@ def summarize_scores(questions: Sequence[dict], scores: Sequence[dict], bootstra
             entry["unsupported_rate_when_answering"] = round(mean(answered), 4)
             entry["n_answered"] = len(answered)
         summary[group] = entry
-    for group, key in (("answerable_unseen", "f1"), ("answerable", "f1"), ("unanswerable", "abstained"),
-                       ("unanswerable_false_premise", "abstained")):
+    for group, key in (
+        ("answerable_unseen", "f1"),
+        ("answerable", "f1"),
+        ("unanswerable", "abstained"),
+        ("unanswerable_false_premise", "abstained"),
+    ):
         values = [r[key] for r in by_group.get(group, []) if key in r]
         if values:
             lo, hi = bootstrap_ci(values, bootstrap_samples)
@@ -101,8 +125,9 @@ def summarize_scores(questions: Sequence[dict], scores: Sequence[dict], bootstra
     return summary
 
 
-def score_all(predictions: Sequence[str], questions: Sequence[dict],
-              passages: Sequence[list[dict]] | None = None) -> list[dict]:
+def score_all(
+    predictions: Sequence[str], questions: Sequence[dict], passages: Sequence[list[dict]] | None = None
+) -> list[dict]:
     """Per-question scores; with the passages the model read, also whether the answer makes
     claims that neither they nor the question support (veritune.eval.groundedness). A reply counts
     as an abstention only if it declines and asserts nothing unsupported (`abstains`), so a
@@ -120,8 +145,11 @@ def score_all(predictions: Sequence[str], questions: Sequence[dict],
     return scores
 
 
-def headline(scores: dict[str, dict[str, list[dict]]], questions: Sequence[dict] | dict[str, dict[str, Sequence[dict]]],
-             bootstrap_samples: int) -> dict:
+def headline(
+    scores: dict[str, dict[str, list[dict]]],
+    questions: Sequence[dict] | dict[str, dict[str, Sequence[dict]]],
+    bootstrap_samples: int,
+) -> dict:
     """Flat `<variant>_<name>` keys with n and a bootstrap 95% interval each, for `dvc metrics diff`.
     `questions`: the scored questions, or {variant: {mode: questions}} where they ran on different samples."""
     out: dict[str, float] = {}
@@ -148,11 +176,16 @@ _QUESTION_LINE = re.compile(r"^Question: (.*)$", re.MULTILINE)
 
 def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     words = normalize_answer(text).split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], sft_examples: Sequence[dict],
-                  ngram: int, doc_share: float) -> dict:
+def leakage_check(
+    test_questions: Sequence[dict],
+    heldout_docs: Sequence[dict],
+    sft_examples: Sequence[dict],
+    ngram: int,
+    doc_share: float,
+) -> dict:
     """Do test questions or held-out documents appear in the fine-tuning data?
 
     - a test question is leaked if its normalised text equals an SFT question, or one of its
@@ -169,9 +202,12 @@ def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], 
                 prompt_grams |= _ngrams(m["content"], ngram)
             elif m["role"] == "assistant":
                 target_grams |= _ngrams(m["content"], ngram)
-    questions_leaked = sorted(q["id"] for q in test_questions
-                              if normalize_answer(q["question"]) in sft_questions
-                              or _ngrams(q["question"], ngram) & (prompt_grams | target_grams))
+    questions_leaked = sorted(
+        q["id"]
+        for q in test_questions
+        if normalize_answer(q["question"]) in sft_questions
+        or _ngrams(q["question"], ngram) & (prompt_grams | target_grams)
+    )
 
     def share(doc: dict, grams: set) -> float:
         own = _ngrams(doc["text"], ngram)
@@ -186,8 +222,11 @@ def leakage_check(test_questions: Sequence[dict], heldout_docs: Sequence[dict], 
         "test_questions_in_sft": len(questions_leaked),
         "heldout_docs_in_sft_targets": len(in_targets),
         "heldout_docs_in_sft_context": len(in_context),
-        "examples": {"questions": questions_leaked[:10], "docs_in_targets": in_targets[:10],
-                     "docs_in_context": in_context[:10]},
+        "examples": {
+            "questions": questions_leaked[:10],
+            "docs_in_targets": in_targets[:10],
+            "docs_in_context": in_context[:10],
+        },
     }
 
 
@@ -195,13 +234,17 @@ def leakage_violations(result: dict, heldout_context: str) -> tuple[list[str], l
     """(violations that must stop the evaluation, warnings) from `leakage_check`'s result.
     `heldout_context` ("fail" | "warn") is the policy for held-out documents seen only as passages."""
     examples = result["examples"]
-    problems = [f"{result[k]} {k.replace('_', ' ')} (e.g. {examples[e]})"
-                for k, e in (("test_questions_in_sft", "questions"), ("heldout_docs_in_sft_targets", "docs_in_targets"))
-                if result[k]]
+    problems = [
+        f"{result[k]} {k.replace('_', ' ')} (e.g. {examples[e]})"
+        for k, e in (("test_questions_in_sft", "questions"), ("heldout_docs_in_sft_targets", "docs_in_targets"))
+        if result[k]
+    ]
     warnings = []
     if result["heldout_docs_in_sft_context"]:
-        message = (f"{result['heldout_docs_in_sft_context']} held-out test documents appear as passages in SFT prompts "
-                   f"(e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index")
+        message = (
+            f"{result['heldout_docs_in_sft_context']} held-out test documents appear as passages in SFT prompts "
+            f"(e.g. {examples['docs_in_context']}): build_sft draws distractors from the whole index"
+        )
         (problems if heldout_context == "fail" else warnings).append(message)
     return problems, warnings
 
@@ -210,5 +253,6 @@ def leakage_passed(result: dict) -> bool:
     """`leakage.passed` in metrics/eval.json, which the gate requires: false whenever any test
     question or held-out document reached the SFT data, also where the policy only warned
     (`heldout_docs_in_sft_context: warn` lets the stage run on, not the release pass)."""
-    return not any(result[k] for k in ("test_questions_in_sft", "heldout_docs_in_sft_targets",
-                                       "heldout_docs_in_sft_context"))
+    return not any(
+        result[k] for k in ("test_questions_in_sft", "heldout_docs_in_sft_targets", "heldout_docs_in_sft_context")
+    )

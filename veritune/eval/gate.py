@@ -15,8 +15,8 @@ import json
 import operator
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from veritune.core.io import atomic_path, write_json
 
@@ -52,8 +52,17 @@ def check_criteria(criteria: Sequence, metrics_dir: str | Path, variant: str = "
         spec = c.metric if variant == "finetuned" else for_variant(c.metric, variant)
         value = read_metric(metrics_dir, spec)
         passed = value is not None and OPS[c.op](value, c.value)
-        rows.append({"metric": spec, "op": c.op, "threshold": c.value, "value": value, "passed": passed,
-                     "why": c.why, **({} if value is not None else {"problem": "metric missing"})})
+        rows.append(
+            {
+                "metric": spec,
+                "op": c.op,
+                "threshold": c.value,
+                "value": value,
+                "passed": passed,
+                "why": c.why,
+                **({} if value is not None else {"problem": "metric missing"}),
+            }
+        )
     return rows
 
 
@@ -78,8 +87,12 @@ def base_model_identity(base_dir: str | Path) -> dict:
     tiny config otherwise (models/base/base_config.json is written by the base stage)."""
     config_path = Path(base_dir) / "base_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    return {"base_model": config.get("model", "unknown"), "base_revision": config.get("revision", ""),
-            "base_dir": str(base_dir), "base_hash": directory_hash(base_dir)}
+    return {
+        "base_model": config.get("model", "unknown"),
+        "base_revision": config.get("revision", ""),
+        "base_dir": str(base_dir),
+        "base_hash": directory_hash(base_dir),
+    }
 
 
 def model_card(release: dict, gate: dict, headline: dict, csat: dict | None) -> str:
@@ -94,7 +107,7 @@ def model_card(release: dict, gate: dict, headline: dict, csat: dict | None) -> 
         "## Intended use",
         "",
         "Answering customers' questions about the company's products and policies **from retrieved "
-        "documents** (RAG with the veritune index and prompt), and saying \"The documents don't say.\" "
+        'documents** (RAG with the veritune index and prompt), and saying "The documents don\'t say." '
         "when the passages do not hold the answer.",
         "",
         "## Release criteria (all passed)",
@@ -106,23 +119,30 @@ def model_card(release: dict, gate: dict, headline: dict, csat: dict | None) -> 
         lines.append(f"| `{row['metric']}` | {row['value']:.4g} | {row['op']} {row['threshold']:g} | {row['why']} |")
     lines += ["", "## Measured on the test split", "", "| metric | value | 95% interval | n |", "|---|---|---|---|"]
     for key in sorted(k for k in headline if k.startswith("finetuned_") and not k.endswith(("_n", "_low", "_high"))):
-        lines.append(f"| {key.removeprefix('finetuned_')} | {headline[key]:.3f} | "
-                     f"{headline.get(key + '_ci95_low', float('nan')):.3f}-{headline.get(key + '_ci95_high', float('nan')):.3f}"
-                     f" | {headline.get(key + '_n', '')} |")
+        lines.append(
+            f"| {key.removeprefix('finetuned_')} | {headline[key]:.3f} | "
+            f"{headline.get(key + '_ci95_low', float('nan')):.3f}-{headline.get(key + '_ci95_high', float('nan')):.3f}"
+            f" | {headline.get(key + '_n', '')} |"
+        )
     if csat:
-        lines += ["", f"Simulated customer satisfaction: mean CSAT {csat['csat_mean']:.2f} "
-                      f"(95% interval {csat['csat_ci95_low']:.2f}-{csat['csat_ci95_high']:.2f}, n={csat['n']}), "
-                      f"resolution rate {csat['resolution_rate']:.2f}, wrong-refusal rate {csat['wrong_refusal_rate']:.2f}."]
+        lines += [
+            "",
+            f"Simulated customer satisfaction: mean CSAT {csat['csat_mean']:.2f} "
+            f"(95% interval {csat['csat_ci95_low']:.2f}-{csat['csat_ci95_high']:.2f}, n={csat['n']}), "
+            f"resolution rate {csat['resolution_rate']:.2f}, wrong-refusal rate {csat['wrong_refusal_rate']:.2f}.",
+        ]
     lines += [
         "",
         "## Limitations",
         "",
     ]
     if "finetuned_rag_f1_unseen" in headline:
-        lines.append(f"- Measured helpfulness: token F1 {headline['finetuned_rag_f1_unseen']:.2f} on questions about "
-                     "documents held out of training, and it declines "
-                     f"{headline.get('finetuned_rag_wrong_refusal_answerable', float('nan')):.0%} of questions the "
-                     "documents do answer. The criteria above are what this release was required to meet.")
+        lines.append(
+            f"- Measured helpfulness: token F1 {headline['finetuned_rag_f1_unseen']:.2f} on questions about "
+            "documents held out of training, and it declines "
+            f"{headline.get('finetuned_rag_wrong_refusal_answerable', float('nan')):.0%} of questions the "
+            "documents do answer. The criteria above are what this release was required to meet."
+        )
     lines += [
         "- Use it only with retrieval: closed-book answers are not grounded in anything.",
         "- The numbers above are what it does; read the accuracy rows, not only the gate: a model can "
@@ -138,11 +158,21 @@ def model_card(release: dict, gate: dict, headline: dict, csat: dict | None) -> 
     return "\n".join(lines)
 
 
-def build_release(release_dir: str | Path, adapter_dir: str | Path, base_dir: str | Path, gate: dict,
-                  headline: dict, csat: dict | None) -> dict:
+def build_release(
+    release_dir: str | Path,
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    gate: dict,
+    headline: dict,
+    csat: dict | None,
+) -> dict:
     """Write the release directory in one rename: adapter/, release.json, MODEL_CARD.md."""
-    release = {**base_model_identity(base_dir), "adapter_hash": directory_hash(adapter_dir),
-               "adapter_dir": str(adapter_dir), "criteria": len(gate["finetuned"])}
+    release = {
+        **base_model_identity(base_dir),
+        "adapter_hash": directory_hash(adapter_dir),
+        "adapter_dir": str(adapter_dir),
+        "criteria": len(gate["finetuned"]),
+    }
     with atomic_path(release_dir) as tmp:
         tmp.mkdir()
         shutil.copytree(adapter_dir, tmp / "adapter")

@@ -19,11 +19,26 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Sequence
 from datetime import date, timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from veritune.eval.claims import (CODE, KINDS, NUM, STOPWORDS, UNIT_ALIASES, WEIGHTS, Claim, blank, extract_claims,
-                                  find_dates, find_numbers, stem, tokens, unit_of)
+from veritune.eval.claims import (
+    CODE,
+    KINDS,
+    NUM,
+    STOPWORDS,
+    UNIT_ALIASES,
+    WEIGHTS,
+    Claim,
+    blank,
+    extract_claims,
+    find_dates,
+    find_numbers,
+    stem,
+    tokens,
+    unit_of,
+)
 from veritune.eval.scoring import is_abstention, refusal_spans
 
 
@@ -114,8 +129,11 @@ class Evidence:
                 if add_like:
                     out.add((round(a + b, 2), ua))
                     if y > x:  # "what do these three cost together?"
-                        out.update((round(a + b + c, 2), ua) for z, (c, uc, k) in enumerate(qs)
-                                   if z > y and uc == ua and k not in (i, j))
+                        out.update(
+                            (round(a + b + c, 2), ua)
+                            for z, (c, uc, k) in enumerate(qs)
+                            if z > y and uc == ua and k not in (i, j)
+                        )
                 if diff_like:
                     out.add((round(abs(a - b), 2), ua))
         if self._asks("rate"):
@@ -139,8 +157,11 @@ class Evidence:
         out = set()
         if not self._asks("date"):
             return out
-        periods = [(int(v), u) for v, u, _ in self._relevant([q for q in self.quantities if q[1] in _PERIOD_UNITS])
-                   if v == int(v) and 0 < v <= 3650]
+        periods = [
+            (int(v), u)
+            for v, u, _ in self._relevant([q for q in self.quantities if q[1] in _PERIOD_UNITS])
+            if v == int(v) and 0 < v <= 3650
+        ]
         for start in self.full_dates:
             for n, unit in periods:
                 for sign in (1, -1):
@@ -152,7 +173,8 @@ class Evidence:
     def _derived(self, value: float, unit: str | None) -> bool:
         value = round(value, 2)
         return (value, unit) in self.derived_numbers or (
-            unit is None and any(v == value for v, _ in self.derived_numbers))
+            unit is None and any(v == value for v, _ in self.derived_numbers)
+        )
 
     def has_sequence(self, tokens: list[str]) -> bool:
         needle = " " + " ".join(tokens) + " "
@@ -164,8 +186,10 @@ class Evidence:
             if not parsed:
                 return False
             year, month, day = parsed[0][1]
-            if any(m == month and (day is None or d == day) and (year is None or y in (None, year))
-                   for y, m, d in self.dates):
+            if any(
+                m == month and (day is None or d == day) and (year is None or y in (None, year))
+                for y, m, d in self.dates
+            ):
                 return True
             return year is not None and day is not None and (year, month, day) in self.derived_dates
         if claim.kind == "code":
@@ -175,9 +199,13 @@ class Evidence:
             if not parsed:
                 return False
             _, values, unit = parsed[0]
-            return all((v, unit) in self.numbers or (v, None) in self.numbers
-                       or (unit is None and any(n == v for n, _ in self.numbers))
-                       or self._derived(v, unit) for v in values)
+            return all(
+                (v, unit) in self.numbers
+                or (v, None) in self.numbers
+                or (unit is None and any(n == v for n, _ in self.numbers))
+                or self._derived(v, unit)
+                for v in values
+            )
         if claim.kind == "entity":
             words = tokens(claim.text)
             if self.has_sequence(words):
@@ -196,22 +224,37 @@ _CONVERSIONS = {"year": ("month", 12), "week": ("day", 7)}  # like periods add: 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 # What a question says when it wants arithmetic; matched case-insensitively on the question.
 _ASKS = {
-    "sum": re.compile(r"\b(total|together|combined|altogether|in all|plus|sum|overall|add(?:ed|ing|s)?|"
-                      r"includ\w*|both|with (?:the )?(?:\w+ )?(?:shipping|delivery|care\+?|plan|fee))\b", re.I),
-    "difference": re.compile(r"\b(difference|differ\w*|more|less|fewer|longer|shorter|cheaper|dearer|heavier|"
-                             r"lighter|louder|quieter|bigger|smaller|larger|than|save|saving|left|remain\w*|minus)\b",
-                             re.I),
+    "sum": re.compile(
+        r"\b(total|together|combined|altogether|in all|plus|sum|overall|add(?:ed|ing|s)?|"
+        r"includ\w*|both|with (?:the )?(?:\w+ )?(?:shipping|delivery|care\+?|plan|fee))\b",
+        re.I,
+    ),
+    "difference": re.compile(
+        r"\b(difference|differ\w*|more|less|fewer|longer|shorter|cheaper|dearer|heavier|"
+        r"lighter|louder|quieter|bigger|smaller|larger|than|save|saving|left|remain\w*|minus)\b",
+        re.I,
+    ),
     "rate": re.compile(r"\b(earn\w*|points?|per|each|every|rate|reward\w*|redeem\w*|worth)\b", re.I),
-    "percent": re.compile(r"(%|\b(discount\w*|off|percent|fee|tax|student|sale|reduc\w*|sav\w*|restocking|"
-                          r"refund\w*)\b)", re.I),
-    "date": re.compile(r"\b(until|last day|by when|when|date|expir\w*|deadline|end|ends|valid|due|"
-                       r"before|after|by)\b", re.I),
+    "percent": re.compile(
+        r"(%|\b(discount\w*|off|percent|fee|tax|student|sale|reduc\w*|sav\w*|restocking|"
+        r"refund\w*)\b)",
+        re.I,
+    ),
+    "date": re.compile(
+        r"\b(until|last day|by when|when|date|expir\w*|deadline|end|ends|valid|due|"
+        r"before|after|by)\b",
+        re.I,
+    ),
 }
 # "3 points for every $1", "$2 per kg", "Every 100 points can be redeemed for a $5 reward".
-_RATE_FORWARD = re.compile(rf"(?P<n>(?:\$\s?)?{NUM}(?:[ \t]?(?:%|[A-Za-z]+))?)\s+(?:for\s+(?:every|each)|per|every|each|an?)"
-                           rf"\s+(?P<d>(?:\$\s?)?(?:{NUM}[ \t]?)?[A-Za-z]+|\$\s?{NUM})")
-_RATE_BACKWARD = re.compile(rf"\b(?i:every)\s+(?P<d>(?:\$\s?)?{NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
-                            rf"(?P<n>\$\s?{NUM}|{NUM}[ \t]?[A-Za-z]+)")
+_RATE_FORWARD = re.compile(
+    rf"(?P<n>(?:\$\s?)?{NUM}(?:[ \t]?(?:%|[A-Za-z]+))?)\s+(?:for\s+(?:every|each)|per|every|each|an?)"
+    rf"\s+(?P<d>(?:\$\s?)?(?:{NUM}[ \t]?)?[A-Za-z]+|\$\s?{NUM})"
+)
+_RATE_BACKWARD = re.compile(
+    rf"\b(?i:every)\s+(?P<d>(?:\$\s?)?{NUM}[ \t]?[A-Za-z]+)\b[^.;]{{0,40}}?\bfor\s+(?:an?\s+)?"
+    rf"(?P<n>\$\s?{NUM}|{NUM}[ \t]?[A-Za-z]+)"
+)
 _COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 
 
@@ -244,9 +287,14 @@ def _counts(question: str) -> list[float]:
     """Item counts the question states ("two kettles", "3 of them"): multipliers of a price."""
     out = [float(_COUNT_WORDS[w]) for w in re.findall(r"[a-z]+", question.lower()) if w in _COUNT_WORDS]
     numbers, _ = find_numbers(CODE.sub(" ", find_dates(question)[1]))
-    out += [v for _, values, unit in numbers for v in values
-            if 1 < v <= 100 and v == int(v) and (unit is None or unit not in _MEASURE_UNITS)]
+    out += [
+        v
+        for _, values, unit in numbers
+        for v in values
+        if 1 < v <= 100 and v == int(v) and (unit is None or unit not in _MEASURE_UNITS)
+    ]
     return out
+
 
 _MEASURE_UNITS = frozenset(UNIT_ALIASES.values()) | _PERIOD_UNITS | {"minute", "hour", "point"}
 
@@ -273,13 +321,15 @@ def is_supported(claim: Claim, sources: list[str]) -> bool:
 
 
 # Words a refusal is made of, or politeness around it: they assert nothing about a product.
-_REFUSAL_WORDS = frozenset("""
+_REFUSAL_WORDS = frozenset(
+    """
 sorry apologies apologise apologize unfortunately afraid please thanks thank happy glad help assist
 contact support team customer service check else anything details information info ask asking
 question documents document passages passage context contexts sources source provided given here
 i'm i've i'd i'll we're that's say says said mention mentions mentioned state states stated specify
 specified contain contains find found answer tell know sure
-""".split())
+""".split()
+)
 
 
 def _hedge_claims(answer: str) -> list[Claim]:
@@ -320,7 +370,8 @@ def score_groundedness(question: str, contexts: list[str], answer: str, threshol
 
 def abstains(question: str, contexts: Sequence[str], answer: str) -> bool:
     """Whether `answer` is an abstention: it declines, and what else it says is backed by
-    `contexts` and `question` (see `score_groundedness`). The one test of abstention for every metric (evaluate, rag_eval, csat)."""
+    `contexts` and `question` (see `score_groundedness`). The one test of abstention for every
+    metric (evaluate, rag_eval, csat)."""
     return score_groundedness(question, list(contexts), answer)["label"] == "abstained"
 
 

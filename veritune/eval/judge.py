@@ -10,7 +10,7 @@ them, and a reply it cannot parse is counted (`parse_rate`), not guessed.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from veritune.core.chat import format_context
 from veritune.eval.scoring import mean
@@ -28,15 +28,21 @@ Correctness: 5 = says what the reference says (or rightly says the documents don
 Groundedness: 5 = every claim is in the documents or the question, 1 = mostly invented.
 Reply exactly as:
 Correctness: <1-5>
-Groundedness: <1-5>"""
+Groundedness: <1-5>"""  # noqa: E501
 
-_SCORE = {name: re.compile(rf"{name}\s*[:=]\s*\**\s*([1-5])\b", re.IGNORECASE) for name in ("correctness", "groundedness")}
+_SCORE = {
+    name: re.compile(rf"{name}\s*[:=]\s*\**\s*([1-5])\b", re.IGNORECASE) for name in ("correctness", "groundedness")
+}
 
 
 def judge_messages(question: dict, passages: Sequence[dict], answer: str) -> list[dict]:
     reference = " / ".join(question["answers"]) if question["answers"] else "none (the documents do not answer it)"
-    user = JUDGE_TEMPLATE.format(context=format_context(passages) if passages else "(none)",
-                                 question=question["question"], reference=reference, answer=answer or "(empty)")
+    user = JUDGE_TEMPLATE.format(
+        context=format_context(passages) if passages else "(none)",
+        question=question["question"],
+        reference=reference,
+        answer=answer or "(empty)",
+    )
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -49,8 +55,16 @@ def parse_scores(reply: str) -> dict[str, int | None]:
     return out
 
 
-def judge_answers(model, tokenizer, questions: Sequence[dict], passages: Sequence[Sequence[dict]],
-                  answers: Sequence[str], max_new_tokens: int, batch_size: int, desc: str = "judge") -> list[dict]:
+def judge_answers(
+    model,
+    tokenizer,
+    questions: Sequence[dict],
+    passages: Sequence[Sequence[dict]],
+    answers: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "judge",
+) -> list[dict]:
     from veritune.infer.decode import generate
 
     convs = [judge_messages(q, ps, a) for q, ps, a in zip(questions, passages, answers, strict=True)]
@@ -82,7 +96,9 @@ def load_judge(name: str, revision: str = ""):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
+    kwargs = (
+        {"dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
+    )
     model = AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     if tokenizer.pad_token is None:

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from veritune.core import chat
-
 
 NUMBER_BOUND = 10**12  # numbers without bounds of their own stay within +-this (at most 13 digits)
 
@@ -41,6 +40,7 @@ def call_schema(tools: Sequence[dict], max_string_chars: int, args_key: str = "p
     in that key order, with free-text strings capped at `max_string_chars` and unbounded
     numbers at `NUMBER_BOUND`, so that every call can finish within a turn's tokens. Each
     tool's own schema is kept, so the grammar only ever narrows it."""
+
     def cap(schema: dict) -> dict:
         schema = copy.deepcopy(schema)
         for prop in schema.get("properties", {}).values():
@@ -51,10 +51,18 @@ def call_schema(tools: Sequence[dict], max_string_chars: int, args_key: str = "p
                 prop.setdefault("maximum", NUMBER_BOUND)
         return schema
 
-    return {"anyOf": [{"type": "object",
-                       "properties": {"name": {"const": t["name"]}, args_key: cap(t["parameters"])},
-                       "required": ["name", args_key], "additionalProperties": False} for t in tools],
-            "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["name"]}, args_key: cap(t["parameters"])},
+                "required": ["name", args_key],
+                "additionalProperties": False,
+            }
+            for t in tools
+        ],
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    }
 
 
 class ToolCallGrammar:
@@ -85,12 +93,14 @@ class ToolCallGrammar:
             self.open_token = None
             self.end = _token_id(tokenizer, self.fmt.end_of_turn)
             self._grammar = llguidance.LLMatcher.grammar_from_lark(
-                f"start: {json.dumps(self.fmt.call_open)} call {json.dumps(self.fmt.call_close)}\n"
-                f"call: %json {schema}")
+                f"start: {json.dumps(self.fmt.call_open)} call {json.dumps(self.fmt.call_close)}\ncall: %json {schema}"
+            )
             # First tokens that can begin the opener ("<", "<tool", ...): they start a call.
-            self.openers = frozenset(i for t, i in tokenizer.get_vocab().items()
-                                     if (text := tokenizer.convert_tokens_to_string([t]))
-                                     and self.fmt.call_open.startswith(text))
+            self.openers = frozenset(
+                i
+                for t, i in tokenizer.get_vocab().items()
+                if (text := tokenizer.convert_tokens_to_string([t])) and self.fmt.call_open.startswith(text)
+            )
         # The grammar's end of sequence ends the turn: a complete call then waits for its result.
         self._lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=self.end)
         probe = llguidance.LLMatcher(self._lltok, self._grammar)
@@ -102,7 +112,7 @@ class ToolCallGrammar:
 
         return llguidance.LLMatcher(self._lltok, self._grammar)
 
-    def constraint(self, require_call: bool = False) -> "ToolCallConstraint":
+    def constraint(self, require_call: bool = False) -> ToolCallConstraint:
         return ToolCallConstraint(self, require_call=require_call)
 
 

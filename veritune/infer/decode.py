@@ -35,8 +35,9 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -134,9 +135,17 @@ class PrefixCache:
 
 
 @torch.inference_mode()
-def generate_ids(model, rows: Sequence[list[int]], *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-                 temperature: float = 0.0, constraints: Sequence[Any] | None = None,
-                 prefix: PrefixCache | None = None) -> torch.Tensor:
+def generate_ids(
+    model,
+    rows: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+    constraints: Sequence[Any] | None = None,
+    prefix: PrefixCache | None = None,
+) -> torch.Tensor:
     """One batch of prompts (token ids) through transformers' `generate`: greedy, or sampled at
     `temperature` from torch's global generator; `constraints` one per row. Returns each row's
     new tokens (padding after its stop token)."""
@@ -147,23 +156,32 @@ def generate_ids(model, rows: Sequence[list[int]], *, max_new_tokens: int, stop_
     # [shared prefix][padding][rest of the prompt]: the mask skips the padding and the
     # positions count only real tokens, so each row reads as its unpadded prompt.
     input_ids = torch.tensor([head + [pad_id] * (width - len(r) + shared) + r[shared:] for r in rows], device=device)
-    mask = torch.tensor([[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows],
-                        device=device)
-    options: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": 1.0} \
-        if temperature > 0 else {"do_sample": False}
+    mask = torch.tensor(
+        [[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows], device=device
+    )
+    options: dict[str, Any] = (
+        {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    )
     if constraints is not None:
         options["logits_processor"] = LogitsProcessorList([_RowConstraints(constraints)])
     if shared:
         options[GENERATE_CACHE_KWARG] = prefix.for_batch(model, head, len(rows), device)
     with inference_autocast(model):
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=list(stop_ids), pad_token_id=pad_id, **options)
-    return out[:, input_ids.shape[1]:]
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids),
+            pad_token_id=pad_id,
+            **options,
+        )
+    return out[:, input_ids.shape[1] :]
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int,
-             desc: str = "generate") -> list[str]:
+def generate(
+    model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int, desc: str = "generate"
+) -> list[str]:
     """Greedy replies to each conversation, rendered in the checkpoint's own chat format
     (prompts left-padded, batched; special tokens dropped from the replies)."""
     stops = chat.stop_token_ids(tokenizer)
@@ -174,8 +192,9 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
     replies: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start : start + batch_size]
-        out = generate_ids(model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, stop_ids=stops,
-                           pad_id=tokenizer.pad_token_id)
+        out = generate_ids(
+            model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tokenizer.pad_token_id
+        )
         for i, row in zip(idx, out):
             replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return replies
@@ -212,13 +231,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
-def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Sequence[int], pad_id: int) -> list[Completion]:
+def generate_batch(
+    model, requests: Sequence[GenerationRequest], stop_ids: Sequence[int], pad_id: int
+) -> list[Completion]:
     """Completions of `requests`, decoded together in one batch (each greedy or sampled as it asks).
 
     Left padding keeps each row's newest token in the last column; positions count only real
@@ -242,8 +263,14 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     while live:
         # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+        )
         logits = out.logits[:, -1, :]
         for row, i in enumerate(live):
             constraint = requests[i].constraint
@@ -283,6 +310,13 @@ def generate_batch(model, requests: Sequence[GenerationRequest], stop_ids: Seque
         input_ids = next_ids.unsqueeze(-1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
         position_ids = position_ids[:, -1:] + 1
-    return [Completion(token_ids=generated[i], finish_reason=reasons[i] or "length",
-                       prompt_tokens=len(r.prompt_ids), batch_size=n, stop_token_id=stopped_by[i])
-            for i, r in enumerate(requests)]
+    return [
+        Completion(
+            token_ids=generated[i],
+            finish_reason=reasons[i] or "length",
+            prompt_tokens=len(r.prompt_ids),
+            batch_size=n,
+            stop_token_id=stopped_by[i],
+        )
+        for i, r in enumerate(requests)
+    ]

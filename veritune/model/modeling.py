@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -40,8 +40,9 @@ class TinyArch:
     rope_theta: float = 500000.0
 
 
-def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False,
-                         chat_format: str = "llama3"):
+def build_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False, chat_format: str = "llama3"
+):
     """A byte-level BPE over `texts` with the special tokens and chat template of `chat_format`
     (`llama3`, what the tiny base speaks; `chatml`, for tests of the ChatML path).
 
@@ -55,11 +56,21 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespa
     from transformers import PreTrainedTokenizerFast
 
     if chat_format == "llama3":
-        specials, bos, eos, pad, template = (chat.LLAMA3_SPECIAL_TOKENS, chat.BEGIN_OF_TEXT, chat.EOT, chat.PAD,
-                                             chat.LLAMA3_CHAT_TEMPLATE)
+        specials, bos, eos, pad, template = (
+            chat.LLAMA3_SPECIAL_TOKENS,
+            chat.BEGIN_OF_TEXT,
+            chat.EOT,
+            chat.PAD,
+            chat.LLAMA3_CHAT_TEMPLATE,
+        )
     elif chat_format == "chatml":
-        specials, bos, eos, pad, template = ([chat.ENDOFTEXT, chat.IM_START, chat.IM_END], chat.IM_START,
-                                             chat.IM_END, chat.IM_END, chat.CHATML_TOOLS_TEMPLATE)
+        specials, bos, eos, pad, template = (
+            [chat.ENDOFTEXT, chat.IM_START, chat.IM_END],
+            chat.IM_START,
+            chat.IM_END,
+            chat.IM_END,
+            chat.CHATML_TOOLS_TEMPLATE,
+        )
     else:
         raise ValueError(f"chat_format must be llama3 or chatml, got {chat_format!r}")
     tok = Tokenizer(models.BPE())
@@ -148,12 +159,19 @@ def materialize_checkpoint(model: str, revision: str, dest: Path) -> None:
     token = os.environ.get("HF_TOKEN") or None
     log.info("base: fetching %s@%s (token from HF_TOKEN: %s)", model, revision, "set" if token else "not set")
     try:
-        snapshot_download(repo_id=model, revision=revision, token=token, local_dir=dest,
-                          allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        snapshot_download(
+            repo_id=model,
+            revision=revision,
+            token=token,
+            local_dir=dest,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+        )
     except GatedRepoError:
         raise CheckpointError(f"{model} is gated: accept its licence on the hub and export HF_TOKEN") from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"{model} has no revision {revision!r}: pin an existing commit in base.revision") from None
+        raise CheckpointError(
+            f"{model} has no revision {revision!r}: pin an existing commit in base.revision"
+        ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"no model {model!r} on the hub (or HF_TOKEN lacks access)") from None
 
@@ -182,9 +200,14 @@ def check_checkpoint(path: Path) -> dict:
         fmt = chat.chat_format(tokenizer)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return {"model_type": config.model_type, "num_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "chat_format": fmt.name,
-            "parameters": _count_parameters(path)}
+    return {
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "chat_format": fmt.name,
+        "parameters": _count_parameters(path),
+    }
 
 
 def _count_parameters(path: Path) -> int:
@@ -238,8 +261,10 @@ def materialize_gguf(gguf: Path, sha256: str, dest: Path) -> dict:
 
     found = sha256_of(gguf)
     if sha256 and found != sha256:
-        raise CheckpointError(f"{gguf}: sha256 {found} differs from the expected {sha256}; "
-                              "the file is corrupt or another version: reinstall its package")
+        raise CheckpointError(
+            f"{gguf}: sha256 {found} differs from the expected {sha256}; "
+            "the file is corrupt or another version: reinstall its package"
+        )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantised now: drop the GGUF quantiser so they save as a normal checkpoint.
@@ -252,7 +277,9 @@ def materialize_gguf(gguf: Path, sha256: str, dest: Path) -> dict:
     if fmt is chat.CHATML:
         own = tokenizer.chat_template or ""
         if chat.SMOLLM2_DEFAULT_SYSTEM not in own:
-            log.warning("base: %s's chat template is not SmolLM2's; plain turns use veritune's ChatML layout", gguf.name)
+            log.warning(
+                "base: %s's chat template is not SmolLM2's; plain turns use veritune's ChatML layout", gguf.name
+            )
         tokenizer.chat_template = chat.CHATML_TOOLS_TEMPLATE
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,8 +50,11 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
     model.train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=p.learning_rate, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=p.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step: int) -> float:
         if step < p.warmup_steps:
@@ -63,8 +66,9 @@ def pretrain(model, docs: Sequence[list[int]], p: PretrainParams, seed: int) -> 
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16())
     bar = tqdm(range(p.steps), desc="pretrain base", unit="step")
     for step in bar:
-        batch = torch.tensor([make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)],
-                             device=device)
+        batch = torch.tensor(
+            [make_window(docs, p.seq_len, p.repeat_prob, rng) for _ in range(p.batch_size)], device=device
+        )
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
@@ -87,8 +91,9 @@ def _next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
-def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out_dir,
-                    sft_conversations: Sequence[list[dict]] = ()) -> dict:
+def build_tiny_base(
+    documents: Sequence[dict], doc_split: dict[str, str], p, out_dir, sft_conversations: Sequence[list[dict]] = ()
+) -> dict:
     """Tokenizer, model and pretraining of the tiny default from the training documents;
     saved to `out_dir` in the Hugging Face layout. `p` is a BaseParams.
 
@@ -100,8 +105,8 @@ def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out
     from veritune.core import chat
     from veritune.core.config import as_dict
     from veritune.core.io import write_jsonl
-    from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, save_tokenizer
     from veritune.data.sft import is_tool_conversation
+    from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, save_tokenizer
 
     # Only training documents: held-out documents must stay unseen until test time.
     texts = [f"{d['title']}\n{d['text']}" for d in documents if doc_split[d["id"]] == "train"]
@@ -109,8 +114,11 @@ def build_tiny_base(documents: Sequence[dict], doc_split: dict[str, str], p, out
     tokenizer = build_tiny_tokenizer(texts + conversations, p.tiny.vocab_size)
     model = build_tiny_model(TinyArch(**as_dict(p.tiny)), tokenizer, p.seed)
     if p.pretrain.tool_prompts:
-        texts += [chat.format_chat(m[:2]).removeprefix(chat.BEGIN_OF_TEXT)
-                  for m in sft_conversations if is_tool_conversation(m)]
+        texts += [
+            chat.format_chat(m[:2]).removeprefix(chat.BEGIN_OF_TEXT)
+            for m in sft_conversations
+            if is_tool_conversation(m)
+        ]
     bos, eot = tokenizer.convert_tokens_to_ids([chat.BEGIN_OF_TEXT, chat.END_OF_TEXT])
     docs = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eot] for t in texts]
     start = time.time()

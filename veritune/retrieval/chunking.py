@@ -28,7 +28,7 @@ def _sentence_units(text: str, spans: list[tuple[int, int]], max_words: int) -> 
     start = 0
     for i, (_, word_end) in enumerate(spans):
         last = i == len(spans) - 1
-        if last or _SENTENCE_END.search(text[spans[i][0]:word_end]) or "\n" in text[word_end:spans[i + 1][0]]:
+        if last or _SENTENCE_END.search(text[spans[i][0] : word_end]) or "\n" in text[word_end : spans[i + 1][0]]:
             for piece_start in range(start, i + 1, max_words):
                 units.append((piece_start, min(piece_start + max_words, i + 1)))
             start = i + 1
@@ -83,6 +83,6 @@ def chunk_document(doc: dict[str, Any], chunk_words: int, overlap_words: int) ->
         windows = _windows(units, chunk_words, overlap_words)
     chunks = []
     for i, (start, end) in enumerate(windows):
-        chunk_text = text[spans[start][0]:spans[end - 1][1]] if end > start else ""
+        chunk_text = text[spans[start][0] : spans[end - 1][1]] if end > start else ""
         chunks.append({"chunk_id": f"{doc_id}#{i}", "doc_id": doc_id, "title": doc["title"], "text": chunk_text})
     return chunks

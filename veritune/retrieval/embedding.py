@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -58,5 +59,6 @@ def embedding_dim(embedder: Any) -> int:
 
 def embed(embedder: Any, texts: Sequence[str], batch_size: int) -> Any:
     """float32 array (len(texts), dim) of unit vectors."""
-    return embedder.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    return embedder.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )

@@ -9,7 +9,8 @@ a sparse vector field, searched through a SPARSE_INVERTED_INDEX with the BM25 me
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -30,7 +31,9 @@ SPARSE_INDEX_TYPE = "SPARSE_INVERTED_INDEX"
 LEXICAL_METRIC = "BM25"
 # English stop words (NLTK's list): without them BM25 ranks "What should I do if..." FAQ pages
 # over the one spec sheet holding the SKU the question asks about.
-STOP_WORDS = sorted(set("""
+STOP_WORDS = sorted(
+    set(
+        """
 a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have
 having he her here hers herself him himself his how i if in into is it its itself just me more most
@@ -38,11 +41,12 @@ my myself no nor not now of off on once only or other our ours ourselves out ove
 should so some such than that the their theirs them themselves then there these they this those
 through to too under until up very was we were what when where which while who whom why will with
 would you your yours yourself yourselves
-""".split()))
+""".split()
+    )
+)
 # The standard tokenizer splits on non-word characters ("LK-2422" -> "lk", "2422"). Milvus Lite
 # implements only the stop filter (it always lower-cases); a Milvus server applies both filters.
-ANALYZER_PARAMS = {"tokenizer": "standard",
-                   "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}]}
+ANALYZER_PARAMS = {"tokenizer": "standard", "filter": ["lowercase", {"type": "stop", "stop_words": STOP_WORDS}]}
 
 
 def _check_chunks(chunks: Sequence[dict[str, Any]]) -> None:
@@ -61,13 +65,18 @@ def _check_chunks(chunks: Sequence[dict[str, Any]]) -> None:
             if size > limit:
                 raise ValueError(
                     f"chunk {chunk_id!r}: {field} is {size} bytes, over the index limit of {limit}; "
-                    + ("lower index.chunk_words or fix the document's whitespace" if field == "text"
-                       else "shorten it in the source documents")
+                    + (
+                        "lower index.chunk_words or fix the document's whitespace"
+                        if field == "text"
+                        else "shorten it in the source documents"
+                    )
                 )
         size = len(embedding_text(chunk).encode("utf-8"))
         if size > MAX_TEXT_BYTES:
-            raise ValueError(f"chunk {chunk_id!r}: title + text is {size} bytes, over the full-text field limit of "
-                             f"{MAX_TEXT_BYTES}; lower index.chunk_words")
+            raise ValueError(
+                f"chunk {chunk_id!r}: title + text is {size} bytes, over the full-text field limit of "
+                f"{MAX_TEXT_BYTES}; lower index.chunk_words"
+            )
 
 
 def _schema(client: Any, dim: int) -> tuple[Any, Any]:
@@ -81,19 +90,31 @@ def _schema(client: Any, dim: int) -> tuple[Any, Any]:
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
     # Full-text search: Milvus tokenizes `lexical_text` and its BM25 function fills `sparse`
     # (term frequencies; idf is kept by the index), so inserts carry only the text.
-    schema.add_field("lexical_text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True,
-                     analyzer_params=ANALYZER_PARAMS)
+    schema.add_field(
+        "lexical_text",
+        DataType.VARCHAR,
+        max_length=MAX_TEXT_BYTES,
+        enable_analyzer=True,
+        analyzer_params=ANALYZER_PARAMS,
+    )
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_function(Function(name="bm25", function_type=FunctionType.BM25,
-                                 input_field_names=["lexical_text"], output_field_names=["sparse"]))
+    schema.add_function(
+        Function(
+            name="bm25",
+            function_type=FunctionType.BM25,
+            input_field_names=["lexical_text"],
+            output_field_names=["sparse"],
+        )
+    )
     index_params = client.prepare_index_params()
     index_params.add_index(field_name="embedding", index_type=INDEX_TYPE, metric_type=METRIC_TYPE)
     index_params.add_index(field_name="sparse", index_type=SPARSE_INDEX_TYPE, metric_type=LEXICAL_METRIC)
     return schema, index_params
 
 
-def build_index(chunks: Sequence[dict[str, Any]], uri: str, collection: str, embedder: Any,
-                batch_size: int) -> dict[str, Any]:
+def build_index(
+    chunks: Sequence[dict[str, Any]], uri: str, collection: str, embedder: Any, batch_size: int
+) -> dict[str, Any]:
     """Embed `chunks` and (re)create `collection` at `uri` holding them.
 
     The collection is built under a staging name and swapped in at the end, so a reader of
@@ -113,11 +134,19 @@ def build_index(chunks: Sequence[dict[str, Any]], uri: str, collection: str, emb
         client.create_index(staging, index_params, sync=False)
         with tqdm(total=len(chunks), desc="embed+insert chunks", unit="chunk") as bar:
             for start in range(0, len(chunks), batch_size):
-                batch = chunks[start:start + batch_size]
+                batch = chunks[start : start + batch_size]
                 vectors = embed(embedder, [embedding_text(c) for c in batch], batch_size)
-                rows = [{"chunk_id": c["chunk_id"], "doc_id": c["doc_id"], "title": c["title"],
-                         "text": c["text"], "embedding": v, "lexical_text": embedding_text(c)}
-                        for c, v in zip(batch, vectors)]
+                rows = [
+                    {
+                        "chunk_id": c["chunk_id"],
+                        "doc_id": c["doc_id"],
+                        "title": c["title"],
+                        "text": c["text"],
+                        "embedding": v,
+                        "lexical_text": embedding_text(c),
+                    }
+                    for c, v in zip(batch, vectors)
+                ]
                 client.insert(staging, rows)
                 bar.update(len(batch))
         client.flush(staging)

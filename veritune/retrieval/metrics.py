@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from veritune.retrieval.search import Hit
 
 
-
-def retrieval_metrics(hits_per_question: Sequence[Sequence[Hit | str]],
-                      gold_doc_ids_per_question: Sequence[Iterable[str]], ks: Iterable[int]) -> dict[str, Any]:
+def retrieval_metrics(
+    hits_per_question: Sequence[Sequence[Hit | str]],
+    gold_doc_ids_per_question: Sequence[Iterable[str]],
+    ks: Iterable[int],
+) -> dict[str, Any]:
     """Document-level retrieval quality of ranked chunk lists.
 
     For each k, over the top k retrieved chunks (a hit may be a `Hit` or a bare doc_id):

@@ -33,8 +33,10 @@ def connect(uri: str) -> Any:
     if not is_local_uri(uri):
         return MilvusClient(uri=uri, dedicated=True)
     if not uri.endswith(".db"):
-        raise ValueError(f"a Milvus Lite uri must be a path ending in .db, got {uri!r} "
-                         f"(or a server URL starting with {', '.join(_SERVER_SCHEMES)})")
+        raise ValueError(
+            f"a Milvus Lite uri must be a path ending in .db, got {uri!r} "
+            f"(or a server URL starting with {', '.join(_SERVER_SCHEMES)})"
+        )
     if not Path(uri).parent.is_dir():
         raise FileNotFoundError(f"cannot open Milvus Lite db {uri}: its directory {Path(uri).parent} does not exist")
     key = os.path.abspath(uri)

@@ -13,9 +13,10 @@ retrieve again).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -47,8 +48,15 @@ class Retriever:
     search) or "hybrid" (both, fused by reciprocal rank fusion with constant `rrf_k`).
     """
 
-    def __init__(self, uri: str, collection: str, embedding_model: str, batch_size: int = 64,
-                 mode: str = "dense", rrf_k: int = RRF_K):
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        embedding_model: str,
+        batch_size: int = 64,
+        mode: str = "dense",
+        rrf_k: int = RRF_K,
+    ):
         _check_mode(mode)
         if rrf_k < 1:
             raise ValueError(f"rrf_k must be >= 1, got {rrf_k}")
@@ -60,18 +68,24 @@ class Retriever:
         self._client = connect(uri)
         try:
             if not self._client.has_collection(collection):
-                raise LookupError(f"index {uri} has no collection {collection!r} "
-                                  f"(has {self._client.list_collections()}): build it with `dvc repro index`")
+                raise LookupError(
+                    f"index {uri} has no collection {collection!r} "
+                    f"(has {self._client.list_collections()}): build it with `dvc repro index`"
+                )
             fields = {f["name"]: f for f in self._client.describe_collection(collection)["fields"]}
             index_dim = int(fields["embedding"]["params"]["dim"])
             model_dim = embedding_dim(self.embedder)
             if index_dim != model_dim:
-                raise ValueError(f"index {uri}:{collection} holds {index_dim}-dim vectors but {embedding_model!r} "
-                                 f"makes {model_dim}-dim ones: open it with the model it was built with")
+                raise ValueError(
+                    f"index {uri}:{collection} holds {index_dim}-dim vectors but {embedding_model!r} "
+                    f"makes {model_dim}-dim ones: open it with the model it was built with"
+                )
             self.has_lexical = "sparse" in fields
             if mode != "dense" and not self.has_lexical:
-                raise LookupError(f"index {uri}:{collection} has no full-text (BM25) field, which mode {mode!r} "
-                                  "needs: it was built before hybrid search; rebuild it with `dvc repro index`")
+                raise LookupError(
+                    f"index {uri}:{collection} has no full-text (BM25) field, which mode {mode!r} "
+                    "needs: it was built before hybrid search; rebuild it with `dvc repro index`"
+                )
             self._client.load_collection(collection)  # a reopened collection starts released
         except BaseException:
             self.close()
@@ -90,27 +104,43 @@ class Retriever:
         mode = self.mode if mode is None else mode
         _check_mode(mode)
         if mode != "dense" and not self.has_lexical:
-            raise LookupError(f"index {self.uri}:{self.collection} has no full-text (BM25) field, which mode "
-                              f"{mode!r} needs: rebuild it with `dvc repro index`")
+            raise LookupError(
+                f"index {self.uri}:{self.collection} has no full-text (BM25) field, which mode "
+                f"{mode!r} needs: rebuild it with `dvc repro index`"
+            )
         results: list[list[Hit]] = []
         batches = range(0, len(queries), self.batch_size)
         for start in tqdm(batches, desc=f"search ({mode})", unit="batch", disable=len(batches) <= 1):
-            batch = list(queries[start:start + self.batch_size])
+            batch = list(queries[start : start + self.batch_size])
             if mode == "bm25":
-                found = self._client.search(self.collection, data=batch, limit=k, anns_field="sparse",
-                                            output_fields=list(_HIT_FIELDS),
-                                            search_params={"metric_type": LEXICAL_METRIC})
+                found = self._client.search(
+                    self.collection,
+                    data=batch,
+                    limit=k,
+                    anns_field="sparse",
+                    output_fields=list(_HIT_FIELDS),
+                    search_params={"metric_type": LEXICAL_METRIC},
+                )
             else:
                 vectors = [list(v) for v in embed(self.embedder, batch, self.batch_size)]
                 if mode == "dense":
-                    found = self._client.search(self.collection, data=vectors, limit=k, anns_field="embedding",
-                                                output_fields=list(_HIT_FIELDS),
-                                                search_params={"metric_type": METRIC_TYPE})
+                    found = self._client.search(
+                        self.collection,
+                        data=vectors,
+                        limit=k,
+                        anns_field="embedding",
+                        output_fields=list(_HIT_FIELDS),
+                        search_params={"metric_type": METRIC_TYPE},
+                    )
                 else:
                     found = self._hybrid(batch, vectors, k)
             for hits in found:
-                results.append([Hit(score=_score(float(h["distance"]), mode),
-                                    **{f: h["entity"][f] for f in _HIT_FIELDS}) for h in hits])
+                results.append(
+                    [
+                        Hit(score=_score(float(h["distance"]), mode), **{f: h["entity"][f] for f in _HIT_FIELDS})
+                        for h in hits
+                    ]
+                )
         return results
 
     def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int) -> list[Any]:
@@ -118,20 +148,23 @@ class Retriever:
 
         candidates = min(MAX_TOPK, max(k, HYBRID_CANDIDATES))
         requests = [
-            AnnSearchRequest(data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE},
-                             limit=candidates),
-            AnnSearchRequest(data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC},
-                             limit=candidates),
+            AnnSearchRequest(
+                data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE}, limit=candidates
+            ),
+            AnnSearchRequest(
+                data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC}, limit=candidates
+            ),
         ]
-        return self._client.hybrid_search(self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k,
-                                          output_fields=list(_HIT_FIELDS))
+        return self._client.hybrid_search(
+            self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k, output_fields=list(_HIT_FIELDS)
+        )
 
     def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             disconnect(client, self.uri)
 
-    def __enter__(self) -> "Retriever":
+    def __enter__(self) -> Retriever:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,8 +196,9 @@ def follow_up_query(question: str, hit: Hit) -> str:
     return f"{question}\n{hit.title}"
 
 
-def iterative_search(retriever: Retriever, questions: Sequence[str], k: int,
-                     mode: str | None = None) -> list[list[Hit]]:
+def iterative_search(
+    retriever: Retriever, questions: Sequence[str], k: int, mode: str | None = None
+) -> list[list[Hit]]:
     """Retrieve, read the top hit, retrieve again; merge.
 
     Round one searches with the question, round two with `follow_up_query(question, top hit)`.

@@ -39,8 +39,15 @@ from veritune.core import chat
 from veritune.core.params import ServeParams
 from veritune.infer.decode import Completion, GenerationRequest
 from veritune.serve.agent_mode import agent_completion
-from veritune.serve.auth import KEYS_ENV, KEYS_FILE_ENV, is_loopback, load_api_keys, load_key_customers, match_key, \
-    unknown_customers
+from veritune.serve.auth import (
+    KEYS_ENV,
+    KEYS_FILE_ENV,
+    is_loopback,
+    load_api_keys,
+    load_key_customers,
+    match_key,
+    unknown_customers,
+)
 from veritune.serve.guard import RequestGuard, header_deadline_protocol
 from veritune.serve.schema import ApiError, ChatRequest, CompletionRequest, check_messages, checked_limits, error_body
 from veritune.serve.service import AgentSettings, Service, load_service
@@ -60,16 +67,21 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         if owns_service:
             service.close()
 
-    app = FastAPI(title="veritune", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible chat completions over the fine-tuned, retrieval-grounded model.")
+    app = FastAPI(
+        title="veritune",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible chat completions over the fine-tuned, retrieval-grounded model.",
+    )
     p = service.params
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse(error_body(400, f"request body is not valid JSON: {errors[0].get('msg')}"),
-                                status_code=400)
+            return JSONResponse(
+                error_body(400, f"request body is not valid JSON: {errors[0].get('msg')}"), status_code=400
+            )
         parts = []
         for e in errors[:10]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
@@ -79,8 +91,11 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), getattr(exc, "param", None)),
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), getattr(exc, "param", None)),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
@@ -98,34 +113,50 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
             # guess then reads like a wrong one, so a burst learns nothing.
             wait = service.auth_failures.blocked_for(address)
             if wait > 0:
-                raise ApiError(429, f"too many failed authentications from this address; retry in {wait:.0f} s",
-                               headers={"Retry-After": str(max(1, round(wait)))})
+                raise ApiError(
+                    429,
+                    f"too many failed authentications from this address; retry in {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             index = match_key(token.strip(), service.api_keys) if scheme.lower() == "bearer" else None
             if index is None:
                 service.auth_failures.retry_after(address)  # counts the failure
-                raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                               headers={"WWW-Authenticate": "Bearer"})
+                raise ApiError(
+                    401,
+                    "missing or invalid API key: send `Authorization: Bearer <key>`",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             client = f"key-{index}"
             request.scope["state"]["customer_id"] = service.key_customers.get(index)
         else:
             client = f"addr-{address}"
         wait = service.limiter.retry_after(client)
         if wait > 0:
-            raise ApiError(429, f"rate limit of {p.rate_limit_per_min} requests a minute exceeded; retry in "
-                                f"{wait:.1f} s", headers={"Retry-After": str(max(1, round(wait)))})
+            raise ApiError(
+                429,
+                f"rate limit of {p.rate_limit_per_min} requests a minute exceeded; retry in {wait:.1f} s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
         return client
 
     @app.get("/health")
     async def health() -> dict:
         gen = service.generator
-        stats = gen.batch_stats() if gen is not None else {"batches": 0, "max_batch_size_seen": 0,
-                                                           "mean_batch_size": 0.0}
-        out = {"status": "ok", "model": p.model_name, "retrieval": service.searcher is not None,
-               "engine": service.engine, "in_flight": service.in_flight,
-               "pending": gen.pending() if gen is not None else 0, **stats,
-               "uptime_s": round(time.time() - service.started, 1)}
+        stats = (
+            gen.batch_stats() if gen is not None else {"batches": 0, "max_batch_size_seen": 0, "mean_batch_size": 0.0}
+        )
+        out = {
+            "status": "ok",
+            "model": p.model_name,
+            "retrieval": service.searcher is not None,
+            "engine": service.engine,
+            "in_flight": service.in_flight,
+            "pending": gen.pending() if gen is not None else 0,
+            **stats,
+            "uptime_s": round(time.time() - service.started, 1),
+        }
         if service.upstream is not None:
             out["upstream"] = service.upstream.url
         return out
@@ -140,8 +171,12 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
     async def models(request: Request) -> dict:
         authorize(request)
         ids = [p.model_name] + ([f"{p.model_name}-agent"] if service.agent_available() else [])
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": int(service.started),
-                                            "owned_by": "veritune"} for i in ids]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": int(service.started), "owned_by": "veritune"} for i in ids
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -150,32 +185,43 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         messages = check_messages(body, p)
         max_new, stops = checked_limits(body.max_completion_tokens or body.max_tokens, body.stop, p)
         if body.model == f"{p.model_name}-agent":
-            return await agent_completion(service, body, messages, max_new, request_id,
-                                          request.scope["state"]["customer_id"])
+            return await agent_completion(
+                service, body, messages, max_new, request_id, request.scope["state"]["customer_id"]
+            )
         if body.model != p.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
-                                f"{p.model_name!r}", param="model")
-        own_ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                        return_dict=False)
+            raise ApiError(
+                404, f"model {body.model!r} does not exist; GET /v1/models lists {p.model_name!r}", param="model"
+            )
+        own_ids = service.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False
+        )
         if len(own_ids) > p.max_input_tokens:
-            raise ApiError(400, f"the messages are {len(own_ids)} tokens; the limit is {p.max_input_tokens}",
-                           param="messages")
+            raise ApiError(
+                400, f"the messages are {len(own_ids)} tokens; the limit is {p.max_input_tokens}", param="messages"
+            )
         use_retrieval = p.retrieval if body.retrieval is None else body.retrieval
         hits = []
         if use_retrieval:
             if service.searcher is None:
-                raise ApiError(400, "retrieval is off on this server (no index loaded); send \"retrieval\": false",
-                               param="retrieval")
+                raise ApiError(
+                    400, 'retrieval is off on this server (no index loaded); send "retrieval": false', param="retrieval"
+                )
             question = messages[-1]["content"]
             hits = await wait_for(service.searcher, question, p.request_timeout_s)
             messages = grounded(messages, [dataclasses.asdict(h) for h in hits], service.system_prompt)
-        prompt_ids = service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                           return_dict=False)
+        prompt_ids = service.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False
+        )
         if len(prompt_ids) + max_new > service.max_positions:
-            raise ApiError(400, f"prompt ({len(prompt_ids)} tokens with passages) + max_tokens ({max_new}) exceeds "
-                                f"the model's {service.max_positions} positions", param="messages")
-        citations = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "score": round(h.score, 4)}
-                     for h in hits]
+            raise ApiError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens with passages) + max_tokens ({max_new}) exceeds "
+                f"the model's {service.max_positions} positions",
+                param="messages",
+            )
+        citations = [
+            {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "title": h.title, "score": round(h.score, 4)} for h in hits
+        ]
         created = int(time.time())
         base = {"id": f"chatcmpl-{request_id}", "created": created, "model": p.model_name}
         if service.upstream is not None:
@@ -183,21 +229,29 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
             return await upstream_chat(service, prompt_text, max_new, stops, base, citations, body.stream)
         gen = GenerationRequest(prompt_ids=list(prompt_ids), max_new_tokens=max_new)
         if body.stream:
-            return StreamingResponse(stream_events(service, gen, stops, base, citations),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream_events(service, gen, stops, base, citations),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
         text = service.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         text, stopped = apply_stops(text, stops)
         finish = "stop" if stopped else completion.finish_reason
         record_completion(service, completion, finish)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": completion.prompt_tokens,
-                          "completion_tokens": len(completion.token_ids),
-                          "total_tokens": completion.prompt_tokens + len(completion.token_ids)},
-                "citations": citations}
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "finish_reason": finish}
+            ],
+            "usage": {
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": len(completion.token_ids),
+                "total_tokens": completion.prompt_tokens + len(completion.token_ids),
+            },
+            "citations": citations,
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -208,32 +262,55 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         authorize(request)
         request_id = request.scope["state"]["request_id"]
         if body.model != p.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {p.model_name!r}",
-                           param="model")
+            raise ApiError(
+                404, f"model {body.model!r} does not exist; this server serves {p.model_name!r}", param="model"
+            )
         max_new, stops = checked_limits(body.max_tokens, body.stop, p)
         if not body.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         ids = service.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
         if len(ids) + max_new > service.max_positions:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
-                                f"{service.max_positions} positions", param="prompt")
+            raise ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the model's "
+                f"{service.max_positions} positions",
+                param="prompt",
+            )
         base = {"id": f"cmpl-{request_id}", "created": int(time.time()), "model": p.model_name}
-        gen = GenerationRequest(prompt_ids=list(ids), max_new_tokens=max_new, temperature=float(body.temperature or 0),
-                                generator=service.seeded(body.seed) if body.temperature else None)
+        gen = GenerationRequest(
+            prompt_ids=list(ids),
+            max_new_tokens=max_new,
+            temperature=float(body.temperature or 0),
+            generator=service.seeded(body.seed) if body.temperature else None,
+        )
         skip = body.skip_special_tokens
         if body.stream:
-            return StreamingResponse(stream_events(service, gen, stops, base, None, kind="text", skip_special=skip),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream_events(service, gen, stops, base, None, kind="text", skip_special=skip),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
         text, stopped = apply_stops(service.tokenizer.decode(completion.token_ids, skip_special_tokens=skip), stops)
         finish = "stop" if stopped else completion.finish_reason
         record_completion(service, completion, finish)
-        return {**base, "object": "text_completion",
-                "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                             "stop_reason": None if stopped else completion.stop_token_id}],
-                "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
-                          "total_tokens": completion.prompt_tokens + len(completion.token_ids)}}
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "finish_reason": finish,
+                    "stop_reason": None if stopped else completion.stop_token_id,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": len(completion.token_ids),
+                "total_tokens": completion.prompt_tokens + len(completion.token_ids),
+            },
+        }
 
     return RequestGuard(app, service)
 
@@ -253,17 +330,32 @@ def serve(params: ServeParams, index_params, system_prompt: str, agent: AgentSet
 
     api_keys, customers = load_api_keys(), load_key_customers()
     if customers and Path(agent.db_path).is_file() and unknown_customers(customers, agent.db_path):
-        raise ValueError(f"API keys are bound to customers the shop database {agent.db_path} does not have: "
-                         f"{', '.join(unknown_customers(customers, agent.db_path))}; fix the `<key> <customer_id>` "
-                         f"entries ({KEYS_ENV} / {KEYS_FILE_ENV}) or rebuild the database (`dvc repro agent_db`)")
+        raise ValueError(
+            f"API keys are bound to customers the shop database {agent.db_path} does not have: "
+            f"{', '.join(unknown_customers(customers, agent.db_path))}; fix the `<key> <customer_id>` "
+            f"entries ({KEYS_ENV} / {KEYS_FILE_ENV}) or rebuild the database (`dvc repro agent_db`)"
+        )
     if not api_keys and not is_loopback(params.host):
-        raise ValueError(f"refusing to serve on {params.host} without API keys: set {KEYS_ENV} or {KEYS_FILE_ENV}, "
-                         "or bind to 127.0.0.1")
-    log.info("serve: loading %s%s (auth %s)", params.base_dir,
-             f" + {params.adapter_dir}" if params.adapter_dir else "", "on" if api_keys else "off (loopback)")
+        raise ValueError(
+            f"refusing to serve on {params.host} without API keys: set {KEYS_ENV} or {KEYS_FILE_ENV}, "
+            "or bind to 127.0.0.1"
+        )
+    log.info(
+        "serve: loading %s%s (auth %s)",
+        params.base_dir,
+        f" + {params.adapter_dir}" if params.adapter_dir else "",
+        "on" if api_keys else "off (loopback)",
+    )
     service = load_service(params, index_params, system_prompt, api_keys, agent=agent, customers=customers).start()
     app = create_app(service, owns_service=True)
-    config = uvicorn.Config(app, host=params.host, port=params.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=int(params.graceful_timeout_s), lifespan="on",
-                            http=header_deadline_protocol(service))
+    config = uvicorn.Config(
+        app,
+        host=params.host,
+        port=params.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(params.graceful_timeout_s),
+        lifespan="on",
+        http=header_deadline_protocol(service),
+    )
     uvicorn.Server(config).run()

@@ -29,20 +29,29 @@ def _key_entries(environ: dict | None = None) -> list[tuple[str, str | None]]:
     path = environ.get(KEYS_FILE_ENV)
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{KEYS_FILE_ENV}={path}: no such file (one API key per line, "
-                                    "optionally followed by the customer id it acts for)")
-        entries += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-                    if line.strip() and not line.startswith("#")]
+            raise FileNotFoundError(
+                f"{KEYS_FILE_ENV}={path}: no such file (one API key per line, "
+                "optionally followed by the customer id it acts for)"
+            )
+        entries += [
+            line.strip()
+            for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
     out = []
     for entry in entries:
         parts = entry.split()
         if len(parts) > 2:
-            raise ValueError("an API key entry is `<key>` or `<key> <customer_id>`; one has "
-                             f"{len(parts)} fields (keys must not contain spaces)")
+            raise ValueError(
+                "an API key entry is `<key>` or `<key> <customer_id>`; one has "
+                f"{len(parts)} fields (keys must not contain spaces)"
+            )
         out.append((parts[0], parts[1] if len(parts) == 2 else None))
     if any(len(k) < 16 for k, _ in out):
-        raise ValueError("API keys must be at least 16 characters (e.g. `python -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'`)")
+        raise ValueError(
+            "API keys must be at least 16 characters (e.g. `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`)"
+        )
     return out
 
 

@@ -24,8 +24,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,14 @@ class QueueFull(RuntimeError):
 class MicroBatcher:
     """Collects submitted items into batches for `batch_fn(items) -> results` on one worker thread."""
 
-    def __init__(self, batch_fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int, max_wait_ms: float,
-                 max_pending: int = 0, name: str = "batcher"):
+    def __init__(
+        self,
+        batch_fn: Callable[[list[Any]], Sequence[Any]],
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_pending: int = 0,
+        name: str = "batcher",
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.batch_fn, self.max_batch_size, self.max_wait_s = batch_fn, max_batch_size, max_wait_ms / 1000.0
@@ -56,7 +63,7 @@ class MicroBatcher:
         self.batch_sizes: list[int] = []  # one entry per batch run: what the server reports and tests check
         self.on_batch: Callable[[int, float], None] | None = None  # (size, seconds) after each batch
 
-    def start(self) -> "MicroBatcher":
+    def start(self) -> MicroBatcher:
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -79,8 +86,11 @@ class MicroBatcher:
 
     def batch_stats(self) -> dict:
         sizes = self.batch_sizes
-        return {"batches": len(sizes), "max_batch_size_seen": max(sizes, default=0),
-                "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0}
+        return {
+            "batches": len(sizes),
+            "max_batch_size_seen": max(sizes, default=0),
+            "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
+        }
 
     def stop(self, timeout: float | None = None) -> None:
         """Take no new items, finish those already queued, then end the worker."""
@@ -122,7 +132,7 @@ class MicroBatcher:
                     if entry is not None:
                         batch.append(entry)
                 for start in range(0, len(batch), self.max_batch_size):
-                    self._run_batch(batch[start:start + self.max_batch_size])
+                    self._run_batch(batch[start : start + self.max_batch_size])
                 break
             self._run_batch(batch)
 

@@ -59,13 +59,16 @@ class RequestGuard:
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                   (b"x-request-id", request_id.encode("latin-1"))]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))],
+                }
             await send(message)
 
         async def reject(code: int, message: str, close: bool = False) -> None:
-            response = JSONResponse(error_body(code, message), status_code=code,
-                                    headers={"Connection": "close"} if close else None)
+            response = JSONResponse(
+                error_body(code, message), status_code=code, headers={"Connection": "close"} if close else None
+            )
             await response(scope, receive, send_with_id)
 
         try:
@@ -74,8 +77,12 @@ class RequestGuard:
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 code = 413 if declared.isdigit() else 400
-                return await reject(code, f"request body is {declared.decode('latin-1')} bytes; the limit is {limit}"
-                                    if code == 413 else "Content-Length must be a whole number of bytes")
+                return await reject(
+                    code,
+                    f"request body is {declared.decode('latin-1')} bytes; the limit is {limit}"
+                    if code == 413
+                    else "Content-Length must be a whole number of bytes",
+                )
             body, more = bytearray(), True
             deadline = time.monotonic() + p.body_timeout_s
             while more:
@@ -83,8 +90,12 @@ class RequestGuard:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     # The rest of a half-sent body would be read as the next request: close.
-                    return await reject(408, f"the request body did not arrive within {p.body_timeout_s:g} s "
-                                             "(serve.body_timeout_s); send it whole, or raise the limit", close=True)
+                    return await reject(
+                        408,
+                        f"the request body did not arrive within {p.body_timeout_s:g} s "
+                        "(serve.body_timeout_s); send it whole, or raise the limit",
+                        close=True,
+                    )
                 if message["type"] == "http.disconnect":
                     status["code"] = 499  # the client went away before its request was complete
                     return
@@ -126,10 +137,13 @@ def header_deadline_protocol(service: Service):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     timeout = service.params.header_timeout_s
-    body = json.dumps(error_body(408, f"the request headers did not arrive within {timeout:g} s "
-                                      "(serve.header_timeout_s)")).encode()
-    response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    body = json.dumps(
+        error_body(408, f"the request headers did not arrive within {timeout:g} s (serve.header_timeout_s)")
+    ).encode()
+    response = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer = None

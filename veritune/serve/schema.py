@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException
 from veritune.core.params import ServeParams
 
 # Control tokens a client could type to forge a turn (prompt injection through the template).
-_RESERVED = re.compile(r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
-                       r"im_start|im_end|endoftext|"
-                       r"finetune_right_pad_id|reserved_special_token_\d+)\|>")
+_RESERVED = re.compile(
+    r"<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
+    r"im_start|im_end|endoftext|"
+    r"finetune_right_pad_id|reserved_special_token_\d+)\|>"
+)
 
 
 class TextPart(BaseModel):
@@ -82,9 +84,16 @@ class ApiError(HTTPException):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        408: "timeout_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
@@ -92,8 +101,9 @@ def checked_limits(max_tokens: int | None, stop: str | list[str] | None, p: Serv
     """A request's token budget (the server's when unset) and stop sequences, or a 400."""
     max_new = max_tokens or p.max_new_tokens
     if max_new > p.max_new_tokens:
-        raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
-                       param="max_tokens")
+        raise ApiError(
+            400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}", param="max_tokens"
+        )
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not s for s in stops):
         raise ApiError(400, "stop sequences must not be empty", param="stop")
@@ -112,12 +122,16 @@ def check_messages(body: ChatRequest, p: ServeParams) -> list[dict]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)",
-                           param=f"messages.{i}.content") from None
+            raise ApiError(
+                400, f"messages[{i}].content is not valid Unicode (lone surrogate)", param=f"messages.{i}.content"
+            ) from None
         found = _RESERVED.search(text)
         if found:
-            raise ApiError(400, f"messages[{i}].content contains the reserved control token {found.group(0)}",
-                           param=f"messages.{i}.content")
+            raise ApiError(
+                400,
+                f"messages[{i}].content contains the reserved control token {found.group(0)}",
+                param=f"messages.{i}.content",
+            )
         out.append({"role": m.role, "content": text})
     if out[-1]["role"] != "user":
         raise ApiError(400, f"the last message must be from the user, got {out[-1]['role']!r}", param="messages")

@@ -59,19 +59,38 @@ def agent_settings(params_file: str | Path = PARAMS_FILE, db_path: str | None = 
     seconds, temperature, seed, grammar, writes); the database is `serve.agent_db` unless
     `db_path` says otherwise."""
     sp, ap, ep, srv = (load_params(s, params_file) for s in ("build_sft", "agent_db", "agent_eval", "serve"))
-    return AgentSettings(db_path=srv.agent_db if db_path is None else db_path, system_prompt=sp.agent_system_prompt,
-                         tool_definitions=sp.agent_tool_definitions, search_k=sp.agent_search_k, today=ap.today,
-                         max_steps=ep.max_steps, max_retries=ep.max_retries, max_seconds=ep.max_seconds,
-                         temperature=ep.temperature, seed=ep.seed, constrained_calls=ep.constrained_calls,
-                         max_string_chars=ep.max_string_chars, max_writes=ep.max_writes)
+    return AgentSettings(
+        db_path=srv.agent_db if db_path is None else db_path,
+        system_prompt=sp.agent_system_prompt,
+        tool_definitions=sp.agent_tool_definitions,
+        search_k=sp.agent_search_k,
+        today=ap.today,
+        max_steps=ep.max_steps,
+        max_retries=ep.max_retries,
+        max_seconds=ep.max_seconds,
+        temperature=ep.temperature,
+        seed=ep.seed,
+        constrained_calls=ep.constrained_calls,
+        max_string_chars=ep.max_string_chars,
+        max_writes=ep.max_writes,
+    )
 
 
 class Service:
     """The loaded model and tokenizer, the retriever, and the two batchers that feed them."""
 
-    def __init__(self, params: ServeParams, model, tokenizer, retriever, system_prompt: str,
-                 api_keys: list[str] | None, agent: AgentSettings, customers: dict[str, str] | None = None,
-                 max_positions: int | None = None):
+    def __init__(
+        self,
+        params: ServeParams,
+        model,
+        tokenizer,
+        retriever,
+        system_prompt: str,
+        api_keys: list[str] | None,
+        agent: AgentSettings,
+        customers: dict[str, str] | None = None,
+        max_positions: int | None = None,
+    ):
         self.params, self.model, self.tokenizer, self.retriever = params, model, tokenizer, retriever
         self.system_prompt, self.agent = system_prompt, agent
         self.api_keys = list(api_keys or [])
@@ -80,7 +99,9 @@ class Service:
         self.stop_ids = chat.stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         if max_positions is None:
-            max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30)) if model is not None else 1 << 30
+            max_positions = (
+                int(getattr(model.config, "max_position_embeddings", 1 << 30)) if model is not None else 1 << 30
+            )
         self.max_positions = max_positions
         self.metrics = Metrics()
         self.limiter = RateLimiter(params.rate_limit_per_min)
@@ -89,32 +110,51 @@ class Service:
         if params.backend == "upstream":
             from veritune.serve.upstream import UpstreamClient
 
-            self.upstream = UpstreamClient(params.upstream_url, params.upstream_model, params.request_timeout_s,
-                                           self.stop_ids)
+            self.upstream = UpstreamClient(
+                params.upstream_url, params.upstream_model, params.request_timeout_s, self.stop_ids
+            )
             self.engine = "upstream"
         elif engine_kind(params, model) == "continuous":
             from veritune.serve.engine import ContinuousBatchingEngine
 
-            self.generator = ContinuousBatchingEngine(model, self.stop_ids, params.max_batch_size,
-                                                      params.kv_cache_tokens, params.prefill_tokens,
-                                                      max_pending=params.max_pending, name="generate",
-                                                      mixed_tokens=params.mixed_tokens)
+            self.generator = ContinuousBatchingEngine(
+                model,
+                self.stop_ids,
+                params.max_batch_size,
+                params.kv_cache_tokens,
+                params.prefill_tokens,
+                max_pending=params.max_pending,
+                name="generate",
+                mixed_tokens=params.mixed_tokens,
+            )
             self.max_positions = min(self.max_positions, self.generator.positions)
             self.engine = "continuous"
             if agent.temperature > 0:
-                log.warning("serve: the continuous engine decodes greedily: the agent mode's turns are greedy, not "
-                            "sampled at agent_eval.temperature %g as agent_eval's are", agent.temperature)
+                log.warning(
+                    "serve: the continuous engine decodes greedily: the agent mode's turns are greedy, not "
+                    "sampled at agent_eval.temperature %g as agent_eval's are",
+                    agent.temperature,
+                )
         else:
-            self.generator = MicroBatcher(lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
-                                          params.max_batch_size, params.max_wait_ms, params.max_pending,
-                                          name="generate")
+            self.generator = MicroBatcher(
+                lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
+                params.max_batch_size,
+                params.max_wait_ms,
+                params.max_pending,
+                name="generate",
+            )
             self.engine = "micro_batch"
         if self.generator is not None:
             self.generator.on_batch = lambda n, s: self._observe("generate", n, s)
         self.searcher = None
         if retriever is not None:
-            self.searcher = MicroBatcher(lambda queries: retriever.search(queries, k=params.retrieval_k),
-                                         params.max_batch_size, params.max_wait_ms, params.max_pending, name="search")
+            self.searcher = MicroBatcher(
+                lambda queries: retriever.search(queries, k=params.retrieval_k),
+                params.max_batch_size,
+                params.max_wait_ms,
+                params.max_pending,
+                name="search",
+            )
             self.searcher.on_batch = lambda n, s: self._observe("search", n, s)
         self._grammar, self._grammar_lock = None, threading.Lock()
         self.started = time.time()
@@ -124,7 +164,7 @@ class Service:
         self.metrics.batch_size.labels(stage).observe(n)
         self.metrics.batch_seconds.labels(stage).observe(seconds)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         if self.generator is not None:
             self.generator.start()
         if self.searcher is not None:
@@ -175,20 +215,32 @@ class Service:
             from veritune.serve.upstream import UpstreamError
 
             try:
-                done = self.upstream.complete_sync(prompt_text, max_new_tokens, keep_special=True,
-                                                   temperature=self.agent.temperature, seed=self.agent.seed)
+                done = self.upstream.complete_sync(
+                    prompt_text,
+                    max_new_tokens,
+                    keep_special=True,
+                    temperature=self.agent.temperature,
+                    seed=self.agent.seed,
+                )
             except UpstreamError as e:
                 raise ApiError(e.status, str(e)) from None
             self.metrics.prompt_tokens.inc(done.prompt_tokens)
             self.metrics.completion_tokens.inc(done.completion_tokens)
-            stop = self.tokenizer.decode([done.stop_token_id], skip_special_tokens=False) \
-                if done.stop_token_id is not None else ""
+            stop = (
+                self.tokenizer.decode([done.stop_token_id], skip_special_tokens=False)
+                if done.stop_token_id is not None
+                else ""
+            )
             return done.text + stop
         ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         grammar = self.call_grammar()
-        gen = GenerationRequest(list(ids), max_new_tokens,
-                                constraint=grammar.constraint() if grammar is not None else None,
-                                temperature=self.agent.temperature, generator=generator)
+        gen = GenerationRequest(
+            list(ids),
+            max_new_tokens,
+            constraint=grammar.constraint() if grammar is not None else None,
+            temperature=self.agent.temperature,
+            generator=generator,
+        )
         try:
             completion = self.generator.submit(gen).result(self.params.request_timeout_s)
         finally:
@@ -208,8 +260,9 @@ class Service:
                 from veritune.agent.tools import TOOLS
                 from veritune.infer.constraints import ToolCallGrammar
 
-                self._grammar = ToolCallGrammar(self.tokenizer, self.model.config.vocab_size, TOOLS,
-                                                max_string_chars=self.agent.max_string_chars)
+                self._grammar = ToolCallGrammar(
+                    self.tokenizer, self.model.config.vocab_size, TOOLS, max_string_chars=self.agent.max_string_chars
+                )
         return self._grammar
 
     def kb_search(self, query: str) -> list[dict]:
@@ -229,9 +282,15 @@ def engine_kind(params: ServeParams, model) -> str:
     return "continuous" if on_cuda and supported(model) is None else "micro_batch"
 
 
-def load_service(params: ServeParams, index_params, system_prompt: str, api_keys: list[str] | None,
-                 agent: AgentSettings, retrieval: bool | None = None,
-                 customers: dict[str, str] | None = None) -> Service:
+def load_service(
+    params: ServeParams,
+    index_params,
+    system_prompt: str,
+    api_keys: list[str] | None,
+    agent: AgentSettings,
+    retrieval: bool | None = None,
+    customers: dict[str, str] | None = None,
+) -> Service:
     """Load the model (adapter merged; with `serve.backend: upstream` only its tokenizer) and
     open the index named by `index_params` (None: no retrieval)."""
     import torch
@@ -251,16 +310,20 @@ def load_service(params: ServeParams, index_params, system_prompt: str, api_keys
         retriever = open_retriever(index_params)
     if params.backend == "upstream":
         # The prompt is rendered and counted here, in the checkpoint's own format; the weights stay upstream.
-        tokenizer_dir = params.adapter_dir if params.adapter_dir and \
-            (Path(params.adapter_dir) / "tokenizer_config.json").exists() else params.base_dir
+        tokenizer_dir = (
+            params.adapter_dir
+            if params.adapter_dir and (Path(params.adapter_dir) / "tokenizer_config.json").exists()
+            else params.base_dir
+        )
         tokenizer = load_tokenizer(tokenizer_dir)
         positions = None
         if (Path(params.base_dir) / "config.json").exists():
             from transformers import AutoConfig
 
             positions = int(getattr(AutoConfig.from_pretrained(params.base_dir), "max_position_embeddings", 1 << 30))
-        return Service(params, None, tokenizer, retriever, system_prompt, api_keys, agent, customers,
-                       max_positions=positions)
+        return Service(
+            params, None, tokenizer, retriever, system_prompt, api_keys, agent, customers, max_positions=positions
+        )
     model = load_model(params.base_dir)
     if params.adapter_dir:
         from peft import PeftModel

@@ -47,8 +47,15 @@ async def wait_for(batcher: MicroBatcher, item: Any, timeout: float, gen: Genera
             gen.cancelled.set()  # a no-op once finished; frees the batch slot of one given up on
 
 
-async def stream_events(service: Service, gen: GenerationRequest, stops: list[str], base: dict, citations: list | None,
-                        kind: str = "chat", skip_special: bool = True):
+async def stream_events(
+    service: Service,
+    gen: GenerationRequest,
+    stops: list[str],
+    base: dict,
+    citations: list | None,
+    kind: str = "chat",
+    skip_special: bool = True,
+):
     """Server-sent events in OpenAI's chunk format: role, content deltas, finish, `[DONE]`
     (`kind` "text": the completions endpoint's chunks, `{"text": ...}`, no role, nothing stripped)."""
     loop = asyncio.get_running_loop()
@@ -61,8 +68,12 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
             choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
             chunk = {**base, "object": "text_completion", "choices": [choice], **extra}
         else:
-            chunk = {**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            chunk = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     try:
@@ -81,8 +92,9 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
     try:
         while finish is None:
             getter = asyncio.ensure_future(tokens.get())
-            await asyncio.wait({getter, done}, timeout=max(0.0, deadline - loop.time()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {getter, done}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
             if getter.done():
                 ids.append(getter.result())
             else:
@@ -105,9 +117,17 @@ async def stream_events(service: Service, gen: GenerationRequest, stops: list[st
         completion = done.result() if done.done() and not done.exception() else None
         if completion is not None:
             record_completion(service, completion, finish)
-        usage = {} if completion is None or kind == "chat" else {"usage": {
-            "prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
-            "total_tokens": completion.prompt_tokens + len(completion.token_ids)}}
+        usage = (
+            {}
+            if completion is None or kind == "chat"
+            else {
+                "usage": {
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": len(completion.token_ids),
+                    "total_tokens": completion.prompt_tokens + len(completion.token_ids),
+                }
+            }
+        )
         yield event({}, finish, **usage)
     except TimeoutError:
         gen.cancelled.set()

@@ -23,8 +23,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from veritune import cli  # the server this drives is `python -m veritune.cli serve`
 
@@ -38,18 +39,35 @@ def free_port() -> int:
 class ServerProcess:
     """`veritune serve` as a child process on 127.0.0.1; `stop()` sends SIGTERM (a graceful drain)."""
 
-    def __init__(self, port: int, *, api_keys: Sequence[str] = (), log_path: str | Path, extra_args: Sequence[str] = (),
-                 cwd: str | Path = ".", env: dict | None = None):
+    def __init__(
+        self,
+        port: int,
+        *,
+        api_keys: Sequence[str] = (),
+        log_path: str | Path,
+        extra_args: Sequence[str] = (),
+        cwd: str | Path = ".",
+        env: dict | None = None,
+    ):
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
-        self.args = [sys.executable, "-m", cli.__name__, "serve", "--host", "127.0.0.1", "--port", str(port),
-                     *extra_args]
+        self.args = [
+            sys.executable,
+            "-m",
+            cli.__name__,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra_args,
+        ]
         self.env = {**os.environ, **(env or {}), "VERITUNE_API_KEYS": ",".join(api_keys)}
         self.env.setdefault("HF_HUB_OFFLINE", "1")
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float) -> "ServerProcess":
+    def start(self, timeout_s: float) -> ServerProcess:
         import httpx
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +77,9 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"veritune serve exited with {self.proc.returncode} while starting; log tail:\n{tail}")
+                raise RuntimeError(
+                    f"veritune serve exited with {self.proc.returncode} while starting; log tail:\n{tail}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
@@ -86,7 +106,7 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,7 +135,7 @@ def check_completion(body: dict, request_id: str) -> str | None:
 
 def check_stream(lines: list[str], request_id: str) -> tuple[str | None, str]:
     """(problem or None, the streamed text) for the `data:` lines of one event stream."""
-    events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     if events.count("[DONE]") != 1 or events[-1] != "[DONE]":
         return f"{events.count('[DONE]')} [DONE] events (must be exactly one, last)", ""
     chunks = [json.loads(e) for e in events[:-1]]
@@ -129,12 +149,17 @@ def check_stream(lines: list[str], request_id: str) -> tuple[str | None, str]:
     return None, "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
 
 
-async def one_request(client, url: str, key: str, request_id: str, question: str, max_tokens: int,
-                      stream: bool) -> dict[str, Any]:
+async def one_request(
+    client, url: str, key: str, request_id: str, question: str, max_tokens: int, stream: bool
+) -> dict[str, Any]:
     import httpx
 
-    payload = {"model": "veritune", "messages": [{"role": "user", "content": question}],
-               "max_tokens": max_tokens, "stream": stream}
+    payload = {
+        "model": "veritune",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
     headers = {"Authorization": f"Bearer {key}", "X-Request-ID": request_id}
     record: dict[str, Any] = {"id": request_id, "stream": stream, "status": None, "problem": None}
     started = time.perf_counter()
@@ -162,9 +187,19 @@ async def one_request(client, url: str, key: str, request_id: str, question: str
     return record
 
 
-async def drive_load(url: str, questions: Sequence[str], keys: Sequence[str], *, clients: int, duration_s: float,
-                     max_tokens: int, stream_fraction: float, timeout_s: float, seed: int = 0,
-                     run_name: str = "run") -> tuple[list[dict], float]:
+async def drive_load(
+    url: str,
+    questions: Sequence[str],
+    keys: Sequence[str],
+    *,
+    clients: int,
+    duration_s: float,
+    max_tokens: int,
+    stream_fraction: float,
+    timeout_s: float,
+    seed: int = 0,
+    run_name: str = "run",
+) -> tuple[list[dict], float]:
     """Run `clients` concurrent clients for `duration_s`; returns (one record per request, wall seconds)."""
     import httpx
 
@@ -180,9 +215,17 @@ async def drive_load(url: str, questions: Sequence[str], keys: Sequence[str], *,
         async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
             while time.perf_counter() < end:
                 plan = plans[i]
-                records.append(await one_request(client, url, keys[i % len(keys)], f"{run_name}-c{i}-r{n}",
-                                                 plan.choice(questions), max_tokens,
-                                                 stream=plan.random() < stream_fraction))
+                records.append(
+                    await one_request(
+                        client,
+                        url,
+                        keys[i % len(keys)],
+                        f"{run_name}-c{i}-r{n}",
+                        plan.choice(questions),
+                        max_tokens,
+                        stream=plan.random() < stream_fraction,
+                    )
+                )
                 n += 1
 
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
@@ -219,7 +262,8 @@ def summarize_load(records: Sequence[dict], wall_s: float, server_completions: f
         "wall_s": round(wall_s, 2),
         "throughput_rps": round(len(answered) / wall_s, 3) if wall_s else None,
         "completion_tokens_per_s": round(sum(r.get("completion_tokens", 0) for r in answered) / wall_s, 2)
-        if wall_s else None,
+        if wall_s
+        else None,
         "latency_s": {f"p{q}": round(percentile(latencies, q), 4) if latencies else None for q in (50, 95, 99)},
         "latency_max_s": round(max(latencies), 4) if latencies else None,
     }

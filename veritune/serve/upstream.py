@@ -10,9 +10,10 @@ checkpoint's own chat format (rendered here with the local tokenizer, exactly as
 the agent loop and its tools, keys, rate limits, metrics. The upstream gets the rendered prompt
 on `/v1/completions` (chat answers greedy: temperature 0; the agent's turns at its temperature
 and seed, `agent_eval`'s; `add_special_tokens: false`, since the rendered prompt carries its
-own BOS), so it never applies a chat template of its own, and answers with text. The end-of-turn tokens are sent as `stop_token_ids` and special tokens
-are kept in the agent's turns (`skip_special_tokens: false`), so the agent still sees a call's
-`<|python_tag|>` and the token that ended it (`stop_reason`, as vLLM reports it).
+own BOS), so it never applies a chat template of its own, and answers with text. The
+end-of-turn tokens are sent as `stop_token_ids` and special tokens are kept in the agent's turns
+(`skip_special_tokens: false`), so the agent still sees a call's `<|python_tag|>` and the token
+that ended it (`stop_reason`, as vLLM reports it).
 
 Failures are the upstream's, and are said so: unreachable or a broken answer -> 502, no answer
 within `serve.request_timeout_s` -> 504, the upstream busy (429 / 503) -> 503 with Retry-After.
@@ -25,8 +26,9 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi.responses import StreamingResponse
@@ -70,8 +72,15 @@ class UpstreamClient:
     """Completions of rendered prompts from an OpenAI-compatible `/v1/completions` (greedy
     unless a temperature is given)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float, stop_token_ids: list[int] = (),
-                 api_key: str | None = None, max_connections: int = 256):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        timeout_s: float,
+        stop_token_ids: list[int] = (),
+        api_key: str | None = None,
+        max_connections: int = 256,
+    ):
         self.url, self.model, self.timeout_s = completions_url(url), model, timeout_s
         self.stop_token_ids = list(stop_token_ids)
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
@@ -86,12 +95,27 @@ class UpstreamClient:
             self._async = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self.headers)
         return self._async
 
-    def body(self, prompt: str, max_tokens: int, stop: list[str], stream: bool, keep_special: bool,
-             temperature: float = 0.0, seed: int | None = None) -> dict:
+    def body(
+        self,
+        prompt: str,
+        max_tokens: int,
+        stop: list[str],
+        stream: bool,
+        keep_special: bool,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> dict:
         # add_special_tokens false: the rendered prompt already begins with the template's BOS
         # (vLLM's completions would add a second one).
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature or 0,
-                "stream": stream, "skip_special_tokens": not keep_special, "add_special_tokens": False}
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature or 0,
+            "stream": stream,
+            "skip_special_tokens": not keep_special,
+            "add_special_tokens": False,
+        }
         if temperature > 0 and seed is not None:
             body["seed"] = seed
         if stop:
@@ -102,20 +126,29 @@ class UpstreamClient:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def complete(self, prompt: str, max_tokens: int, stop: list[str] = (), keep_special: bool = False
-                       ) -> UpstreamCompletion:
+    async def complete(
+        self, prompt: str, max_tokens: int, stop: list[str] = (), keep_special: bool = False
+    ) -> UpstreamCompletion:
         try:
             r = await self._client().post(self.url, json=self.body(prompt, max_tokens, list(stop), False, keep_special))
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         return self._parse(r)
 
-    def complete_sync(self, prompt: str, max_tokens: int, stop: list[str] = (), keep_special: bool = False,
-                      temperature: float = 0.0, seed: int | None = None) -> UpstreamCompletion:
+    def complete_sync(
+        self,
+        prompt: str,
+        max_tokens: int,
+        stop: list[str] = (),
+        keep_special: bool = False,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> UpstreamCompletion:
         """The same from a worker thread (the agent loop, which samples at its temperature)."""
         try:
-            r = self._sync.post(self.url, json=self.body(prompt, max_tokens, list(stop), False, keep_special,
-                                                         temperature, seed))
+            r = self._sync.post(
+                self.url, json=self.body(prompt, max_tokens, list(stop), False, keep_special, temperature, seed)
+            )
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         return self._parse(r)
@@ -173,10 +206,13 @@ class UpstreamClient:
             choice = body["choices"][0]
             usage = body.get("usage") or {}
             reason = choice.get("stop_reason")
-            return UpstreamCompletion(text=choice["text"], finish_reason=choice.get("finish_reason") or "stop",
-                                      prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                                      completion_tokens=int(usage.get("completion_tokens", 0)),
-                                      stop_token_id=reason if isinstance(reason, int) else None)
+            return UpstreamCompletion(
+                text=choice["text"],
+                finish_reason=choice.get("finish_reason") or "stop",
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                stop_token_id=reason if isinstance(reason, int) else None,
+            )
         except (ValueError, KeyError, IndexError, TypeError):
             raise UpstreamError(502, f"upstream {self.url} sent no completion: {r.text[:200]!r}") from None
 
@@ -213,8 +249,9 @@ def upstream_api_error(e) -> ApiError:
     return ApiError(e.status, str(e), headers={"Retry-After": "1"} if e.status == 503 else None)
 
 
-async def upstream_chat(service: Service, prompt_text: str, max_new: int, stops: list[str], base: dict,
-                        citations: list, stream: bool):
+async def upstream_chat(
+    service: Service, prompt_text: str, max_new: int, stops: list[str], base: dict, citations: list, stream: bool
+):
     """A chat completion generated by the upstream (`serve.backend: upstream`) on the prompt
     rendered here; the answer in the same shape as the built-in backend's, citations included."""
     p = service.params
@@ -222,31 +259,44 @@ async def upstream_chat(service: Service, prompt_text: str, max_new: int, stops:
         try:
             done = await asyncio.wait_for(service.upstream.complete(prompt_text, max_new, stops), p.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s "
-                                "(serve.request_timeout_s)") from None
+            raise ApiError(
+                504, f"the upstream gave no answer within {p.request_timeout_s:g} s (serve.request_timeout_s)"
+            ) from None
         except UpstreamError as e:
             raise upstream_api_error(e) from None
         finish = "length" if done.finish_reason == "length" else "stop"
         service.metrics.completions.labels(finish).inc()
         service.metrics.prompt_tokens.inc(done.prompt_tokens)
         service.metrics.completion_tokens.inc(done.completion_tokens)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text.strip()},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                          "total_tokens": done.prompt_tokens + done.completion_tokens},
-                "citations": citations}
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": done.text.strip()}, "finish_reason": finish}
+            ],
+            "usage": {
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+            },
+            "citations": citations,
+        }
     try:  # the upstream's status line first: a dead upstream is a 502, not a broken stream
-        response = await asyncio.wait_for(service.upstream.open_stream(prompt_text, max_new, stops),
-                                          p.request_timeout_s)
+        response = await asyncio.wait_for(
+            service.upstream.open_stream(prompt_text, max_new, stops), p.request_timeout_s
+        )
     except asyncio.TimeoutError:
         raise ApiError(504, f"the upstream gave no answer within {p.request_timeout_s:g} s") from None
     except UpstreamError as e:
         raise upstream_api_error(e) from None
 
     def event(delta: dict, finish: str | None = None, **extra) -> str:
-        chunk = {**base, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        chunk = {
+            **base,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     async def relay():
@@ -271,5 +321,6 @@ async def upstream_chat(service: Service, prompt_text: str, max_new: int, stops:
             yield f"data: {json.dumps(error_body(e.status, str(e)))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(relay(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -33,17 +33,22 @@ def merged_model(base_dir: Path, adapter_dir: Path, quantization: str = "none", 
     return model.to(DTYPES[dtype])
 
 
-def export_merged(base_dir: Path, adapter_dir: Path, out_dir: Path, quantization: str = "none",
-                  dtype: str = "bfloat16") -> dict:
+def export_merged(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, quantization: str = "none", dtype: str = "bfloat16"
+) -> dict:
     """Write the merged checkpoint (safetensors, config, tokenizer with chat template)."""
     model = merged_model(base_dir, adapter_dir, quantization, dtype)
     model.config.dtype = dtype
     model.save_pretrained(out_dir)
-    save_tokenizer(load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir),
-                   out_dir)
+    save_tokenizer(
+        load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir), out_dir
+    )
     params = sum(p.numel() for p in model.parameters())
-    info = {"dtype": dtype, "merged_onto": "dequantized nf4" if quantization == "nf4" else "base weights",
-            "parameters": params}
+    info = {
+        "dtype": dtype,
+        "merged_onto": "dequantized nf4" if quantization == "nf4" else "base weights",
+        "parameters": params,
+    }
     (out_dir / "merge_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("export: merged %s parameters into %s (%s)", f"{params:,}", out_dir, dtype)
     return info

@@ -138,8 +138,9 @@ def apply_liger(model: torch.nn.Module, fused_linear_cross_entropy: bool = False
         log.warning("train: liger-kernel is not installed; training without its fused kernels")
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=fused_linear_cross_entropy,
-                                    cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=base, fused_linear_cross_entropy=fused_linear_cross_entropy, cross_entropy=False
+    )
     return True
 
 
@@ -152,13 +153,21 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def prepare_for_training(model: torch.nn.Module, *, fused_lora: bool = True, liger: bool = True,
-                         gradient_checkpointing: bool = True, liger_cross_entropy: bool = False,
-                         compile: bool = False) -> dict:
+def prepare_for_training(
+    model: torch.nn.Module,
+    *,
+    fused_lora: bool = True,
+    liger: bool = True,
+    gradient_checkpointing: bool = True,
+    liger_cross_entropy: bool = False,
+    compile: bool = False,
+) -> dict:
     """Make a PEFT-wrapped causal LM train fast and lean; returns what was switched on."""
-    done = {"fused_lora_layers": fuse_lora_layers(model) if fused_lora else 0,
-            "liger": apply_liger(model, liger_cross_entropy) if liger else False,
-            "gradient_checkpointing": bool(gradient_checkpointing)}
+    done = {
+        "fused_lora_layers": fuse_lora_layers(model) if fused_lora else 0,
+        "liger": apply_liger(model, liger_cross_entropy) if liger else False,
+        "gradient_checkpointing": bool(gradient_checkpointing),
+    }
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:

@@ -14,22 +14,28 @@ import hashlib
 import json
 import logging
 import math
-import random
 import os
+import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from veritune.core.params import TrainParams
-from veritune.train.fast_lora import prepare_for_training
-from veritune.model.modeling import (load_model, load_tokenizer, resolve_quantization, save_tokenizer, use_bf16,
-                               use_fp32_attention)
 from veritune.data.sft import tokenize_example
+from veritune.model.modeling import (
+    load_model,
+    load_tokenizer,
+    resolve_quantization,
+    save_tokenizer,
+    use_bf16,
+    use_fp32_attention,
+)
+from veritune.train.fast_lora import prepare_for_training
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,14 @@ def lora_config(p: TrainParams):
     from peft import LoraConfig
 
     targets = p.target_modules if p.target_modules == "all-linear" else [m.strip() for m in p.target_modules.split(",")]
-    return LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def run_fingerprint(base_dir: Path, train_examples: Sequence[dict], p: TrainParams) -> str:
@@ -209,8 +221,9 @@ def _trainer_class(sampling: str, loss_head: str):
             if sampling != "bucketed":
                 return super()._get_train_sampler(train_dataset)
             dataset = self.train_dataset if train_dataset is None else train_dataset
-            return LengthBucketSampler([len(ids) for ids in dataset["input_ids"]],
-                                       self.args.per_device_train_batch_size, self.args.seed)
+            return LengthBucketSampler(
+                [len(ids) for ids in dataset["input_ids"]], self.args.per_device_train_batch_size, self.args.seed
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not label_positions or return_outputs:
@@ -225,17 +238,27 @@ def _trainer_class(sampling: str, loss_head: str):
             self._metrics[mode]["entropy"].append(float(stats["entropy"]) / n)
             self._metrics[mode]["mean_token_accuracy"].append(float(stats["correct"]) / n)
             if mode == "train":
-                self._total_train_tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs \
+                self._total_train_tokens += (
+                    int(inputs["attention_mask"].sum())
+                    if "attention_mask" in inputs
                     else inputs["position_ids"].size(1)
+                )
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 
     return PipelineSFTTrainer
 
 
-def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: Sequence[dict], p: TrainParams,
-                  adapter_dir: Path | None, checkpoint_dir: Path, live_dir: Path | None = None,
-                  callbacks: Sequence = ()) -> dict:
+def train_adapter(
+    base_dir: Path,
+    train_examples: Sequence[dict],
+    val_examples: Sequence[dict],
+    p: TrainParams,
+    adapter_dir: Path | None,
+    checkpoint_dir: Path,
+    live_dir: Path | None = None,
+    callbacks: Sequence = (),
+) -> dict:
     """Fine-tune a LoRA adapter on `base_dir`; save it (PEFT format) and the tokenizer to
     `adapter_dir` (None: don't save, as on the non-main ranks of a data-parallel run).
     Resumes from the newest checkpoint in `checkpoint_dir` if one exists."""
@@ -251,8 +274,12 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         val_examples = list(val_examples)[:: math.ceil(len(val_examples) / p.val_max_examples)]
     val_rows, dropped_val = tokenize_examples(val_examples, tokenizer, p.max_length)
     if dropped_train:
-        log.warning("train: %d examples longer than train.max_length=%d dropped (e.g. %s)",
-                    len(dropped_train), p.max_length, dropped_train[:3])
+        log.warning(
+            "train: %d examples longer than train.max_length=%d dropped (e.g. %s)",
+            len(dropped_train),
+            p.max_length,
+            dropped_train[:3],
+        )
     if not train_rows:
         raise ValueError("no training example fits train.max_length; raise it or shorten the contexts")
 
@@ -298,8 +325,9 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback
 
-        callbacks.append(DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False,
-                                                        resume=resume is not None)))
+        callbacks.append(
+            DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, resume=resume is not None))
+        )
     trainer = _trainer_class(p.sampling, p.loss_head)(
         model=model,
         args=args,
@@ -311,9 +339,12 @@ def train_adapter(base_dir: Path, train_examples: Sequence[dict], val_examples: 
     )
     # The fused LoRA function is written for CUDA's bf16 weights; under CPU autocast the fp32
     # weights meet bf16 activations, so the CPU keeps PEFT's own forward.
-    speedups = prepare_for_training(trainer.model, fused_lora=p.fused_lora and torch.cuda.is_available(),
-                                    liger=p.liger,
-                                    gradient_checkpointing=False)  # the Trainer switches checkpointing on itself
+    speedups = prepare_for_training(
+        trainer.model,
+        fused_lora=p.fused_lora and torch.cuda.is_available(),
+        liger=p.liger,
+        gradient_checkpointing=False,
+    )  # the Trainer switches checkpointing on itself
     if not torch.cuda.is_available() and bf16:
         # Faster on the 2-core CPU for the tiny base (bench/train_step_cpu.py) and for SmolLM2:
         # the whole train stage ran 303 tokens/s with it, 286 with bf16 SDPA.
