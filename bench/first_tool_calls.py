@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.agent.loop import parse_reply  # noqa: E402
 from veritune.agent.policies import ModelPolicy  # noqa: E402
-from veritune.agent.tools import ToolError, check_call, tool_definitions  # noqa: E402
+from veritune.agent.specs import ToolError, check_call, tool_definitions  # noqa: E402
 from veritune.core import chat  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402

@@ -62,8 +62,8 @@ def trim_turns(example: dict, turns: int) -> dict:
 def agent_scores(model, tokenizer, sweep: Path) -> dict:
     from veritune.agent.loop import AgentLimits
     from veritune.agent.policies import ModelPolicy
+    from veritune.agent.specs import TOOLS, tool_definitions
     from veritune.agent.tasks import evaluate_policy, summarize_episodes
-    from veritune.agent.tools import TOOLS, tool_definitions
     from veritune.infer.constraints import ToolCallGrammar
 
     sp, ap, ep = (load_params(s) for s in ("build_sft", "agent_db", "agent_eval"))

@@ -370,7 +370,7 @@ def prepare():
     from datetime import date
     from pathlib import Path
 
-    from veritune.agent.tools import TOOL_NAMES, tool_definitions
+    from veritune.agent.specs import TOOL_NAMES, tool_definitions
     from veritune.core import chat
     from veritune.core.config import load_params
     from veritune.core.io import read_jsonl

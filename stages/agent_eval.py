@@ -21,8 +21,9 @@ from datetime import date
 from veritune.agent.loop import AgentLimits
 from veritune.agent.policies import ModelPolicy, OraclePolicy
 from veritune.agent.shop import SHOP_DB
+from veritune.agent.specs import TOOLS, tool_definitions
 from veritune.agent.tasks import evaluate_policy, summarize_episodes
-from veritune.agent.tools import TOOLS, kb_search, tool_definitions
+from veritune.agent.tools import kb_search
 from veritune.core import chat
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl

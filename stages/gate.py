@@ -25,7 +25,7 @@ from veritune.core.config import load_params
 from veritune.core.io import atomic_path, read_json, write_json
 from veritune.eval.csat import rubric_text
 from veritune.eval.gate import build_release, check_criteria, describe_failure, withdraw_release
-from veritune.eval.report import plot_retrieval_curve, release_blocks, write_release_report
+from veritune.eval.release_report import plot_retrieval_curve, release_blocks, write_release_report
 
 log = logging.getLogger("veritune.gate")
 

@@ -16,18 +16,15 @@ import logging
 from veritune.core.config import as_dict, load_params
 from veritune.core.io import atomic_path, read_jsonl, write_json, write_jsonl
 from veritune.eval.evaluation import prompts_for, score_all
+from veritune.eval.injection import injection_cases, injection_messages, injection_resistance
 from veritune.eval.rag_eval import (
     answer_summary,
-    injection_cases,
-    injection_messages,
-    injection_resistance,
     noisy_passages,
-    paired_difference,
     per_question_recall,
     stratified_sample,
-    with_ci,
     write_rag_report,
 )
+from veritune.eval.scoring import paired_difference, with_ci
 from veritune.infer.decode import generate
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.retrieval.metrics import retrieval_metrics

@@ -13,6 +13,7 @@ from tests.conftest import LLAMA3_TOKENIZER, PARAMS_YAML, REPO
 from veritune.agent.loop import AgentLimits, advance, parse_reply, run_episodes, start_episode
 from veritune.agent.policies import OraclePolicy
 from veritune.agent.shop import TABLES, BusinessDataError, build_database, db_fingerprint, episode_database
+from veritune.agent.specs import ToolError, tool_definitions
 from veritune.agent.tasks import (
     evaluate_policy,
     expected_state,
@@ -21,7 +22,7 @@ from veritune.agent.tasks import (
     summarize_episodes,
     validate_tasks,
 )
-from veritune.agent.tools import Toolbox, ToolError, authorised_writes, calculate, tool_definitions
+from veritune.agent.tools import Toolbox, authorised_writes, calculate
 from veritune.core import chat
 from veritune.core.io import read_jsonl
 from veritune.data.sft import tokenize_example
@@ -842,7 +843,7 @@ def test_arbitrary_json_into_every_tool_raises_nothing_but_tool_error(shop, tmp_
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from veritune.agent.tools import TOOLS, check_call
+    from veritune.agent.specs import TOOLS, check_call
 
     db, _ = shop
     box = Toolbox(episode_database(db, tmp_path, "fuzz"), search=keyword_search, customer_id=CUSTOMER, today=TODAY)

@@ -13,8 +13,8 @@ import torch
 
 from veritune.agent.loop import AgentLimits, advance, parse_reply, start_episode
 from veritune.agent.policies import OraclePolicy
-from veritune.agent.tools import TOOLS as AGENT_TOOLS
-from veritune.agent.tools import check_call
+from veritune.agent.specs import TOOLS as AGENT_TOOLS
+from veritune.agent.specs import check_call
 from veritune.core import chat
 from veritune.core.params import PACKAGED
 from veritune.data.sft import tokenize_example

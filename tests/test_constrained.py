@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import LLAMA3_TOKENIZER
 from veritune.agent.loop import parse_reply
-from veritune.agent.tools import MAX_ID, TOOLS, check_call
+from veritune.agent.specs import MAX_ID, TOOLS, check_call
 from veritune.core import chat
 from veritune.core.chat import stop_token_ids
 from veritune.infer.constraints import NUMBER_BOUND, ToolCallGrammar, call_schema

@@ -12,7 +12,7 @@ import torch
 
 from tests.test_serve import call, call_many, chat, index_uri, load_talkative, loaded, make_app, sse_lines  # noqa: F401
 from veritune.agent.loop import parse_reply
-from veritune.agent.tools import TOOLS, check_call
+from veritune.agent.specs import TOOLS, check_call
 from veritune.core.chat import stop_token_ids
 from veritune.infer.constraints import ToolCallGrammar
 from veritune.infer.decode import GenerationRequest, generate_batch

@@ -7,7 +7,7 @@ import zlib
 
 from veritune.eval.evaluation import score_all, summarize_scores
 from veritune.eval.judge import judge_answers, judge_messages, load_judge, parse_scores, summarize_judge
-from veritune.eval.report import release_blocks, render_html, render_markdown, write_release_report
+from veritune.eval.release_report import release_blocks, render_html, render_markdown, write_release_report
 
 QUESTIONS = [
     {
@@ -128,7 +128,7 @@ def test_release_report_puts_the_decision_first_and_embeds_images(tmp_path):
 
 
 def test_release_report_retrieval_section(tmp_path):
-    from veritune.eval.report import plot_retrieval_curve
+    from veritune.eval.release_report import plot_retrieval_curve
 
     retrieval = {
         "test": {"recall@1": 0.5, "recall@5": 0.9, "all_recall@1": 0.25, "all_recall@5": 0.75, "mrr": 0.7, "n": 10},

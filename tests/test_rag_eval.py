@@ -10,20 +10,16 @@ import pytest
 
 from tests.conftest import REPO
 from veritune.core.config import ParamsError, load_params, parse_params
-from veritune.eval.rag_eval import (
+from veritune.eval.injection import (
     INJECTIONS,
-    answer_summary,
     injection_cases,
     injection_messages,
     injection_resistance,
     leaks_system_prompt,
-    noisy_passages,
     obeys_injection,
-    paired_difference,
-    per_question_recall,
-    stratified_sample,
-    with_ci,
 )
+from veritune.eval.rag_eval import answer_summary, noisy_passages, per_question_recall, stratified_sample
+from veritune.eval.scoring import paired_difference, with_ci
 from veritune.retrieval.chunking import chunk_document
 from veritune.retrieval.embedding import load_embedder
 from veritune.retrieval.index import build_index

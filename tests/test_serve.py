@@ -523,7 +523,7 @@ def test_raw_generation_decodes_as_agent_eval_and_keeps_the_call_tokens(make_app
 
     from veritune.agent.loop import parse_reply, start_episode
     from veritune.agent.policies import ModelPolicy
-    from veritune.agent.tools import tool_definitions
+    from veritune.agent.specs import tool_definitions
     from veritune.core import chat as fmt
 
     model, tokenizer, _ = loaded
@@ -585,7 +585,7 @@ def test_agent_mode_returns_answer_citations_and_steps(make_app, shop_db):
     from datetime import date
 
     from veritune.agent.loop import AgentLimits
-    from veritune.agent.tools import tool_definitions
+    from veritune.agent.specs import tool_definitions
 
     result = run_agent(
         [{"role": "user", "content": "How do I reset my router from order 1001?"}],

@@ -107,7 +107,8 @@ def run_agent(args: argparse.Namespace) -> None:
     from veritune.agent.loop import AgentLimits, run_episodes, start_episode
     from veritune.agent.policies import ModelPolicy
     from veritune.agent.shop import episode_database
-    from veritune.agent.tools import TOOLS, Toolbox, authorised_writes, kb_search, tool_definitions
+    from veritune.agent.specs import TOOLS, tool_definitions
+    from veritune.agent.tools import Toolbox, authorised_writes, kb_search
     from veritune.core.config import load_params
     from veritune.model.modeling import load_model, load_tokenizer
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from veritune.agent.shop import episode_database
-from veritune.agent.tools import Toolbox, ToolError, authorised_writes, check_call
+from veritune.agent.specs import ToolError, check_call
+from veritune.agent.tools import Toolbox, authorised_writes
 from veritune.core import chat
 
 

@@ -32,7 +32,8 @@ from math import comb
 from pathlib import Path
 
 from veritune.agent.shop import db_state, episode_database
-from veritune.agent.tools import WRITE_TOOLS, Toolbox, ToolError, check_call
+from veritune.agent.specs import WRITE_TOOLS, ToolError, check_call
+from veritune.agent.tools import Toolbox
 from veritune.core import chat
 from veritune.eval.claims import tokens
 

@@ -203,8 +203,9 @@ def build_agent_examples(tasks: Sequence[dict], db_path, search, p: BuildSftPara
     import tempfile
 
     from veritune.agent.shop import episode_database
+    from veritune.agent.specs import tool_definitions
     from veritune.agent.tasks import gold_trajectory
-    from veritune.agent.tools import Toolbox, tool_definitions
+    from veritune.agent.tools import Toolbox
 
     tools = tool_definitions(p.agent_tool_definitions)
     examples = []

@@ -11,6 +11,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation.replace("-", "") + "\u2013\u2014")
@@ -114,3 +115,21 @@ def bootstrap_ci(values: Sequence[float], samples: int, seed: int = 0) -> tuple[
     n = len(values)
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
     return means[int(0.025 * samples)], means[min(samples - 1, int(0.975 * samples))]
+
+
+def with_ci(values: Sequence[float], bootstrap_samples: int) -> dict[str, Any]:
+    """Mean, 95% bootstrap interval and n of per-question values."""
+    lo, hi = bootstrap_ci(list(values), bootstrap_samples)
+    return {
+        "mean": round(mean(values), 4) if values else None,
+        "ci95_low": round(lo, 4) if values else None,
+        "ci95_high": round(hi, 4) if values else None,
+        "n": len(values),
+    }
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], bootstrap_samples: int) -> dict[str, Any]:
+    """Mean of a - b over the same questions, with a paired bootstrap interval."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
+    return with_ci([x - y for x, y in zip(a, b)], bootstrap_samples)

@@ -77,7 +77,7 @@ async def agent_completion(
             param="model",
         )
     from veritune.agent.loop import AgentLimits
-    from veritune.agent.tools import tool_definitions
+    from veritune.agent.specs import tool_definitions
 
     # The episode ends itself before the request times out.
     limits = AgentLimits(a.max_steps, a.max_retries, min(a.max_seconds, p.request_timeout_s))

@@ -257,7 +257,7 @@ class Service:
             return None  # an upstream decodes calls freely: the grammar needs this process's logits
         with self._grammar_lock:
             if self._grammar is None:
-                from veritune.agent.tools import TOOLS
+                from veritune.agent.specs import TOOLS
                 from veritune.infer.constraints import ToolCallGrammar
 
                 self._grammar = ToolCallGrammar(
