@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 from groundedness_auroc import auroc  # noqa: E402
 
+from veritune.core.chat import stop_token_ids  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
 from veritune.eval.evaluation import prompts_for, score_all  # noqa: E402
-from veritune.infer.decode import stop_token_ids  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
 from veritune.retrieval.search import Retriever  # noqa: E402
 

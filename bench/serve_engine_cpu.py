@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from veritune.core.chat import stop_token_ids  # noqa: E402
 from veritune.core.config import load_params  # noqa: E402
 from veritune.core.io import read_jsonl  # noqa: E402
-from veritune.infer.decode import stop_token_ids  # noqa: E402
+from veritune.infer.decode import GenerationRequest, generate_batch  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer  # noqa: E402
 from veritune.retrieval.search import Retriever  # noqa: E402
 from veritune.serve.app import grounded  # noqa: E402
-from veritune.serve.batching import GenerationRequest, generate_batch  # noqa: E402
 
 
 def rag_prompts(tokenizer, n: int) -> list[list[int]]:

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from veritune.serve.batching import GenerationRequest  # noqa: E402
+from veritune.infer.decode import GenerationRequest  # noqa: E402
 from veritune.serve.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E402
 
 

@@ -63,7 +63,7 @@ def per_question_recall(
 ) -> list[float]:
     """1.0/0.0 per question with gold documents: any (or, with `need_all`, every) gold
     document among the top k. Questions without gold documents are left out, as in
-    `veritune.retrieval.search.retrieval_metrics`."""
+    `veritune.retrieval.metrics.retrieval_metrics`."""
     out = []
     for hits, gold in zip(hits_per_question, gold_per_question, strict=True):
         if not gold:

@@ -5,7 +5,7 @@ the call is complete.
 
 The model still chooses everything that carries meaning (answer or call, which tool, every
 argument value); the grammar only takes away the tokens that would make the call unparseable
-or break its tool's JSON Schema (`veritune.agent.tools.TOOLS`): a missing brace, an unknown tool, a
+or break its tool's JSON Schema (`veritune.agent.specs.TOOLS`): a missing brace, an unknown tool, a
 misspelt or missing argument, a string where an integer belongs, a value outside an enum.
 Replies that do not open a call (answers) are left alone.
 
