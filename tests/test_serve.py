@@ -749,8 +749,14 @@ def live_project(tmp_path, tiny_checkpoint, index_uri):
 
     shutil.copytree(Path(index_uri).parent, tmp_path / "index")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # torch's own thread count: the timing tests below were tuned with it
     params["serve"].update(
-        base_dir=str(tiny_checkpoint), adapter_dir="", max_new_tokens=48, graceful_timeout_s=20, rate_limit_per_min=0
+        base_dir=str(tiny_checkpoint),
+        adapter_dir="",
+        max_new_tokens=48,
+        graceful_timeout_s=20,
+        rate_limit_per_min=0,
+        torch_threads=0,
     )
     params["index"].update(uri=str(tmp_path / "index" / "milvus.db"), collection="chunks")
     params["build_sft"].update(system_prompt=SYSTEM)

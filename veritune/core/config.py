@@ -77,6 +77,8 @@ class Link:
     why: str
 
 
+# Checked whenever either section is loaded, from the same file: a link only ever stops a run,
+# it never changes a value, so a stage need not declare the other section's params.
 LINKS = (
     Link(
         "serve.retrieval_k",
