@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from veritune.core.io import read_jsonl, write_json  # noqa: E402
-from veritune.data.sft import is_tool_conversation, tokenize_example  # noqa: E402
 from veritune.model.modeling import load_model, load_tokenizer, use_fp32_attention  # noqa: E402
+from veritune.train.tokenization import is_tool_conversation, tokenize_example  # noqa: E402
 from veritune.train.training import label_position_loss  # noqa: E402
 
 REPEATS = 1  # passes over the 10 batches per timing

@@ -31,11 +31,12 @@ import torch
 sys.path.insert(0, os.getcwd())
 from veritune.core import chat
 from veritune.core.config import load_params
-from veritune.data.sft import build_examples, tokenize_example
+from veritune.data.sft import build_examples
 from veritune.eval.scoring import is_abstention, token_f1
 from veritune.infer.decode import generate
 from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer
 from veritune.model.pretrain import make_window
+from veritune.train.tokenization import tokenize_example
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CACHE = Path("sweep/recipe")

@@ -25,8 +25,8 @@ from veritune.agent.tasks import (
 from veritune.agent.tools import Toolbox, authorised_writes, calculate
 from veritune.core import chat
 from veritune.core.io import read_jsonl
-from veritune.data.sft import tokenize_example
 from veritune.model.modeling import load_tokenizer
+from veritune.train.tokenization import tokenize_example
 
 SYSTEM = "You are a support agent."
 TODAY = date.fromisoformat(PARAMS_YAML["agent_db"]["today"])  # the shop's today

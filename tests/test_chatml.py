@@ -17,9 +17,9 @@ from veritune.agent.specs import TOOLS as AGENT_TOOLS
 from veritune.agent.specs import check_call
 from veritune.core import chat
 from veritune.core.params import PACKAGED
-from veritune.data.sft import tokenize_example
 from veritune.infer.constraints import ToolCallGrammar
 from veritune.model.modeling import CheckpointError, load_tokenizer, materialize_gguf
+from veritune.train.tokenization import tokenize_example
 
 # SmolLM2-135M-Instruct's own chat template, as its GGUF ships it.
 SMOLLM2_TEMPLATE = (

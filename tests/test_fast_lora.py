@@ -10,10 +10,10 @@ from peft import get_peft_model
 
 from tests.conftest import params
 from veritune.core import chat
-from veritune.data.sft import tokenize_example
 from veritune.model.modeling import load_model, load_tokenizer
 from veritune.train.export import export_merged, merged_model
 from veritune.train.fast_lora import fuse_lora_layers, prepare_for_training
+from veritune.train.tokenization import tokenize_example
 from veritune.train.training import lora_config
 
 VOCAB = 200  # below the tiny tokenizer's vocabulary size

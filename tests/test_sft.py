@@ -7,8 +7,9 @@ import pytest
 from tests.conftest import REPO, params
 from veritune.core import chat
 from veritune.core.config import ParamsError
-from veritune.data.sft import LabelMaskError, build_examples, select_passages, tokenize_example
+from veritune.data.sft import build_examples, select_passages
 from veritune.model.modeling import load_tokenizer
+from veritune.train.tokenization import LabelMaskError, tokenize_example
 
 CHUNKS = [
     {

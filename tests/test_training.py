@@ -10,8 +10,8 @@ from transformers import TrainerCallback
 
 from tests.conftest import params
 from veritune.core import chat
-from veritune.data.sft import tokenize_example
 from veritune.model.modeling import load_model, load_tokenizer
+from veritune.train.tokenization import tokenize_example
 from veritune.train.training import train_adapter
 
 EXAMPLES = [

@@ -105,8 +105,8 @@ def build_tiny_base(
     from veritune.core import chat
     from veritune.core.config import as_dict
     from veritune.core.io import write_jsonl
-    from veritune.data.sft import is_tool_conversation
     from veritune.model.modeling import TinyArch, build_tiny_model, build_tiny_tokenizer, save_tokenizer
+    from veritune.train.tokenization import is_tool_conversation
 
     # Only training documents: held-out documents must stay unseen until test time.
     texts = [f"{d['title']}\n{d['text']}" for d in documents if doc_split[d["id"]] == "train"]

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from veritune.core.params import TrainParams
-from veritune.data.sft import tokenize_example
 from veritune.model.modeling import (
     load_model,
     load_tokenizer,
@@ -36,6 +35,7 @@ from veritune.model.modeling import (
     use_fp32_attention,
 )
 from veritune.train.fast_lora import prepare_for_training
+from veritune.train.tokenization import tokenize_example
 
 log = logging.getLogger(__name__)
 
