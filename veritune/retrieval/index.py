@@ -16,19 +16,16 @@ from tqdm import tqdm
 
 from veritune.retrieval.chunking import embedding_text
 from veritune.retrieval.embedding import embed, embedding_dim
-from veritune.retrieval.milvus import connect, disconnect
+from veritune.retrieval.milvus import LEXICAL_METRIC, METRIC_TYPE, connect, disconnect
 
 logger = logging.getLogger(__name__)
 
 INDEX_TYPE = "FLAT"  # exact search; Milvus Lite also offers AUTOINDEX (HNSW via faiss) and IVF_FLAT
-METRIC_TYPE = "COSINE"
 # Milvus caps VARCHAR at 65,535; a server counts bytes, Milvus Lite characters, so we check bytes.
 MAX_TEXT_BYTES = 65_535
 MAX_TITLE_BYTES = 4_096
 MAX_ID_BYTES = 512
-MAX_TOPK = 16_384  # Milvus limit on `limit` in one search
 SPARSE_INDEX_TYPE = "SPARSE_INVERTED_INDEX"
-LEXICAL_METRIC = "BM25"
 # English stop words (NLTK's list): without them BM25 ranks "What should I do if..." FAQ pages
 # over the one spec sheet holding the SKU the question asks about.
 STOP_WORDS = sorted(

@@ -1,4 +1,5 @@
-"""Connections to Milvus: a Milvus Lite file or a Milvus server, one code path.
+"""Connections to Milvus (a Milvus Lite file or a Milvus server, one code path) and the metrics
+the collection is searched with.
 
 `uri` is either a Milvus Lite path ending in `.db` or a server URL (`http://host:19530`). In
 milvus-lite 3.x the `.db` path is a *directory* served by an in-process gRPC server, one process
@@ -12,6 +13,11 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+
+# How the collection is searched, so how the index builds it: cosine over unit vectors, BM25 over words.
+METRIC_TYPE = "COSINE"
+LEXICAL_METRIC = "BM25"
+MAX_TOPK = 16_384  # Milvus limit on `limit` in one search
 
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")
 

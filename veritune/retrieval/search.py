@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from veritune.core.params import RETRIEVAL_MODES
 from veritune.retrieval.embedding import embed, embedding_dim, load_embedder
-from veritune.retrieval.index import LEXICAL_METRIC, MAX_TOPK, METRIC_TYPE
-from veritune.retrieval.milvus import connect, disconnect, is_local_uri
+from veritune.retrieval.milvus import LEXICAL_METRIC, MAX_TOPK, METRIC_TYPE, connect, disconnect, is_local_uri
 
 RRF_K = 60  # reciprocal rank fusion constant from Cormack et al. 2009; larger flattens rank differences
 HYBRID_CANDIDATES = 20  # each of dense and BM25 proposes max(k, this) chunks before fusion
