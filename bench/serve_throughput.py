@@ -8,13 +8,13 @@ Builds the Llama 3.1 8B architecture (hidden 4096, 32 layers, 32 heads / 8 KV he
 throughput depends on the shapes, not on the weights' values - and measures, in one process:
 
   * `engine`: `veritune.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
-    mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
+    mixed steps: prompt pieces ride on the decode steps, as CUDA graphs) with 1, 8, 32, 64 and 128 requests in flight: closed-loop clients, each sending its next
     request the moment its last one finished, 2 x in-flight requests (at least 8) of
     `--prompt-tokens` +-25% and exactly `--max-new-tokens` new tokens (no stop token). Reported:
     generated tokens/s over the run, time to first token and inter-token latency (p50 / p99),
     requests answered, GPU memory before and after; at 64 in flight also the engine with
-    separate prefill passes (`mixed=False`, the engine before mixed steps) and other caps on
-    the prompt tokens of a mixed step;
+    separate prefill passes (`mixed=False`, the engine before mixed steps) and with eager
+    mixed steps (several prompt pieces a step, no graph);
   * `hf_generate_one_at_a_time`: `model.generate` (greedy, dynamic cache), one request after another;
   * `hf_generate_static_compiled`: `model.generate` over one padded batch of 64 with a static
     KV cache and `torch.compile` (transformers compiles the decode step itself; a warm-up
@@ -166,7 +166,11 @@ def time_parts(engine, prompts, sync, cuda) -> dict:
              for n in (0, 128, 256, 512)}
     mixed[0] = lambda: engine._mixed_forward(dec_tokens, dec_positions, 601, [])
     for n, fn in mixed.items():
-        out["mixed_step_ms"][f"{b} decode rows + {n} prompt tokens"] = timed(fn, 5)
+        out["mixed_step_ms"][f"eager, {b} decode rows + {n} prompt tokens"] = timed(fn, 5)
+    if engine.cuda_graphs:  # the graph form (what mixed steps run as on CUDA): inputs as `warmup` left them
+        for c in engine.chunk_buckets:
+            out["mixed_step_ms"][f"graph, {b} decode rows + {c} prompt tokens, length {length}"] = timed(
+                lambda c=c: engine._step(engine._batch_bucket(b), length, c), 10)
     if cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -311,11 +315,14 @@ def main() -> None:
     engine = ContinuousBatchingEngine(model, [], max_batch=max(levels), max_len=max_len,
                                       prefill_tokens=8192 if cuda else 1024, mixed=use_mixed)
     engine.warmup(lengths=range(256, engine.max_len + 1, 256))
+    if use_mixed:  # mixed steps here have slots decoding past 384 tokens: lengths 512 and up
+        engine.warmup(lengths=range(512, engine.max_len + 1, 256), chunks=engine.chunk_buckets)
     result["engine_setup"] = {"seconds_incl_graph_capture": round(time.perf_counter() - built, 1),
                               "graphs": len(engine._graphs), "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
                               "slots": engine.max_batch, "max_len": engine.max_len,
                               "fused_elementwise": engine.ops is not EAGER_OPS, "mixed_steps": engine.mixed,
-                              "prefill_tokens": engine.prefill_tokens, "mixed_tokens": engine.mixed_tokens}
+                              "prefill_tokens": engine.prefill_tokens, "mixed_tokens": engine.mixed_tokens,
+                              "chunk_buckets": list(engine.chunk_buckets)}
     result["parts"] = time_parts(engine, prompts, sync, cuda)
     save("parts")
     engine.start()
@@ -341,8 +348,7 @@ def main() -> None:
         if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
             variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
             if use_mixed:
-                variants.update({"engine_64_mixed_tokens_256": {"mixed_tokens": 256},
-                                 "engine_64_mixed_tokens_4096": {"mixed_tokens": 4096}})
+                variants["engine_64_eager_mixed_steps"] = {"mixed_graphs": False}
             for key, change in variants.items():
                 kept = {name: getattr(engine, name) for name in change}
                 for name, value in change.items():
@@ -414,6 +420,10 @@ def main() -> None:
     if at64 and "hf_generate_static_compiled" in result:
         result["engine_64_vs_hf_static_compiled"] = round(
             at64["tokens_per_s"] / result["hf_generate_static_compiled"]["tokens_per_s"], 2)
+        if "engine_64_separate_prefill_passes" in result:
+            result["engine_64_separate_passes_vs_hf_static_compiled"] = round(
+                result["engine_64_separate_prefill_passes"]["tokens_per_s"]
+                / result["hf_generate_static_compiled"]["tokens_per_s"], 2)
     save()
     print("in flight | tokens/s | TTFT p50/p99 ms | ITL p50/p99 ms | limit tokens/s")
     for r in result["engine"]:

@@ -77,7 +77,32 @@ def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prom
         torch.testing.assert_close(again[1], hf_last(b + [nb]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixed", [True, False])
+def test_the_graph_form_of_a_mixed_step_gives_the_logits_of_hf_forward():
+    """The mixed step as captured on CUDA (static inputs, one prompt piece padded to its chunk
+    bucket), run eagerly: decode rows and the piece's last row as HF's forward."""
+    model = tiny_llama()
+    engine = ContinuousBatchingEngine(model, [], max_batch=4, max_len=256, mixed_tokens=32)
+    assert engine.chunk_buckets == (32,)
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(3, 300, (n,), generator=g).tolist() for n in (30, 45))
+    with torch.inference_mode():
+        first = engine._prefill_forward([a, b[:20]], [1, 3])
+        nxt = int(first[0].argmax())
+        # Slot 1 decodes, slots 0 and 2 are free (dummy rows), b's tokens 20..44 ride in slot 3.
+        engine.in_tokens[:2].copy_(torch.tensor([0, nxt]))
+        engine.in_positions[:2].copy_(torch.tensor([engine.max_len - 1, len(a)]))
+        piece = b[20:]
+        engine.in_chunk_tokens[:32].copy_(torch.tensor(piece + [0] * (32 - len(piece))))
+        engine.in_chunk_positions[:32].copy_(torch.tensor(list(range(20, 45)) + [engine.max_len - 1] * (32 - len(piece))))
+        engine.in_chunk_slot.fill_(3)
+        engine.in_chunk_last.fill_(2 + len(piece) - 1)
+        logits, picked = engine._decode_forward(2, 256, chunk=32)
+        assert logits.shape == (3, 300)
+        torch.testing.assert_close(logits[1], model(torch.tensor([a + [nxt]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[2], model(torch.tensor([b])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixed", ["graph form", "eager", "separate passes"])
 def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, mixed):
     model, tokenizer = talkative
     stops = stop_token_ids(tokenizer)
@@ -88,7 +113,9 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
     engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64,
-                                      mixed_tokens=16, mixed=mixed).start()
+                                      mixed_tokens=16, mixed=mixed != "separate passes")
+    engine.mixed_graphs = mixed == "graph form"  # what CUDA runs, here eagerly
+    engine.start()
     try:
         futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
         completions = [f.result(60) for f in futures]
@@ -101,7 +128,7 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     stats = engine.batch_stats()
     assert stats["max_batch_size_seen"] == 3  # never more than the slots
     assert engine.prefills >= 3  # the prefill budget (64 tokens) and the slots spread admission out
-    if mixed:  # later prompts (all longer than 16 tokens) were prefilled piecewise beside decoding rows
+    if mixed != "separate passes":  # later prompts (all longer than 16 tokens) were prefilled piecewise beside decoding rows
         assert min(map(len, prompts)) > 16 and engine.mixed_steps >= sum(-(-len(p) // 16) for p in prompts[3:])
     else:
         assert engine.mixed_steps == 0
@@ -124,6 +151,11 @@ def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     assert waiting(300, 300) == [(0, 0, 150)]  # a quarter of 600 (above MIN_CHUNK, within mixed_tokens)
     assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 60)]  # pieces of several prompts
     assert waiting(2000) == [(0, 0, 200)]  # at most mixed_tokens
+    engine.mixed_graphs, engine.chunk_buckets = True, (128, 256)  # the graph form: one piece, a chunk bucket
+    assert waiting(60, 60, 600) == [(0, 0, 60)]
+    assert waiting(300, 300) == [(0, 0, 128)]  # a quarter of 600 is 150: the bucket below
+    assert waiting(2000) == [(0, 0, 128)]  # 200: still the 128 bucket
+    engine.mixed_graphs = False
     assert MIN_CHUNK == 128 and BACKLOG_SPREAD == 4
     engine.mixed = False
     assert waiting(250, 250) == [(0, 0, 250)]  # separate passes: whole prompts within prefill_tokens

@@ -53,6 +53,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from veritune.batching import BatcherStopped, Completion, GenerationRequest, QueueFull, apply_mask
@@ -61,7 +62,11 @@ log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LENGTH_STEP = 256  # length buckets: multiples of this (a step reads at most this much masked cache per slot)
-MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add eager steps
+MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add steps
+# Eager prompt pieces have a new shape nearly every time: cuDNN attention plans one graph per
+# shape (tens of ms each), flash and memory-efficient attention need none.
+PIECE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CHUNK_BUCKETS = (128, 256, 512)  # prompt tokens of a mixed-step graph (one prompt's piece, padded up)
 BACKLOG_SPREAD = 4  # a mixed step takes 1/this of the waiting prompt tokens: prefill keeps pace with the load
 
 
@@ -165,6 +170,10 @@ class ContinuousBatchingEngine:
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # Mixed steps in the graph form (one prompt piece a step, padded to a chunk bucket; eager
+        # where there are no graphs), else eager with several pieces. Eager mixed steps cost ~20 ms
+        # of launches on an 8B model, more than the step's GPU time with a few hundred prompt tokens.
+        self.mixed_graphs = self.cuda_graphs
         self.ops = EAGER_OPS
         if fuse and self.device.type == "cuda":
             self.ops = self._try_fused()
@@ -201,6 +210,13 @@ class ContinuousBatchingEngine:
             self.row_base = ((torch.arange(max_batch, device=self.device)[:, None] * self.n_kv
                               + torch.arange(self.n_kv, device=self.device)[None]) * self.max_len)
             self.t_index = torch.arange(self.max_len, device=self.device)
+            self.kv_index = torch.arange(self.n_kv, device=self.device)
+            # Static inputs of a mixed-step graph: one prompt piece, padded to its chunk bucket.
+            self.chunk_buckets = tuple(c for c in CHUNK_BUCKETS if c <= mixed_tokens) or (mixed_tokens,)
+            self.in_chunk_tokens = torch.zeros(self.chunk_buckets[-1], dtype=torch.long, device=self.device)
+            self.in_chunk_positions = torch.zeros(self.chunk_buckets[-1], dtype=torch.long, device=self.device)
+            self.in_chunk_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.in_chunk_last = torch.zeros(1, dtype=torch.long, device=self.device)
         self._host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._host_positions = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
@@ -246,34 +262,58 @@ class ContinuousBatchingEngine:
 
     # ------------------------------------------------------------------ the forward passes
 
-    def _decode_forward(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_forward(self, batch: int, length: int, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for slots [0, batch): inputs in `in_tokens` / `in_positions`; attention over
-        the first `length` positions of each slot's cache, masked past the slot's own position."""
-        ops, eps = self.ops, self.eps
+        the first `length` positions of each slot's cache, masked past the slot's own position.
+        With `chunk`, the mixed step of a graph: `chunk` prompt tokens of one slot (`in_chunk_*`;
+        padding rows at position max_len - 1) ride along, attending over that slot's first
+        `length` positions, masked past their own; logits: the decode rows, then the chunk's
+        row `in_chunk_last`."""
+        ops, eps, d, hkv = self.ops, self.eps, self.head_dim, self.n_kv
         tokens, positions = self.in_tokens[:batch], self.in_positions[:batch]
-        x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
+        rows = (self.row_base[:batch] + positions[:, None]).reshape(-1)
         visible = self.t_index[:length][None] <= positions[:, None]
         # One additive mask for all layers ([batch, 1, 1, length]; SDPA would convert a boolean one per call).
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~visible, float("-inf"))[:, None, None, :]
-        rows = (self.row_base[:batch] + positions[:, None]).reshape(-1)
-        d, hkv = self.head_dim, self.n_kv
+        if chunk:
+            cpos = self.in_chunk_positions[:chunk]
+            tokens = torch.cat([tokens, self.in_chunk_tokens[:chunk]])
+            positions = torch.cat([positions, cpos])
+            rows = torch.cat([rows, ((self.in_chunk_slot * hkv + self.kv_index) [None] * self.max_len
+                                     + cpos[:, None]).reshape(-1)])
+            cvisible = self.t_index[:length][None] <= cpos[:, None]
+            cmask = torch.zeros(cvisible.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~cvisible, float("-inf"))[None, None]
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
         h = ops["rms"](x, self.layers[0].ln1, eps)
         for i, w in enumerate(self.layers):
-            q, k = ops["rope_qk"](F.linear(h, w.q).view(batch, self.n_heads, d),
-                                  F.linear(h, w.k).view(batch, hkv, d), cos, sin)
-            v = F.linear(h, w.v).view(batch, hkv, d)
+            q, k = ops["rope_qk"](F.linear(h, w.q).view(-1, self.n_heads, d),
+                                  F.linear(h, w.k).view(-1, hkv, d), cos, sin)
+            v = F.linear(h, w.v).view(-1, hkv, d)
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
             vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
             # The query heads of one kv head side by side as its "query length": GQA without copies.
-            o = F.scaled_dot_product_attention(q.view(batch, hkv, self.group, d), kc[:batch, :, :length],
+            o = F.scaled_dot_product_attention(q[:batch].view(batch, hkv, self.group, d), kc[:batch, :, :length],
                                                vc[:batch, :, :length], attn_mask=mask, scale=self.scale)
-            x, h = ops["add_rms"](x, F.linear(o.reshape(batch, -1), w.o), w.ln2, eps)
+            o = o.reshape(batch, -1)
+            if chunk:
+                # The chunk's slot, read once (a copy of one slot) and widened to the query heads.
+                # (expand, not repeat_interleave: no host sync inside a capture)
+                widen = (1, hkv, self.group, length, d)
+                ks = kc.index_select(0, self.in_chunk_slot)[:, :, None, :length].expand(widen).reshape(1, -1, length, d)
+                vs = vc.index_select(0, self.in_chunk_slot)[:, :, None, :length].expand(widen).reshape(1, -1, length, d)
+                oc = F.scaled_dot_product_attention(q[batch:].transpose(0, 1)[None], ks, vs, attn_mask=cmask,
+                                                    scale=self.scale)
+                o = torch.cat([o, oc[0].transpose(0, 1).reshape(chunk, -1)])
+            x, h = ops["add_rms"](x, F.linear(o, w.o), w.ln2, eps)
             down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             x, h = ops["add_rms"](x, down, nxt, eps)
+        if chunk:  # the LM head only on the rows that pick a token
+            h = torch.cat([h[:batch], h.index_select(0, self.in_chunk_last)])
         logits = F.linear(h, self.lm_head)
         return logits, logits.argmax(-1)
 
@@ -330,7 +370,8 @@ class ContinuousBatchingEngine:
                 # kv head j serves query heads j*group ... (j+1)*group-1
                 kp = kp.repeat_interleave(self.group, dim=0)[None]
                 vp = vp.repeat_interleave(self.group, dim=0)[None]
-                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+                with sdpa_kernel(PIECE_BACKENDS):
+                    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
                 at += n
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -350,17 +391,17 @@ class ContinuousBatchingEngine:
         last position [n, vocab]."""
         return self._mixed_forward([], [], 0, [(slot, 0, p) for slot, p in zip(slots, prompts)])
 
-    def _step(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: int, length: int, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cuda_graphs:
-            return self._decode_forward(batch, length)
-        key = (batch, length)
+            return self._decode_forward(batch, length, chunk)
+        key = (batch, length, chunk) if chunk else (batch, length)
         if key not in self._graphs:
-            self._capture(batch, length)
+            self._capture(batch, length, chunk)
         graph, logits, picked = self._graphs[key]
         graph.replay()
         return logits, picked
 
-    def _capture(self, batch: int, length: int) -> None:
+    def _capture(self, batch: int, length: int, chunk: int = 0) -> None:
         started = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -369,27 +410,35 @@ class ContinuousBatchingEngine:
         with torch.cuda.stream(side):
             # Warm-up runs rewrite the same cache entries with the same values: harmless.
             for _ in range(2):
-                self._decode_forward(batch, length)
+                self._decode_forward(batch, length, chunk)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, picked = self._decode_forward(batch, length)
-        self._graphs[(batch, length)] = (graph, logits, picked)
-        log.info("%s: captured the decode step for batch %d, length %d (%.2f s)", self.name, batch, length,
-                 time.perf_counter() - started)
+            logits, picked = self._decode_forward(batch, length, chunk)
+        self._graphs[(batch, length, chunk) if chunk else (batch, length)] = (graph, logits, picked)
+        log.info("%s: captured the %s step for batch %d, length %d (%.2f s)", self.name,
+                 f"mixed ({chunk} prompt tokens)" if chunk else "decode", batch, length, time.perf_counter() - started)
 
     @torch.inference_mode()
-    def warmup(self, batches: Sequence[int] = BATCH_BUCKETS, lengths: Sequence[int] = (LENGTH_STEP,)) -> None:
-        """Capture the decode graphs for these buckets now (else each is captured on first use).
-        Call before `start`: the worker thread owns the model once it runs."""
+    def warmup(self, batches: Sequence[int] = BATCH_BUCKETS, lengths: Sequence[int] = (LENGTH_STEP,),
+               chunks: Sequence[int] = ()) -> None:
+        """Capture the decode graphs for these buckets now (else each is captured on first use),
+        and the mixed-step graphs for these chunk sizes. Call before `start`: the worker thread
+        owns the model once it runs."""
         if not self.cuda_graphs:
             return
+        # Dummy inputs for the captures' warm-up runs: every row at the last position (see _decode).
+        self.in_positions.fill_(self.max_len - 1)
+        self.in_chunk_positions.fill_(self.max_len - 1)
         for b in batches:
             if b <= self.max_batch:
                 for t in lengths:
-                    key = (self._batch_bucket(b), self._length_bucket(t))
-                    if key not in self._graphs:
-                        self._capture(*key)
+                    for c in (0, *chunks):
+                        key = (self._batch_bucket(b), self._length_bucket(t))
+                        if c and c not in self.chunk_buckets:
+                            continue
+                        if (key + (c,) if c else key) not in self._graphs:
+                            self._capture(*key, c)
         torch.cuda.synchronize()
 
     def _batch_bucket(self, n: int) -> int:
@@ -505,6 +554,10 @@ class ContinuousBatchingEngine:
         if self.mixed and self._running:
             backlog = sum(len(r.request.prompt_ids) - r.position for r in self._prefilling)
             budget = min(self.mixed_tokens, max(MIN_CHUNK, -(-backlog // BACKLOG_SPREAD)))
+            if self.mixed_graphs:  # one piece of the first prompt, at most the largest bucket within the budget
+                run = self._prefilling[0]
+                bucket = max([c for c in self.chunk_buckets if c <= budget] or [self.chunk_buckets[0]])
+                return [(run, run.position, min(len(run.request.prompt_ids) - run.position, bucket))]
         else:
             budget = self.prefill_tokens
         pieces = []
@@ -524,7 +577,8 @@ class ContinuousBatchingEngine:
 
     def _prefill_step(self, pieces: Sequence[tuple[_Running, int, int]], decode: bool) -> None:
         """One forward over the prompt pieces and, with `decode`, one token of every running slot
-        (a mixed step, eager); runs whose prompt is complete get their first token from it."""
+        (a mixed step: a graph replay of one piece where `mixed_graphs`, else eager); runs whose
+        prompt is complete get their first token from it."""
         started = time.perf_counter()
         runs = sorted(self._running.values(), key=lambda r: r.slot) if decode else []
         batch = runs[-1].slot + 1 if runs else 0
@@ -533,9 +587,26 @@ class ContinuousBatchingEngine:
             tokens[run.slot], positions[run.slot] = run.token, run.position
         # Lengths bucketed as in the graphs: a handful of attention shapes (cuDNN plans one per shape).
         length = self._length_bucket(max(positions[r.slot] for r in runs) + 1) if runs else 0
-        logits = self._mixed_forward(tokens, positions, length,
-                                     [(run.slot, start, run.request.prompt_ids[start:start + count])
-                                      for run, start, count in pieces])
+        if runs and self.mixed_graphs:
+            (run, start, count), = pieces
+            batch = self._batch_bucket(batch)
+            tokens += [0] * (batch - len(tokens))
+            positions += [self.max_len - 1] * (batch - len(positions))
+            chunk = min(c for c in self.chunk_buckets if c >= count)
+            length = self._length_bucket(max(length, start + count))
+            self.in_tokens[:batch].copy_(torch.tensor(tokens))
+            self.in_positions[:batch].copy_(torch.tensor(positions))
+            pad = chunk - count
+            self.in_chunk_tokens[:chunk].copy_(torch.tensor(run.request.prompt_ids[start:start + count] + [0] * pad))
+            self.in_chunk_positions[:chunk].copy_(torch.tensor(list(range(start, start + count))
+                                                               + [self.max_len - 1] * pad))
+            self.in_chunk_slot.fill_(run.slot)
+            self.in_chunk_last.fill_(batch + count - 1)
+            logits, _ = self._step(batch, length, chunk)
+        else:
+            logits = self._mixed_forward(tokens, positions, length,
+                                         [(run.slot, start, run.request.prompt_ids[start:start + count])
+                                          for run, start, count in pieces])
         self.prefills += 1
         if runs:
             self.mixed_steps += 1
