@@ -137,7 +137,8 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
 @torch.inference_mode()
 def time_parts(engine, prompts, sync, cuda) -> dict:
     """The engine's pieces alone, before it starts: one decode step (graph replay) by batch,
-    one prefill pass by prompts; on CUDA the top kernels of each (torch.profiler)."""
+    one prefill pass by prompts, a mixed step at 64 decode rows by prompt tokens (eager, and as
+    a graph); on CUDA the top kernels of the eager ones (torch.profiler)."""
     def timed(fn, n):
         fn()
         sync()
