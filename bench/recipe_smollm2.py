@@ -9,9 +9,10 @@ the test split with the passages `evaluate` retrieves (precomputed into SWEEP_DI
 tool: a relative measure only). SWEEP_DIR holds train.jsonl and val.jsonl (data/sft),
 test_passages.json ({"questions", "passages": {mode: [...]}}) and agent/ (data/agent).
 
-Keys: steps, bs, lr, r, agent_copies (agent trajectories kept per train task, of the 4 built),
+Keys: steps, bs, lr, r, agent_copies (agent trajectories kept per train task, of those built; all by default),
 agent_dup (each kept trajectory repeated n times),
-turns (QA turns per conversation kept). Each line of
+turns (QA turns per conversation kept), data (a subfolder of SWEEP_DIR with its own
+train.jsonl and val.jsonl: another build_sft variant). SWEEP_AGENT_TRIALS=0 skips the agent tasks. Each line of
 OUT_JSONL holds a configuration, its trained tokens (CPU time ~ tokens / 380 per second on the
 2-core CPU) and its scores. A measurement, not a stage: the GPU makes the sweep fast; the
 default's own numbers come from `make repro` on the CPU.
@@ -104,11 +105,11 @@ def main() -> None:
     entry = PACKAGED["smollm2-135m-instruct"]
     materialize_gguf(gguf, entry.sha256, base)
     data = json.loads((sweep / "test_passages.json").read_text())
-    train_all, val = read_jsonl(sweep / "train.jsonl"), read_jsonl(sweep / "val.jsonl")
     tokenizer = load_tokenizer(base)
     if "base" in [n for n, _ in configs]:
         model = load_model(base).eval()
-        row = {"name": "base", **qa_scores(model, tokenizer, data, "hybrid"), "agent": agent_scores(model, tokenizer, sweep)}
+        row = {"name": "base", **qa_scores(model, tokenizer, data, "hybrid"),
+               "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None}
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         with out_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -121,7 +122,9 @@ def main() -> None:
                                 learning_rate=float(cfg.get("lr", p.learning_rate)),
                                 lora_r=int(cfg.get("r", p.lora_r)), lora_alpha=2 * int(cfg.get("r", p.lora_r)),
                                 save_steps=100000, fused_lora=False, liger=False)
-        copies = int(cfg.get("agent_copies", 4))
+        data_dir = sweep / cfg.get("data", ".")
+        train_all, val = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
+        copies = int(cfg.get("agent_copies", 99))
         turns = int(cfg.get("turns", 99))
         train = [trim_turns(e, turns) for e in train_all
                  if e["kind"] != "agent" or int(e["id"].rsplit("-", 1)[1]) < copies]
@@ -144,7 +147,7 @@ def main() -> None:
         row = {"name": name, "cfg": cfg, "n_train": len(train), "train_tokens": tokens,
                "cpu_minutes_est": round(tokens / 380 / 60, 1), "gpu_seconds": round(seconds, 1),
                "train_loss": summary["train_loss"], **qa_scores(model, tokenizer, data, "hybrid"),
-               "agent": agent_scores(model, tokenizer, sweep)}
+               "agent": agent_scores(model, tokenizer, sweep) if TRIALS else None}
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         with out_path.open("a") as f:
             f.write(json.dumps(row) + "\n")

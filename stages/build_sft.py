@@ -62,6 +62,8 @@ def main() -> None:
                 "n_examples": len(examples),
                 "with_oracle": sum(e["has_oracle"] for e in examples),
                 "abstain_targets": sum(e["messages"][-1]["content"] == p.abstain_answer for e in examples),
+                "abstain_turns": sum(m["role"] == "assistant" and m["content"] == p.abstain_answer
+                                     for e in examples for m in e["messages"]),
                 "mean_prompt_chars": round(sum(len(e["messages"][1]["content"]) for e in examples)
                                            / max(1, len(examples))),
             }

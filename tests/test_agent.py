@@ -7,6 +7,7 @@ import sqlite3
 from datetime import date
 
 import pytest
+import torch
 
 from tests.conftest import LLAMA3_TOKENIZER, REPO
 from veritune import chat
@@ -514,6 +515,32 @@ def test_a_real_model_runs_through_the_loop(tiny_checkpoint, shop, tmp_path):
                               tool_definitions("compact"), TODAY, trials=2)
     assert len(results) == 4 and all(r["stop"] in ("answer", "max_steps", "max_retries") for r in results)
     assert summarise(results, 2)["episodes"] == 4
+
+
+def test_model_policy_replies_as_if_each_prompt_were_decoded_alone(tiny_checkpoint, shop):
+    """Episodes are batched by prompt length, their shared system turn prefilled once and its
+    cache copied into each batch: each episode still gets the reply of its own whole prompt."""
+    from veritune.agent import ModelPolicy, start_episode
+    from veritune.modeling import load_model
+    from veritune.tools import Toolbox
+
+    db, _ = shop
+    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    torch.manual_seed(0)
+    with torch.no_grad():  # louder random weights: greedy replies that depend on the prompt
+        for w in model.parameters():
+            w.normal_(0.0, 0.3)
+    requests = ["Where is my order 1001? " * 12, "Hi.", "Please refund order 1001, it arrived broken. " * 4]
+    with Toolbox(db, customer_id=OWNER_1001) as box:
+        episodes = [start_episode(f"e{i}", r, box, SYSTEM, tool_definitions("compact"), "26 Jul 2024")
+                    for i, r in enumerate(requests)]
+        alone = [ModelPolicy(model, tokenizer, 6, batch_size=1, prefix_cache=False)([e])[0] for e in episodes]
+        together = ModelPolicy(model, tokenizer, 6, batch_size=2)(episodes)
+        one_batch = ModelPolicy(model, tokenizer, 6, batch_size=3)
+        first, again = one_batch(episodes), one_batch(episodes)  # the second call reuses the prefix's cache
+    assert len(one_batch._prefix[0]) > 100  # the system turn came from the cache
+    assert together == alone and first == alone and again == alone
+    assert len(set(alone)) > 1  # the replies differ, so a mix-up would show
 
 
 def test_cli_agent_prints_each_step_and_the_answer(tiny_checkpoint, shop, monkeypatch, capsys):

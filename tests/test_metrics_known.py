@@ -191,6 +191,14 @@ def simulate_with(how: str, questions):
     return customers, convs, scored, summarize_csat(scored, [c["persona"] for c in customers], 200)
 
 
+def test_off_topic_customers_ask_every_off_topic_question(sample):
+    from veritune.csat import OFF_TOPIC_QUESTIONS
+
+    customers = make_customers(sample[0], 5 * len(PERSONAS), seed=0)
+    asked = [c["off_topic"] for c in customers if c["persona"] == "off_topic"]
+    assert sorted(asked) == sorted(OFF_TOPIC_QUESTIONS)
+
+
 def test_csat_oracle_answerer_resolves_everything_first_time(sample):
     customers, convs, scored, s = simulate_with("oracle", sample[0])
     assert {c["persona"] for c in customers} == set(PERSONAS)

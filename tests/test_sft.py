@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from tests.conftest import REPO
 from veritune import chat
 from veritune.config import BuildSftParams
 from veritune.modeling import load_tokenizer
@@ -102,6 +103,66 @@ def test_follow_up_turns_ask_only_what_the_shown_passages_answer():
     assert first["messages"][3]["content"] == "Question: What does the Zephyr X5 cost?"
     assert first["messages"][4]["content"] == "$509"
     assert first["follow_up_ids"] == ["q3"]  # not q4 (passage not shown), not q5 (answer not in the text)
+
+
+def test_unanswerable_follow_ups_are_about_shown_documents_and_answered_with_abstention():
+    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
+              "kind": "single_hop"}
+    not_stated = {"id": "q6", "question": "How loud is the Zephyr X5?", "answers": [], "doc_ids": ["doc-2"],
+                  "kind": "unanswerable"}
+    unshown = {"id": "q7", "question": "Does express shipping reach Peru?", "answers": [], "doc_ids": ["doc-4"],
+               "kind": "unanswerable"}
+    no_such_product = {"id": "q8", "question": "How much is the Nimbus Z9 Toaster?", "answers": [], "doc_ids": [],
+                       "kind": "unanswerable"}
+    questions = [ANSWERABLE, second, not_stated, unshown, no_such_product]
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
+                       unanswerable_follow_up_rate=1.0)
+    first = build_examples(questions, [RETRIEVED] * 5, CHUNKS, p)[0]
+    assert {pid.split("#")[0] for pid in first["passage_ids"]} == {"doc-1", "doc-2"}
+    # About a shown document first (q6), then a product no document names (q8); never q7,
+    # whose document is not shown, and no question twice.
+    assert first["follow_up_ids"] == ["q6", "q8"]
+    assert [m["content"] for m in first["messages"][4::2]] == [p.abstain_answer] * 2
+
+    mixed = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=2,
+                           unanswerable_follow_up_rate=0.3, seed=3)
+    examples = build_examples([ANSWERABLE] * 300 + [second, not_stated], [RETRIEVED] * 302, CHUNKS, mixed)
+    follow_ups = [e["follow_up_ids"][0] for e in examples[:300]]
+    assert set(follow_ups) == {"q3", "q6"}
+    assert 0.22 < follow_ups.count("q6") / len(follow_ups) < 0.38
+
+
+def test_zero_unanswerable_rate_leaves_the_conversations_as_before():
+    second = {"id": "q3", "question": "What does the Zephyr X5 cost?", "answers": ["$509"], "doc_ids": ["doc-2"],
+              "kind": "single_hop"}
+    not_stated = {"id": "q6", "question": "How loud is the Zephyr X5?", "answers": [], "doc_ids": ["doc-2"],
+                  "kind": "unanswerable"}
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.5, retrieval_pool=4, turns_per_conversation=3)
+    with_pool = build_examples([ANSWERABLE, second, not_stated] * 20, [RETRIEVED] * 60, CHUNKS, p)
+    without = build_examples([ANSWERABLE, second] * 20, [RETRIEVED] * 40, CHUNKS, p)
+    asked = [e.get("follow_up_ids", []) for e in with_pool if e["kind"] != "unanswerable"]
+    assert all("q6" not in ids for ids in asked)
+    assert len(asked) == len(without)
+
+
+def test_unanswerable_follow_up_rate_out_of_range_is_a_params_error():
+    assert any("unanswerable_follow_up_rate" in m for m in BuildSftParams(unanswerable_follow_up_rate=1.5).problems())
+
+
+def test_off_topic_follow_ups_are_declined_and_never_the_simulated_customers_requests():
+    from veritune.config import load_params
+    from veritune.csat import OFF_TOPIC_QUESTIONS
+
+    requests = ("Tell me a joke.", "Write a haiku about the sea.")
+    p = BuildSftParams(context_chunks=2, oracle_drop_rate=0.0, retrieval_pool=4, turns_per_conversation=3,
+                       off_topic_follow_up_rate=1.0, off_topic_requests=requests)
+    [example] = build_examples([ANSWERABLE], [RETRIEVED], CHUNKS, p)
+    asked = [m["content"] for m in example["messages"][3::2]]
+    assert len(asked) == 2 and all(a.removeprefix("Question: ") in requests for a in asked)
+    assert [m["content"] for m in example["messages"][4::2]] == [p.abstain_answer] * 2
+    # The requests trained on are not the ones the CSAT simulation asks.
+    trained = {r.lower() for r in load_params("build_sft", REPO / "params.yaml").off_topic_requests}
+    assert trained and not trained & {q.lower() for q in OFF_TOPIC_QUESTIONS}
 
 
 def test_one_turn_per_conversation_adds_no_follow_ups():

@@ -17,6 +17,7 @@ Episodes run in lockstep so one batched `generate` serves every open episode per
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import LogitsProcessorList
 from tqdm.auto import tqdm
 
@@ -166,39 +169,89 @@ def run_episodes(policy: Policy, episodes: Sequence[Episode], limits: AgentLimit
     bar.close()
 
 
+# generate()'s name for a prefilled cache: `cache` from transformers 5.24, `past_key_values` before.
+GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens all `rows` begin with, leaving each at least one of its own to prefill."""
+    shortest = min(len(r) for r in rows)
+    for j in range(shortest - 1):
+        if any(r[j] != rows[0][j] for r in rows):
+            return j
+    return max(0, shortest - 1)
+
+
 class ModelPolicy:
     """A causal LM writing each turn from the rendering of the conversation in its own chat
-    format's tool layout (`chat.ChatFormat.render`)."""
+    format's tool layout (`chat.ChatFormat.render`).
+
+    Every episode's prompt opens with the same system turn (agent prompt and tool
+    definitions: ~600 of SmolLM2's ~1,000 prompt tokens), so its keys and values are computed
+    once (`prefix_cache`) and copied into each batch; only the rest of each prompt is
+    prefilled. The replies are those of prefilling everything, up to float rounding."""
+
+    MIN_SHARED_PREFIX = 32  # tokens: below this, copying a cache costs more than it saves
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                 seed: int = 0, grammar: "ToolCallGrammar | None" = None):
+                 seed: int = 0, grammar: "ToolCallGrammar | None" = None, prefix_cache: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
         self.grammar = grammar  # constrained tool calls (veritune.constrained); None: free decoding
         self.fmt = chat.chat_format(tokenizer)
         self.stops = chat.stop_token_ids(tokenizer)
+        self.prefix_cache = prefix_cache
+        self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, their cache)
 
     @torch.inference_mode()
     def __call__(self, episodes: Sequence[Episode]) -> list[str]:
-        self.tokenizer.padding_side = "left"
         device = next(self.model.parameters()).device
         prompts = [episode_prompt(e) for e in episodes]
-        out: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            enc = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        # Batches of similar length: padding to the longest prompt is computed like any other
+        # token, and episodes' prompts differ by hundreds of tokens after a few turns.
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        replies: dict[int, str] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            rows = [ids[i] for i in batch]
+            shared = shared_prefix_length(rows) if self.prefix_cache and len(rows) > 1 else 0
+            if shared < self.MIN_SHARED_PREFIX:
+                shared = 0
+            prefix = rows[0][:shared]
+            width = max(len(r) for r in rows) - shared
+            pad = self.tokenizer.pad_token_id
+            # [shared prefix][padding][rest of the prompt]: the mask skips the padding and the
+            # positions count only real tokens, so each row reads as its unpadded prompt.
+            input_ids = torch.tensor([prefix + [pad] * (width - len(r) + shared) + r[shared:] for r in rows],
+                                     device=device)
+            mask = torch.tensor([[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared)
+                                 for r in rows], device=device)
             sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0} \
                 if self.temperature > 0 else {"do_sample": False}
             if self.grammar is not None:
-                sampling["logits_processor"] = LogitsProcessorList([ConstrainedCalls(self.grammar, enc["input_ids"].shape[0])])
+                sampling["logits_processor"] = LogitsProcessorList([ConstrainedCalls(self.grammar, len(rows))])
+            if shared:
+                sampling[GENERATE_CACHE_KWARG] = self._cache_for(prefix, len(rows), device)
             with inference_autocast(self.model):
-                ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
-                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
-            out += [self.tokenizer.decode(row, skip_special_tokens=False)
-                    for row in ids[:, enc["input_ids"].shape[1]:]]
-        return out
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.stops,
+                                          pad_token_id=pad, **sampling)
+            for i, row in zip(batch, out[:, input_ids.shape[1]:]):
+                replies[i] = self.tokenizer.decode(row, skip_special_tokens=False)
+        return [replies[i] for i in range(len(prompts))]
+
+    def _cache_for(self, prefix: list[int], batch_size: int, device):
+        """The prefix's key/value cache, computed once per prefix, repeated for the batch."""
+        key = tuple(prefix)
+        if self._prefix is None or self._prefix[0] != key:
+            with inference_autocast(self.model):
+                cache = self.model(torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            self._prefix = (key, cache)
+        cache = copy.deepcopy(self._prefix[1])
+        cache.batch_repeat_interleave(batch_size)
+        return cache
 
     def reseed(self, seed: int) -> None:
         self.seed = seed

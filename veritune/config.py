@@ -100,6 +100,9 @@ class BuildSftParams:
     retrieval_pool: int = 10  # distractors are drawn from this many top retrieved chunks
     samples_per_question: int = 1  # training conversations per question, each with its own distractors and order
     turns_per_conversation: int = 1  # > 1: follow-up questions on the same passages, each a supervised answer
+    unanswerable_follow_up_rate: float = 0.0  # share of follow-ups that the passages cannot answer (-> abstain)
+    off_topic_follow_up_rate: float = 0.0  # share of follow-ups that are requests outside the domain (-> abstain)
+    off_topic_requests: tuple[str, ...] = ()  # those requests (never the CSAT customers' own)
     hard_distractor_rate: float = 1.0  # share of distractors from retrieval (look-alikes); the rest random chunks
     question_position: Literal["end", "both"] = "end"  # "both" also asks before the passages
     abstain_answer: str = "The documents don't say."
@@ -119,6 +122,12 @@ class BuildSftParams:
             out.append("build_sft.agent_system_prompt must not be empty")
         if self.context_chunks < 1:
             out.append(f"build_sft.context_chunks must be >= 1, got {self.context_chunks}")
+        if not 0.0 <= self.off_topic_follow_up_rate <= 1.0:
+            out.append(f"build_sft.off_topic_follow_up_rate must be in [0, 1], got {self.off_topic_follow_up_rate}")
+        if self.off_topic_follow_up_rate > 0 and not self.off_topic_requests:
+            out.append("build_sft.off_topic_follow_up_rate > 0 needs build_sft.off_topic_requests")
+        if not 0.0 <= self.unanswerable_follow_up_rate <= 1.0:
+            out.append(f"build_sft.unanswerable_follow_up_rate must be in [0, 1], got {self.unanswerable_follow_up_rate}")
         if not 0.0 <= self.oracle_drop_rate <= 1.0:
             out.append(f"build_sft.oracle_drop_rate must be in [0, 1], got {self.oracle_drop_rate}")
         if not 0.0 <= self.hard_distractor_rate <= 1.0:
@@ -242,6 +251,7 @@ class TrainParams:
     logging_steps: int = 10
     save_steps: int = 100  # checkpoints to resume from after a crash
     eval_steps: int = 0  # 0: evaluate on val only at the end
+    val_max_examples: int = 0  # validation loss on an evenly spaced sample of this many val conversations; 0: all
 
     def problems(self) -> list[str]:
         out = []

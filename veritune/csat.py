@@ -72,7 +72,8 @@ def make_customers(questions: Sequence[dict], n: int, seed: int) -> list[dict]:
         if follow_up:
             customer["goals"].append(follow_up)
         if persona == "off_topic":
-            customer["off_topic"] = OFF_TOPIC_QUESTIONS[i % len(OFF_TOPIC_QUESTIONS)]
+            # The n-th off-topic customer asks the n-th question: every question gets asked.
+            customer["off_topic"] = OFF_TOPIC_QUESTIONS[(i // len(PERSONAS)) % len(OFF_TOPIC_QUESTIONS)]
         customers.append(customer)
     return customers
 

@@ -752,13 +752,7 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         authorize(request)
         request_id = request.scope["state"]["request_id"]
         messages = check_messages(body, p)
-        max_new = body.max_completion_tokens or body.max_tokens or p.max_new_tokens
-        if max_new > p.max_new_tokens:
-            raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
-                           param="max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(not s for s in stops):
-            raise ApiError(400, "stop sequences must not be empty", param="stop")
+        max_new, stops = checked_limits(body.max_completion_tokens or body.max_tokens, body.stop, p)
         if body.model == f"{p.model_name}-agent":
             return await agent_completion(service, body, messages, max_new, request_id,
                                           request.scope["state"]["customer_id"])
@@ -820,13 +814,7 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         if body.model != p.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {p.model_name!r}",
                            param="model")
-        max_new = body.max_tokens or p.max_new_tokens
-        if max_new > p.max_new_tokens:
-            raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
-                           param="max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(not s for s in stops):
-            raise ApiError(400, "stop sequences must not be empty", param="stop")
+        max_new, stops = checked_limits(body.max_tokens, body.stop, p)
         if not body.prompt:
             raise ApiError(400, "prompt is empty", param="prompt")
         ids = service.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
@@ -851,6 +839,18 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
                           "total_tokens": completion.prompt_tokens + len(completion.token_ids)}}
 
     return RequestGuard(app, service)
+
+
+def checked_limits(max_tokens: int | None, stop: str | list[str] | None, p: ServeParams) -> tuple[int, list[str]]:
+    """A request's token budget (the server's when unset) and stop sequences, or a 400."""
+    max_new = max_tokens or p.max_new_tokens
+    if max_new > p.max_new_tokens:
+        raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {p.max_new_tokens}",
+                       param="max_tokens")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ApiError(400, "stop sequences must not be empty", param="stop")
+    return max_new, stops
 
 
 def check_messages(body: ChatRequest, p: ServeParams) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 from veritune import chat
@@ -77,20 +78,71 @@ def build_example(question: dict, passages: list[dict], has_oracle: bool, p: Bui
     }
 
 
-def add_follow_ups(example: dict, passages: list[dict], by_doc: dict[str, list[dict]], turns: int,
-                   rng: random.Random) -> None:
-    """Extend `example` with up to `turns - 1` further questions that one of its passages
-    answers, each a supervised assistant turn: the prompt is read once, several answers are
-    learnt from it (on the tiny default, 4 turns doubled held-out F1 at equal steps)."""
+def add_follow_ups(example: dict, passages: list[dict], pools: "FollowUpPools", turns: int,
+                   abstain_answer: str, unanswerable_rate: float, rng: random.Random,
+                   off_topic_rate: float = 0.0, off_topic: Sequence[str] = ()) -> None:
+    """Extend `example` with up to `turns - 1` further questions on its passages, each a
+    supervised assistant turn: the prompt is read once, several answers are learnt from it (on
+    the tiny default, 4 turns doubled held-out F1 at equal steps). A share
+    (`unanswerable_rate`) are questions the passages cannot answer, answered with the
+    abstention: about a shown document that does not state the fact or contradicts the
+    question's premise, else about a product that does not exist. Without them every
+    follow-up is answerable and a conversation teaches refusal at most once. Another share
+    (`off_topic_rate`) are requests outside the domain (`off_topic`: a poem, the news), which a
+    support assistant declines the same way."""
     shown = {c["doc_id"]: c["text"] for c in passages}
-    pool = [q for doc_id in shown for q in by_doc.get(doc_id, ())
-            if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])]
-    rng.shuffle(pool)
-    for q in pool[: turns - 1]:
-        answer = next(a for a in q["answers"] if a in shown[q["doc_ids"][0]])
+    answerable = [q for doc_id in shown for q in pools.answerable.get(doc_id, ())
+                  if q["id"] != example["id"] and any(a in shown[doc_id] for a in q["answers"])]
+    rng.shuffle(answerable)
+    unanswerable = []
+    if unanswerable_rate > 0:  # rate 0 draws nothing more: the conversations stay as they were
+        unanswerable = [q for doc_id in shown for q in pools.unanswerable.get(doc_id, ()) if q["id"] != example["id"]]
+        rng.shuffle(unanswerable)
+    used = {example["id"]}
+    for _ in range(turns - 1):
+        if off_topic_rate > 0 and rng.random() < off_topic_rate:
+            fresh = [r for r in off_topic if f"off-topic:{r}" not in used]
+            request = rng.choice(fresh) if fresh else None
+            q = request and {"id": f"off-topic:{request}", "question": request}
+            answer = abstain_answer
+        elif unanswerable_rate > 0 and rng.random() < unanswerable_rate:
+            about_shown = [q for q in unanswerable if q["id"] not in used]
+            q = about_shown[0] if about_shown else rng.choice(pools.entityless) if pools.entityless else None
+            answer = abstain_answer
+        else:
+            q = next((q for q in answerable if q["id"] not in used), None)
+            answer = q and next(a for a in q["answers"] if a in shown[q["doc_ids"][0]])
+        if q is None or q["id"] in used:
+            break
+        used.add(q["id"])
         example["messages"] += [{"role": "user", "content": f"Question: {q['question']}"},
                                 {"role": "assistant", "content": answer}]
         example.setdefault("follow_up_ids", []).append(q["id"])
+
+
+@dataclass(frozen=True)
+class FollowUpPools:
+    """Follow-up candidates: answerable single-document questions by document, unanswerable
+    ones by the document they are about, and unanswerable ones about no document."""
+
+    answerable: dict[str, list[dict]]
+    unanswerable: dict[str, list[dict]]
+    entityless: list[dict]
+
+    @classmethod
+    def of(cls, questions: Sequence[dict]) -> "FollowUpPools":
+        answerable: dict[str, list[dict]] = defaultdict(list)
+        unanswerable: dict[str, list[dict]] = defaultdict(list)
+        entityless = []
+        for q in questions:
+            if q["kind"] == "single_hop" and len(q["doc_ids"]) == 1 and q["answers"]:
+                answerable[q["doc_ids"][0]].append(q)
+            elif not q["answers"]:
+                for doc_id in q["doc_ids"]:
+                    unanswerable[doc_id].append(q)
+                if not q["doc_ids"]:
+                    entityless.append(q)
+        return cls(dict(answerable), dict(unanswerable), entityless)
 
 
 def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]], chunks: Sequence[dict],
@@ -99,18 +151,15 @@ def build_examples(questions: Sequence[dict], retrieved: Sequence[Sequence[dict]
     chunks_by_doc: dict[str, list[dict]] = defaultdict(list)
     for c in chunks:
         chunks_by_doc[c["doc_id"]].append(c)
-    # Follow-up candidates: answerable questions on one document.
-    by_doc: dict[str, list[dict]] = defaultdict(list)
-    for q in questions:
-        if q["kind"] == "single_hop" and len(q["doc_ids"]) == 1 and q["answers"]:
-            by_doc[q["doc_ids"][0]].append(q)
+    pools = FollowUpPools.of(questions)
     examples = []
     for q, hits in zip(questions, retrieved, strict=True):
         for _ in range(samples_per_question):
             passages, has_oracle = select_passages(q, hits, chunks_by_doc, p, rng)
             example = build_example(q, passages, has_oracle, p)
             if p.turns_per_conversation > 1:
-                add_follow_ups(example, passages, by_doc, p.turns_per_conversation, rng)
+                add_follow_ups(example, passages, pools, p.turns_per_conversation, p.abstain_answer,
+                               p.unanswerable_follow_up_rate, rng, p.off_topic_follow_up_rate, p.off_topic_requests)
             examples.append(example)
     return examples
 
