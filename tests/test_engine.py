@@ -1,8 +1,10 @@
-"""The continuous-batching engine (veritune.engine) on the tiny model, eagerly on the CPU: its
-own forward over the static cache decodes exactly as transformers' greedy `generate`, requests
-join and leave between steps, prompts are prefilled in pieces riding on decode steps (mixed
-steps), and each request keeps its own limit, stop, stream, cancel and grammar. (The CUDA-graph
-path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
+"""The continuous-batching engine (veritune.engine) on the tiny model, eagerly on the CPU in its
+SDPA form: its own forward over the static cache decodes exactly as transformers' greedy
+`generate`, requests join and leave between steps, prompts are prefilled in pieces riding on
+decode steps (mixed steps), and each request keeps its own limit, stop, stream, cancel and
+grammar. The kernel form (Triton attention, what CUDA runs) is tested under Triton's
+interpreter in tests/test_slot_attention.py; bench/serve_throughput.py checks its CUDA graphs
+on a GPU."""
 
 import json
 import threading
@@ -77,32 +79,7 @@ def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prom
         torch.testing.assert_close(again[1], hf_last(b + [nb]), rtol=1e-4, atol=1e-4)
 
 
-def test_the_graph_form_of_a_mixed_step_gives_the_logits_of_hf_forward():
-    """The mixed step as captured on CUDA (static inputs, one prompt piece padded to its chunk
-    bucket), run eagerly: decode rows and the piece's last row as HF's forward."""
-    model = tiny_llama()
-    engine = ContinuousBatchingEngine(model, [], max_batch=4, max_len=256, mixed_tokens=32)
-    assert engine.chunk_buckets == (32,)
-    g = torch.Generator().manual_seed(2)
-    a, b = (torch.randint(3, 300, (n,), generator=g).tolist() for n in (30, 45))
-    with torch.inference_mode():
-        first = engine._prefill_forward([a, b[:20]], [1, 3])
-        nxt = int(first[0].argmax())
-        # Slot 1 decodes, slots 0 and 2 are free (dummy rows), b's tokens 20..44 ride in slot 3.
-        engine.in_tokens[:2].copy_(torch.tensor([0, nxt]))
-        engine.in_positions[:2].copy_(torch.tensor([engine.max_len - 1, len(a)]))
-        piece = b[20:]
-        engine.in_chunk_tokens[:32].copy_(torch.tensor(piece + [0] * (32 - len(piece))))
-        engine.in_chunk_positions[:32].copy_(torch.tensor(list(range(20, 45)) + [engine.max_len - 1] * (32 - len(piece))))
-        engine.in_chunk_slot.fill_(3)
-        engine.in_chunk_last.fill_(2 + len(piece) - 1)
-        logits, picked = engine._decode_forward(2, 256, chunk=32)
-        assert logits.shape == (3, 300)
-        torch.testing.assert_close(logits[1], model(torch.tensor([a + [nxt]])).logits[0, -1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(logits[2], model(torch.tensor([b])).logits[0, -1], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("mixed", ["graph form", "eager", "separate passes"])
+@pytest.mark.parametrize("mixed", ["mixed steps", "separate passes"])
 def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, mixed):
     model, tokenizer = talkative
     stops = stop_token_ids(tokenizer)
@@ -114,7 +91,6 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
     engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=512, prefill_tokens=64,
                                       mixed_tokens=16, mixed=mixed != "separate passes")
-    engine.mixed_graphs = mixed == "graph form"  # what CUDA runs, here eagerly
     engine.start()
     try:
         futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
@@ -138,7 +114,7 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
 def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     model, _ = talkative
     engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=200)
-    from veritune.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
+    from veritune.engine import BACKLOG_SPREAD, MAX_PIECES, MIN_CHUNK, _Running
 
     def waiting(*lengths):
         engine._prefilling = [_Running(GenerationRequest([5] * n, 4), None, slot, 0, -1)
@@ -151,11 +127,15 @@ def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     assert waiting(300, 300) == [(0, 0, 150)]  # a quarter of 600 (above MIN_CHUNK, within mixed_tokens)
     assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 60)]  # pieces of several prompts
     assert waiting(2000) == [(0, 0, 200)]  # at most mixed_tokens
-    engine.mixed_graphs, engine.chunk_buckets = True, (128, 256)  # the graph form: one piece, a chunk bucket
-    assert waiting(60, 60, 600) == [(0, 0, 60)]
-    assert waiting(300, 300) == [(0, 0, 128)]  # a quarter of 600 is 150: the bucket below
-    assert waiting(2000) == [(0, 0, 128)]  # 200: still the 128 bucket
-    engine.mixed_graphs = False
+    # The kernel form (CUDA): budgets rounded down to a chunk bucket, at most MAX_PIECES pieces.
+    engine.kernel, engine.chunk_buckets = True, (64, 128, 256)
+    assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 8)]  # a quarter of 720 is 180: the 128 bucket
+    assert waiting(300, 300) == [(0, 0, 128)]
+    assert waiting(*[10] * 12) == [(slot, 0, 10) for slot in range(MAX_PIECES)]
+    engine._running = {}
+    assert waiting(250, 250) == [(0, 0, 250), (1, 0, 6)]  # nothing decoding: prefill_tokens (300) down to 256
+    engine._running = {7: _Running(GenerationRequest([5], 4), None, 7, 1, 5)}
+    engine.kernel = False
     assert MIN_CHUNK == 128 and BACKLOG_SPREAD == 4
     engine.mixed = False
     assert waiting(250, 250) == [(0, 0, 250)]  # separate passes: whole prompts within prefill_tokens

@@ -471,7 +471,7 @@ class ServeParams:
     engine: Literal["auto", "continuous", "micro_batch"] = "auto"  # auto: continuous batching on CUDA, micro-batches on CPU
     kv_cache_tokens: int = 2048  # continuous engine: positions per request slot (prompt + answer); cache = slots x this
     prefill_tokens: int = 8192  # continuous engine: prompt tokens per prefill forward while nothing decodes
-    mixed_tokens: int = 0  # continuous engine: 0 = separate prefill passes; N = mixed steps of up to N prompt tokens (smooth streams, less throughput)
+    mixed_tokens: int = 1024  # continuous engine: prompt tokens riding on one decode step at most: refill vs. step time
     completions_endpoint: bool = False  # POST /v1/completions (raw prompts, no retrieval): for serving as an upstream
 
     def problems(self) -> list[str]:
@@ -481,9 +481,7 @@ class ServeParams:
                        f"{self.upstream_url!r}")
         if self.engine == "continuous" and self.max_batch_size > 128:
             out.append(f"serve.max_batch_size must be <= 128 with the continuous engine, got {self.max_batch_size}")
-        if self.mixed_tokens < 0:
-            out.append(f"serve.mixed_tokens must be >= 0 (0: separate prefill passes), got {self.mixed_tokens}")
-        for name in ("kv_cache_tokens", "prefill_tokens"):
+        for name in ("kv_cache_tokens", "prefill_tokens", "mixed_tokens"):
             if getattr(self, name) < 1:
                 out.append(f"serve.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:

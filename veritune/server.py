@@ -344,8 +344,7 @@ class Service:
             self.generator = ContinuousBatchingEngine(model, self.stop_ids, params.max_batch_size,
                                                       params.kv_cache_tokens, params.prefill_tokens,
                                                       max_pending=params.max_pending, name="generate",
-                                                      mixed=params.mixed_tokens > 0,
-                                                      mixed_tokens=max(params.mixed_tokens, 1))
+                                                      mixed_tokens=params.mixed_tokens)
             self.max_positions = min(self.max_positions, self.generator.positions)
             self.engine = "continuous"
         else:
