@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--static-batch", type=int, default=64, help="HF generate with static cache + compile; 0 skips")
     ap.add_argument("--skip-fp32", action="store_true", help="no float32 identity check (saves a 32 GB model)")
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="engine: prompt tokens a step while nothing decodes")
-    ap.add_argument("--mixed-tokens", type=int, default=2048, help="engine: at most this many prompt tokens beside decode rows")
+    ap.add_argument("--mixed-tokens", type=int, default=1024, help="engine: at most this many prompt tokens beside decode rows")
     ap.add_argument("--out", default="bench/results/serve_throughput.json")
     args = ap.parse_args()
 
@@ -410,7 +410,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
             variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
-            for cap in (512, 1024, 2048):
+            for cap in (512, 2048):
                 if cap != engine.mixed_tokens and cap <= engine.prefill_tokens:
                     variants[f"engine_64_mixed_tokens_{cap}"] = {"mixed": True, "mixed_tokens": cap}
             for key, change in variants.items():
