@@ -8,14 +8,14 @@ Builds the Llama 3.1 8B architecture (hidden 4096, 32 layers, 32 heads / 8 KV he
 throughput depends on the shapes, not on the weights' values - and measures, in one process:
 
   * `engine`: `veritune.serve.engine.ContinuousBatchingEngine` (what `veritune serve` runs on CUDA;
-    mixed steps: prompt pieces ride on the decode steps) with 1, 8, 32, 64 and 128 requests in
-    flight: closed-loop clients, each sending its next request the moment its last one finished,
-    2 x in-flight requests (at least 8) of `--prompt-tokens` +-25% and exactly
-    `--max-new-tokens` new tokens (no stop token). Reported:
+    mixed steps: prompt pieces ride on the decode steps, as CUDA graphs) with 1, 8, 32, 64 and
+    128 requests in flight: closed-loop clients, each sending its next request the moment its
+    last one finished, 4 x in-flight requests (at least 16; 256 at 64 in flight, as in the
+    issue's probe) of `--prompt-tokens` +-25% and exactly `--max-new-tokens` new tokens (no stop token). Reported:
     generated tokens/s over the run, time to first token and inter-token latency (p50 / p99),
     requests answered, GPU memory before and after; at 64 in flight also the engine with
-    separate prefill passes (`mixed=False`, the engine before mixed steps) and other caps on
-    the prompt tokens of a mixed step;
+    separate prefill passes (`mixed=False`, the engine before mixed steps) and with eager
+    mixed steps (several prompt pieces a step, no graph);
   * `hf_generate_one_at_a_time`: `model.generate` (greedy, dynamic cache), one request after another;
   * `hf_generate_static_compiled`: `model.generate` over one padded batch of 64 with a static
     KV cache and `torch.compile` (transformers compiles the decode step itself; a warm-up
@@ -23,10 +23,10 @@ throughput depends on the shapes, not on the weights' values - and measures, in 
   * `identity`: the engine's greedy tokens against `model.generate` one at a time on a sample,
     in float32 (prompts split over mixed steps: 1,024 prompt tokens while nothing decodes, then
     at most 256 a step beside the decoding rows; should a row differ, the separate-pass engine
-    is checked too and the faster engine is measured only if it is as exact) (any difference is a
-    real error or a near-tie, reported with HF's top-2 logit margin at the first differing step)
-    and in bf16 (where batched kernels round differently from single-row ones, so long greedy
-    runs part at near-ties);
+    is checked too and the faster engine is measured only if it is as exact) (any difference
+    is a real error or a near-tie, reported with HF's top-2 logit margin at the first
+    differing step) and in bf16 (where batched kernels round differently
+    from single-row ones, so long greedy runs part at near-ties);
   * `limit`: the memory-bandwidth bound of a decode step (weights + the KV cache in use read
     once, at the copy bandwidth measured here) and the compute bound of the prefill.
 
@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from veritune.infer.decode import GenerationRequest  # noqa: E402
-from veritune.serve.engine import EAGER_OPS, ContinuousBatchingEngine  # noqa: E402
+from veritune.serve.engine import EAGER_OPS, MAX_PIECES, ContinuousBatchingEngine, _Running  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
@@ -174,8 +174,10 @@ def drive_engine(engine, prompts, in_flight: int, n_requests: int, max_new: int,
 
 @torch.inference_mode()
 def time_parts(engine, prompts, sync, cuda) -> dict:
-    """The engine's pieces alone, before it starts: one decode step (graph replay) by batch,
-    one prefill pass by prompts; on CUDA the top kernels of each (torch.profiler)."""
+    """The engine's steps alone, before it starts, on realistic inputs (decode rows at position
+    600 of their slots, prompt pieces of the sample prompts): a decode step by batch, a prefill
+    step (nothing decoding) and a mixed step at 64 decode rows by prompt tokens (graph replays on
+    CUDA); on CUDA the top kernels of the eager forms (torch.profiler)."""
 
     def timed(fn, n):
         fn()
@@ -186,42 +188,114 @@ def time_parts(engine, prompts, sync, cuda) -> dict:
         sync()
         return ms((time.perf_counter() - t) / n)
 
-    out = {"decode_step_ms": {}, "prefill_ms": {}, "mixed_step_ms": {}}
-    length = engine._length_bucket(768)
+    def fake(slot, ids, position):
+        return _Running(GenerationRequest(list(ids), 1), None, slot, position, 5)
+
+    at = min(600, engine.max_len - 2)
+
+    def prepare(batch, chunk):  # decode rows of slots [0, batch) at 600; prompt rows from the last slots
+        runs = [fake(s, [5] * at, at) for s in range(batch)]
+        engine._fill_decode_rows(runs, engine._batch_bucket(batch) if batch else 0)
+        pieces, left, slot = [], chunk, engine.max_batch - 1
+        for p in prompts:
+            if left <= 0:
+                break
+            n = min(len(p), left)
+            pieces.append((fake(slot, p, 0), 0, n))
+            left, slot = left - n, slot - 1
+        if engine.kernel:
+            engine._fill_chunk(pieces[:MAX_PIECES], engine._batch_bucket(batch) if batch else 0)
+        else:
+            engine.inputs.copy_(engine._host)
+        return pieces
+
+    out = {
+        "attention": "slot kernel" if engine.kernel else "sdpa",
+        "decode_step_ms": {},
+        "prefill_step_ms": {},
+        "mixed_step_ms": {},
+    }
     for b in (1, 8, 32, 64, 128):
         if b <= engine.max_batch:
-            out["decode_step_ms"][f"batch {b}, length {length}"] = timed(lambda: engine._step(b, length), 10)
-    for n in (1, 4, 16):
-        if n > engine.max_batch:
-            continue
-        chunk = prompts[:n]
-        out["prefill_ms"][f"{n} prompts, {sum(map(len, chunk))} tokens"] = timed(
-            lambda: engine._prefill_forward(chunk, list(range(n))), 3
-        )
-    # A mixed step (eager): 64 slots decoding at position 600 and one prompt piece in the last slot.
-    b = min(64, engine.max_batch)
-    dec_tokens, dec_positions = [5] * b, [600] * b
-    long_prompt = [t for p in prompts[:4] for t in p]
-    mixed = {
-        n: (lambda n=n: engine._mixed_forward(dec_tokens, dec_positions, 601, [(b - 1, 0, long_prompt[:n])]))
-        for n in (0, 128, 256, 512)
-    }
-    mixed[0] = lambda: engine._mixed_forward(dec_tokens, dec_positions, 601, [])
-    for n, fn in mixed.items():
-        out["mixed_step_ms"][f"{b} decode rows + {n} prompt tokens"] = timed(fn, 5)
-    if cuda:
+            prepare(b, 0)
+            key = (engine._batch_bucket(b), 0 if engine.kernel else engine._length_bucket(at + 1))
+            out["decode_step_ms"][f"batch {b}, slots at {at} tokens"] = timed(lambda: engine._step(key), 10)
+    if engine.kernel:
+        for c in engine.chunk_buckets:
+            prepare(0, c)
+            out["prefill_step_ms"][f"{c} prompt tokens"] = timed(lambda: engine._step((0, c)), 5)
+            b = min(64, engine.max_batch)
+            prepare(b, c)
+            out["mixed_step_ms"][f"{b} decode rows + {c} prompt tokens"] = timed(
+                lambda: engine._step((engine._batch_bucket(b), c)), 5
+            )
+    if cuda and engine.kernel:
         from torch.profiler import ProfilerActivity, profile
 
-        for name, fn in (
-            ("prefill of 1 prompt", lambda: engine._prefill_forward(prompts[:1], [0])),
-            (f"mixed step, {b} decode rows + 256 prompt tokens", mixed[256]),
-            ("eager decode step, batch 64", lambda: engine._decode_forward(min(64, engine.max_batch), length)),
+        b = min(64, engine.max_batch)
+        for name, (batch, chunk) in (
+            ("eager decode step, batch 64", (b, 0)),
+            ("eager mixed step, 64 decode rows + 256 prompt tokens", (b, 256)),
+            ("eager prefill step, 2048 prompt tokens", (0, 2048)),
         ):
+            if chunk and chunk not in engine.chunk_buckets:
+                continue
+            prepare(batch, chunk)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fn()
+                engine._slot_forward(engine._batch_bucket(batch) if batch else 0, chunk)
                 sync()
             print(f"--- {name}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
     return out
+
+
+@torch.inference_mode()
+def kernel_check(engine) -> dict:
+    """The slot-attention kernel against SDPA on the engine's own cache, bf16: decode rows of
+    different lengths and a prompt piece after a cached prefix (largest absolute difference)."""
+    import torch.nn.functional as F
+
+    from veritune.serve import slot_attention
+
+    dev, kc, vc = engine.device, engine.k_cache[0], engine.v_cache[0]
+    g = torch.Generator(device=dev).manual_seed(0)
+    kc.normal_(generator=g)
+    vc.normal_(generator=g)
+    top = engine.max_len - 1
+    lengths = [1, 37, min(300, top), min(601, top)]
+    piece = min(100, top // 3)
+    piece_start = min(200, top - piece)
+    slots = torch.tensor([0, 1, 2, 3] + [4] * piece, device=dev)
+    ctx = torch.tensor(lengths + list(range(piece_start + 1, piece_start + piece + 1)), device=dev)
+    q = torch.randn(len(slots), engine.n_heads, engine.head_dim, device=dev, dtype=engine.dtype, generator=g)
+    out = torch.zeros_like(q)
+    slot_attention.slot_attention(
+        q,
+        kc,
+        vc,
+        slots,
+        ctx,
+        torch.arange(4, device=dev),
+        torch.ones(4, dtype=torch.long, device=dev),
+        slot_attention.DECODE_QUERIES,
+        engine.scale,
+        out=out,
+    )
+    rpt = engine.rows_per_tile
+    starts = torch.arange(4, 4 + piece, rpt, device=dev)
+    rows = torch.clamp(4 + piece - starts, max=rpt)
+    slot_attention.slot_attention(
+        q, kc, vc, slots, ctx, starts, rows, slot_attention.PIECE_QUERIES, engine.scale, out=out
+    )
+    worst = 0.0
+    for r in range(len(slots)):
+        n, s = int(ctx[r]), int(slots[r])
+        k = kc[s, :, :n].repeat_interleave(engine.group, 0)
+        v = vc[s, :, :n].repeat_interleave(engine.group, 0)
+        ref = F.scaled_dot_product_attention(q[r][:, None].float(), k.float(), v.float(), scale=engine.scale)[:, 0]
+        worst = max(worst, float((out[r].float() - ref).abs().max()))
+    kc.zero_()
+    vc.zero_()
+    return {"rows": len(slots), "max_abs_difference_vs_sdpa_fp32": round(worst, 5)}
 
 
 def hf_one(model, ids, max_new, device, scores=False):
@@ -302,6 +376,12 @@ def main() -> None:
     ap.add_argument("--one-at-a-time-requests", type=int, default=4)
     ap.add_argument("--static-batch", type=int, default=64, help="HF generate with static cache + compile; 0 skips")
     ap.add_argument("--skip-fp32", action="store_true", help="no float32 identity check (saves a 32 GB model)")
+    ap.add_argument(
+        "--prefill-tokens", type=int, default=2048, help="engine: prompt tokens a step while nothing decodes"
+    )
+    ap.add_argument(
+        "--mixed-tokens", type=int, default=1024, help="engine: at most this many prompt tokens beside decode rows"
+    )
     ap.add_argument("--out", default="bench/results/serve_throughput.json")
     args = ap.parse_args()
 
@@ -345,6 +425,7 @@ def main() -> None:
         engine = ContinuousBatchingEngine(
             model32, [], max_batch=8, max_len=max_len, prefill_tokens=1024, mixed_tokens=256
         ).start()
+        result["identity_fp32_attention"] = "slot kernel" if engine.kernel else "sdpa"
         try:
             result["identity_fp32"] = compare(model32, engine, sample, new, args.device)
         except Exception as e:  # the separate-pass engine is then measured, so the call still says something
@@ -374,7 +455,13 @@ def main() -> None:
     levels = [int(x) for x in args.in_flight.split(",")]
     built = time.perf_counter()
     engine = ContinuousBatchingEngine(
-        model, [], max_batch=max(levels), max_len=max_len, prefill_tokens=8192 if cuda else 1024, mixed=use_mixed
+        model,
+        [],
+        max_batch=max(levels),
+        max_len=max_len,
+        prefill_tokens=args.prefill_tokens,
+        mixed_tokens=args.mixed_tokens,
+        mixed=use_mixed,
     )
     engine.warmup(lengths=range(256, engine.max_len + 1, 256))
     result["engine_setup"] = {
@@ -383,11 +470,16 @@ def main() -> None:
         "kv_cache_gb": round(engine.cache_bytes / 1e9, 2),
         "slots": engine.max_batch,
         "max_len": engine.max_len,
+        "attention": "slot kernel" if engine.kernel else "sdpa",
         "fused_elementwise": engine.ops is not EAGER_OPS,
         "mixed_steps": engine.mixed,
         "prefill_tokens": engine.prefill_tokens,
         "mixed_tokens": engine.mixed_tokens,
+        "chunk_buckets": list(getattr(engine, "chunk_buckets", [])),
     }
+    if engine.kernel:
+        result["kernel_check"] = kernel_check(engine)
+        save("kernel_check")
     result["parts"] = time_parts(engine, prompts, sync, cuda)
     save("parts")
     engine.start()
@@ -401,7 +493,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() if cuda else 0
         steps, mixed_steps = engine.steps, engine.mixed_steps
-        row = drive_engine(engine, prompts, level, max(2 * level, 8), new, sync)
+        row = drive_engine(engine, prompts, level, max(4 * level, 16), new, sync)
         row.update(decode_steps=engine.steps - steps, mixed_steps=engine.mixed_steps - mixed_steps)
         if cuda:
             row["gpu_memory_gib"] = {
@@ -414,19 +506,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
             variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
-            if use_mixed:
-                variants.update(
-                    {
-                        "engine_64_mixed_tokens_256": {"mixed_tokens": 256},
-                        "engine_64_mixed_tokens_4096": {"mixed_tokens": 4096},
-                    }
-                )
+            for cap in (512, 2048):
+                if cap != engine.mixed_tokens and cap <= engine.prefill_tokens:
+                    variants[f"engine_64_mixed_tokens_{cap}"] = {"mixed": True, "mixed_tokens": cap}
             for key, change in variants.items():
                 kept = {name: getattr(engine, name) for name in change}
                 for name, value in change.items():
                     setattr(engine, name, value)
                 steps, mixed_steps = engine.steps, engine.mixed_steps
-                row = drive_engine(engine, prompts, level, 2 * level, new, sync)
+                row = drive_engine(engine, prompts, level, 4 * level, new, sync)
                 row.update(change, decode_steps=engine.steps - steps, mixed_steps=engine.mixed_steps - mixed_steps)
                 for name, value in kept.items():
                     setattr(engine, name, value)
@@ -509,6 +597,12 @@ def main() -> None:
         result["engine_64_vs_hf_static_compiled"] = round(
             at64["tokens_per_s"] / result["hf_generate_static_compiled"]["tokens_per_s"], 2
         )
+        if "engine_64_separate_prefill_passes" in result:
+            result["engine_64_separate_passes_vs_hf_static_compiled"] = round(
+                result["engine_64_separate_prefill_passes"]["tokens_per_s"]
+                / result["hf_generate_static_compiled"]["tokens_per_s"],
+                2,
+            )
     save()
     print("in flight | tokens/s | TTFT p50/p99 ms | ITL p50/p99 ms | limit tokens/s")
     for r in result["engine"]:

@@ -1,8 +1,10 @@
-"""The continuous-batching engine (veritune.serve.engine) on the tiny model, eagerly on the CPU: its
-own forward over the static cache decodes exactly as transformers' greedy `generate`, requests
-join and leave between steps, prompts are prefilled in pieces riding on decode steps (mixed
-steps), and each request keeps its own limit, stop, stream, cancel and grammar. (The CUDA-graph
-path is the same forward captured; bench/serve_throughput.py checks it on a GPU.)"""
+"""The continuous-batching engine (veritune.serve.engine) on the tiny model, eagerly on the CPU in its
+SDPA form: its own forward over the static cache decodes exactly as transformers' greedy
+`generate`, requests join and leave between steps, prompts are prefilled in pieces riding on
+decode steps (mixed steps), and each request keeps its own limit, stop, stream, cancel and
+grammar. The kernel form (Triton attention, what CUDA runs) is tested under Triton's
+interpreter in tests/test_slot_attention.py; bench/serve_throughput.py checks its CUDA graphs
+on a GPU."""
 
 import json
 import threading
@@ -100,7 +102,7 @@ def test_a_mixed_forward_gives_the_logits_of_hf_forward_for_decode_rows_and_prom
         torch.testing.assert_close(again[1], hf_last(b + [nb]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixed", [True, False])
+@pytest.mark.parametrize("mixed", ["mixed steps", "separate passes"])
 def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, mixed):
     model, tokenizer = talkative
     stops = stop_token_ids(tokenizer)
@@ -111,8 +113,9 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     reference = [hf_greedy(model, p, n, stops) for p, n in zip(prompts, limits)]
     engine = ContinuousBatchingEngine(
-        model, stops, max_batch=3, max_len=512, prefill_tokens=64, mixed_tokens=16, mixed=mixed
-    ).start()
+        model, stops, max_batch=3, max_len=512, prefill_tokens=64, mixed_tokens=16, mixed=mixed != "separate passes"
+    )
+    engine.start()
     try:
         futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
         completions = [f.result(60) for f in futures]
@@ -126,7 +129,9 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     stats = engine.batch_stats()
     assert stats["max_batch_size_seen"] == 3  # never more than the slots
     assert engine.prefills >= 3  # the prefill budget (64 tokens) and the slots spread admission out
-    if mixed:  # later prompts (all longer than 16 tokens) were prefilled piecewise beside decoding rows
+    if (
+        mixed != "separate passes"
+    ):  # later prompts (all longer than 16 tokens) were prefilled piecewise beside decoding rows
         assert min(map(len, prompts)) > 16 and engine.mixed_steps >= sum(-(-len(p) // 16) for p in prompts[3:])
     else:
         assert engine.mixed_steps == 0
@@ -136,7 +141,7 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
 def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     model, _ = talkative
     engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=200)
-    from veritune.serve.engine import BACKLOG_SPREAD, MIN_CHUNK, _Running
+    from veritune.serve.engine import BACKLOG_SPREAD, MAX_PIECES, MIN_CHUNK, _Running
 
     def waiting(*lengths):
         engine._prefilling = [
@@ -150,6 +155,15 @@ def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
     assert waiting(300, 300) == [(0, 0, 150)]  # a quarter of 600 (above MIN_CHUNK, within mixed_tokens)
     assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 60)]  # pieces of several prompts
     assert waiting(2000) == [(0, 0, 200)]  # at most mixed_tokens
+    # The kernel form (CUDA): budgets rounded down to a chunk bucket, at most MAX_PIECES pieces.
+    engine.kernel, engine.chunk_buckets = True, (64, 128, 256)
+    assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 8)]  # a quarter of 720 is 180: the 128 bucket
+    assert waiting(300, 300) == [(0, 0, 128)]
+    assert waiting(*[10] * 12) == [(slot, 0, 10) for slot in range(MAX_PIECES)]
+    engine._running = {}
+    assert waiting(250, 250) == [(0, 0, 250), (1, 0, 6)]  # nothing decoding: prefill_tokens (300) down to 256
+    engine._running = {7: _Running(GenerationRequest([5], 4), None, 7, 1, 5)}
+    engine.kernel = False
     assert MIN_CHUNK == 128 and BACKLOG_SPREAD == 4
     engine.mixed = False
     assert waiting(250, 250) == [(0, 0, 250)]  # separate passes: whole prompts within prefill_tokens

@@ -7,37 +7,38 @@
 
 One worker thread owns the model. A request taken from the queue gets a free slot of a cache
 allocated once, `[layers][slots, kv_heads, max_len, head_dim]`, and its prompt is prefilled
-into that slot in pieces. While no slot is decoding, a prefill forward takes up to
-`prefill_tokens` prompt tokens. While slots are decoding, the pieces ride along with the
-decode step instead (a *mixed step*, the chunked prefill of vLLM and SGLang): one forward
-whose linear layers run over the decode tokens of every running slot followed by up to
-`mixed_tokens` prompt tokens, so the weights read for decoding also serve the prefill's
-compute and decoding never stops for a prefill. In a mixed step each decode row attends over
-its slot's cache, masked past its own position, as in a pure decode step; each prompt piece
-attends causally over its own slot's cache before it and itself. A prompt's last piece gives
-its first token. How many prompt tokens ride on one step follows the backlog: a quarter of
-the prompt tokens waiting (at least MIN_CHUNK, at most `mixed_tokens`), so the prefill keeps
-pace with the requests that leave and free slots refill within a few steps; a step with a
-small piece costs little more than a pure decode step. A request leaves the batch the step
-it finishes (stop token, its own `max_new_tokens`, cancelled), and its slot goes to the next
-one waiting, so requests join and leave between any two steps; nothing is recomputed and no
-cache is moved. `mixed=False` keeps prefill and decode in separate forwards (whole prompts,
-`prefill_tokens` per pass, then a decode step), the engine before mixed steps.
+into that slot in pieces. A step is one forward over *rows*: the next token of every slot
+that is decoding, then up to a budget of prompt tokens of the requests waiting for their first
+token, pieces of several prompts split anywhere (a *mixed step*, the chunked prefill of vLLM
+and SGLang). Linear layers run over all rows at once, so the weights a decode step reads
+anyway also serve the prefill, and decoding never stops for a prompt. While nothing decodes a
+step takes up to `prefill_tokens` prompt tokens; while slots decode, a quarter of the prompt
+tokens waiting (at least MIN_CHUNK, at most `mixed_tokens`), so prefill keeps pace with the
+requests that leave and freed slots refill within a few steps. `mixed=False` runs prefill and
+decode as separate steps instead. A prompt's last piece gives its first token. A request
+leaves the batch the step it finishes (stop token, its own `max_new_tokens`, cancelled), and
+its slot goes to the next one waiting, so requests join and leave between any two steps;
+nothing is recomputed and no cache is moved.
 
 The forward is written here over the weights of a transformers `LlamaForCausalLM` (RMSNorm,
-RoPE from the model's own rotary tables, grouped-query attention over the cache, SwiGLU),
-which makes the decode step a fixed sequence of kernels on fixed buffers. On CUDA each step
-is captured once as a CUDA graph per (batch bucket, length bucket) and replayed, so a step
-of 32 layers costs a few launches instead of ~600: the eager step of an 8B model at batch
-64 spends most of its time launching kernels, not reading weights. Buckets: batches of
-1, 2, 4, 8, 16, 32, 64, 128 (slots are handed out lowest first, so the batch is the highest
-slot in use, rounded up), lengths in multiples of 256. Graphs are captured on first use
-(`warmup` captures them ahead). Mixed steps run eagerly: with a few hundred prompt tokens in
-them they are compute-bound, and launches hide behind the matrix products. Greedy picking and
-the grammar masks of constrained tool calls run outside the graph on its logits, per request,
-as in `generate_batch`.
+RoPE from the model's own rotary tables, grouped-query attention over the cache, SwiGLU), with
+the q/k/v and gate/up projections each fused into one matrix (the model's own weights become
+views of it: no second copy). That makes a step a fixed sequence of kernels on fixed buffers.
+Attention is `veritune.serve.slot_attention`, a Triton kernel in which every row reads its own slot's
+keys up to its own position (decode rows and prompt pieces alike, loop bounds on the GPU). On
+CUDA each step is captured once as a CUDA graph per (batch bucket, chunk bucket) and replayed,
+so a step of 32 layers costs a few launches instead of ~600: the eager step of an 8B model at
+batch 64 spends most of its time launching kernels, not reading weights. Buckets: decode batches
+of 1, 2, 4, ..., 128 (slots are handed out lowest first, so the batch is the highest slot in use,
+rounded up) and prompt chunks of CHUNK_BUCKETS tokens (a step's pieces padded up to one).
+Graphs are captured on first use (`warmup` captures them ahead). Greedy picking and the grammar
+masks of constrained tool calls run outside the graph on its logits, per request, as in
+`generate_batch`.
 
-The same code runs eagerly on a CPU (the tests), where the server keeps `generate_batch`.
+Without Triton (a CPU; the tests) the same forward runs eagerly with SDPA: decode rows over the
+first `length` positions of every slot masked past their own, prompt pieces causally over their
+slot's prefix (on CUDA without Triton the decode steps are graphs per length bucket, multiples
+of LENGTH_STEP). The server keeps `generate_batch` on a CPU.
 """
 
 from __future__ import annotations
@@ -47,23 +48,30 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from veritune.infer.decode import Completion, GenerationRequest, apply_mask
+from veritune.serve import slot_attention
 from veritune.serve.batching import BatcherStopped, QueueFull
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-LENGTH_STEP = 256  # length buckets: multiples of this (a step reads at most this much masked cache per slot)
-MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add eager steps
+CHUNK_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # prompt tokens of a step (its pieces, padded up to one of these)
+MAX_PIECES = 8  # prompt pieces in one step (the LM head reads the last row of each)
+LENGTH_STEP = 256  # SDPA decode graphs (no Triton): length buckets in multiples of this
+MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add steps
 BACKLOG_SPREAD = 4  # a mixed step takes 1/this of the waiting prompt tokens: prefill keeps pace with the load
+# Eager prompt pieces (SDPA) have a new shape nearly every time: cuDNN attention plans one graph
+# per shape (tens of ms each), flash and memory-efficient attention need none.
+PIECE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def supported(model) -> str | None:
@@ -118,14 +126,23 @@ def fused_ops() -> dict:
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor  # [q; k; v] rows: one matrix, one GEMM
     o: torch.Tensor
     ln2: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor  # [gate; up]
     down: torch.Tensor
+
+
+def _fuse(linears) -> torch.Tensor:
+    """One weight of the rows of `linears` stacked; each linear's weight becomes a view of it,
+    so the model (transformers' forward, used beside the engine) keeps working on one copy."""
+    fused = torch.cat([lin.weight.data for lin in linears])
+    at = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = fused[at : at + n]
+        at += n
+    return fused
 
 
 @dataclass
@@ -144,28 +161,54 @@ class ContinuousBatchingEngine:
 
     Same interface as `veritune.batching.MicroBatcher` for the server: `start`, `submit`,
     `pending`, `stop`, `batch_stats`; requests and completions are those of `generate_batch`.
+    `attention`: "auto" (the Triton kernel where it runs, else SDPA), "kernel" or "sdpa".
     """
 
-    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 64, max_len: int = 2048,
-                 prefill_tokens: int = 8192, cuda_graphs: bool = True, max_pending: int = 0,
-                 name: str = "engine", fuse: bool = True, mixed_tokens: int = 1024, mixed: bool = True):
+    def __init__(
+        self,
+        model,
+        stop_ids: Sequence[int],
+        max_batch: int = 64,
+        max_len: int = 2048,
+        prefill_tokens: int = 2048,
+        cuda_graphs: bool = True,
+        max_pending: int = 0,
+        name: str = "engine",
+        fuse: bool = True,
+        mixed_tokens: int = 1024,
+        mixed: bool = True,
+        attention: str = "auto",
+    ):
         why = supported(model)
         if why is not None:
-            raise ValueError(f"the continuous-batching engine runs bias-free Llama models with SwiGLU; this one has {why}")
+            raise ValueError(
+                f"the continuous-batching engine runs bias-free Llama models with SwiGLU; this one has {why}"
+            )
         if max_batch < 1 or max_batch > BATCH_BUCKETS[-1]:
             raise ValueError(f"max_batch must be in 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         if mixed_tokens < 1:
             raise ValueError(f"mixed_tokens must be >= 1, got {mixed_tokens}")
+        if attention not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"attention must be auto, kernel or sdpa, got {attention!r}")
         cfg = model.config
         self.model, self.name = model, name
-        self.max_batch, self.prefill_tokens, self.max_pending = max_batch, prefill_tokens, max_pending
-        self.mixed_tokens, self.mixed = mixed_tokens, mixed
+        self.max_batch, self.max_pending = max_batch, max_pending
+        self.mixed = mixed
         self.stop_ids = sorted(set(int(s) for s in stop_ids))
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.kernel = attention == "kernel" or (attention == "auto" and slot_attention.available(self.device))
+        if self.kernel and not slot_attention.available(self.device):
+            raise ValueError("attention='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        if self.kernel:
+            # Steps carry at most the largest chunk bucket of prompt tokens.
+            top = max([c for c in CHUNK_BUCKETS if c <= max(prefill_tokens, mixed_tokens)] or [CHUNK_BUCKETS[0]])
+            self.chunk_buckets = tuple(c for c in CHUNK_BUCKETS if c <= top)
+            prefill_tokens, mixed_tokens = min(prefill_tokens, top), min(mixed_tokens, top)
+        self.prefill_tokens, self.mixed_tokens = prefill_tokens, mixed_tokens
         self.ops = EAGER_OPS
         if fuse and self.device.type == "cuda":
             self.ops = self._try_fused()
@@ -173,7 +216,9 @@ class ContinuousBatchingEngine:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.group = self.n_heads // self.n_kv
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
+        self.q_width, self.kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.mlp_width = cfg.intermediate_size
         # Lengths are bucketed in steps of LENGTH_STEP; the cache holds whole buckets.
         positions = int(getattr(cfg, "max_position_embeddings", max_len))
         self.max_len = min(-(-max_len // LENGTH_STEP) * LENGTH_STEP, -(-positions // LENGTH_STEP) * LENGTH_STEP)
@@ -183,10 +228,18 @@ class ContinuousBatchingEngine:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
-        self.layers = [_Layer(l.input_layernorm.weight, l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
-                              l.self_attn.v_proj.weight, l.self_attn.o_proj.weight, l.post_attention_layernorm.weight,
-                              l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight)
-                       for l in inner.layers]
+        with torch.no_grad():
+            self.layers = [
+                _Layer(
+                    layer.input_layernorm.weight,
+                    _fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                    layer.self_attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    _fuse([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                    layer.mlp.down_proj.weight,
+                )
+                for layer in inner.layers
+            ]
         with torch.inference_mode():
             # The model's own rotary tables (llama3 scaling, attention scaling), in its dtype, as its forward uses them.
             probe = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=self.dtype)
@@ -195,15 +248,10 @@ class ContinuousBatchingEngine:
             shape = (max_batch, self.n_kv, self.max_len, self.head_dim)
             self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
             self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-            # Static inputs of the decode step; the row of (slot s, kv head h) at position p in a
-            # layer's flattened cache is (s * n_kv + h) * max_len + p.
-            self.in_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-            self.in_positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-            self.row_base = ((torch.arange(max_batch, device=self.device)[:, None] * self.n_kv
-                              + torch.arange(self.n_kv, device=self.device)[None]) * self.max_len)
+            self.slot_index = torch.arange(max_batch, device=self.device)
             self.t_index = torch.arange(self.max_len, device=self.device)
-        self._host_tokens = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._host_positions = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            self.kv_index = torch.arange(self.n_kv, device=self.device)
+        self._static_inputs()  # outside inference mode: the worker and tests write them in place
         self.cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
@@ -211,7 +259,9 @@ class ContinuousBatchingEngine:
         self._queue: queue.Queue = queue.Queue()
         self._waiting: list[tuple[GenerationRequest, Future]] = []  # taken from the queue, not yet admitted
         self._running: dict[int, _Running] = {}
-        self._prefilling: list[_Running] = []  # slot held, prompt partly in the cache (`position` tokens), in arrival order
+        self._prefilling: list[
+            _Running
+        ] = []  # slot held, prompt partly in the cache (`position` tokens), in arrival order
         self._free = list(range(max_batch))  # a heap: lowest slot first keeps the batch bucket small
         self._lock = threading.Lock()
         self._accepting = False
@@ -224,6 +274,41 @@ class ContinuousBatchingEngine:
         self.mixed_steps = 0  # of those, the ones that also decoded
         self.on_batch = None  # (size, seconds) after each decode step, as MicroBatcher reports batches
 
+    def _static_inputs(self) -> None:
+        """The inputs of a step, fixed buffers a CUDA graph reads: one int64 tensor, filled from a
+        pinned host copy in one transfer a step. Decode rows: token, position, keys seen (ctx;
+        0 for a free slot's dummy row). Prompt rows (kernel form): token, position, slot, ctx;
+        the tiles of the kernel (start row, rows); the row of each piece's last token."""
+        chunk = self.chunk_buckets[-1] if self.kernel else 0
+        self.rows_per_tile = slot_attention.rows_per_tile(self.group)
+        self.max_tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES if chunk else 0
+        sizes = {
+            "tokens": self.max_batch,
+            "positions": self.max_batch,
+            "ctx": self.max_batch,
+            "chunk_tokens": chunk,
+            "chunk_positions": chunk,
+            "chunk_slots": chunk,
+            "chunk_ctx": chunk,
+            "tile_start": self.max_tiles,
+            "tile_rows": self.max_tiles,
+            "last": MAX_PIECES if chunk else 0,
+        }
+        total = sum(sizes.values())
+        self.inputs = torch.zeros(total, dtype=torch.long, device=self.device)
+        self._host = torch.zeros(total, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._at, at = {}, 0
+        for name, n in sizes.items():
+            self._at[name] = (at, n)
+            at += n
+        for name in sizes:
+            setattr(self, "in_" + name, self._input(name))
+        self.decode_tile_rows = torch.ones(self.max_batch, dtype=torch.long, device=self.device)
+
+    def _input(self, name: str, host: bool = False) -> torch.Tensor:
+        at, n = self._at[name]
+        return (self._host if host else self.inputs)[at : at + n]
+
     def _try_fused(self) -> dict:
         """The compiled element-wise ops, checked against the eager ones on this device; the
         eager ones where compilation is unavailable (no Triton) or disagrees."""
@@ -233,10 +318,12 @@ class ContinuousBatchingEngine:
             w = torch.randn(64, device=self.device, dtype=self.dtype)
             cos, sin = torch.randn(2, 3, 1, 16, device=self.device, dtype=self.dtype)
             q, k = x.view(3, 4, 16), x[:, :32].reshape(3, 2, 16)
-            checks = [(ops["rms"](x, w, 1e-5), _rms_norm(x, w, 1e-5)),
-                      (ops["add_rms"](x, x, w, 1e-5)[1], _add_rms_norm(x, x, w, 1e-5)[1]),
-                      (ops["rope_qk"](q, k, cos, sin)[1], _rope_qk(q, k, cos, sin)[1]),
-                      (ops["silu_mul"](x, x), _silu_mul(x, x))]
+            checks = [
+                (ops["rms"](x, w, 1e-5), _rms_norm(x, w, 1e-5)),
+                (ops["add_rms"](x, x, w, 1e-5)[1], _add_rms_norm(x, x, w, 1e-5)[1]),
+                (ops["rope_qk"](q, k, cos, sin)[1], _rope_qk(q, k, cos, sin)[1]),
+                (ops["silu_mul"](x, x), _silu_mul(x, x)),
+            ]
             tol = 1e-2 if self.dtype == torch.bfloat16 else 1e-4
             if all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in checks):
                 return ops
@@ -247,150 +334,270 @@ class ContinuousBatchingEngine:
 
     # ------------------------------------------------------------------ the forward passes
 
-    def _decode_forward(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for slots [0, batch): inputs in `in_tokens` / `in_positions`; attention over
-        the first `length` positions of each slot's cache, masked past the slot's own position."""
-        ops, eps = self.ops, self.eps
-        tokens, positions = self.in_tokens[:batch], self.in_positions[:batch]
+    def _project(self, h: torch.Tensor, w: _Layer, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k (RoPE applied) and v of rows `h`: one GEMM over the fused q/k/v weight."""
+        d, qw, kw = self.head_dim, self.q_width, self.kv_width
+        qkv = F.linear(h, w.qkv)
+        q, k = self.ops["rope_qk"](
+            qkv[:, :qw].view(-1, self.n_heads, d), qkv[:, qw : qw + kw].view(-1, self.n_kv, d), cos, sin
+        )
+        return q, k, qkv[:, qw + kw :].reshape(-1, self.n_kv, d)
+
+    def _mlp_block(self, x: torch.Tensor, o: torch.Tensor, w: _Layer, nxt: torch.Tensor | None):
+        """The attention output projected and added, then the SwiGLU block (one GEMM over the fused
+        gate/up weight); returns the residual stream and its norm for the next layer (`nxt`)."""
+        ops, eps, m = self.ops, self.eps, self.mlp_width
+        x, h = ops["add_rms"](x, F.linear(o, w.o), w.ln2, eps)
+        gate_up = F.linear(h, w.gate_up)
+        down = F.linear(ops["silu_mul"](gate_up[:, :m], gate_up[:, m:]), w.down)
+        if nxt is None:
+            return x + down, None
+        return ops["add_rms"](x, down, nxt, eps)
+
+    def _slot_forward(self, batch: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel form of a step, over the static inputs: `batch` decode rows (slot = row)
+        followed by `chunk` prompt rows, every row attending over its own slot's cache up to its
+        own position (`veritune.serve.slot_attention`). Logits: the decode rows, then with `chunk` the
+        last row of each of MAX_PIECES pieces (`in_last`; unused ones repeat row 0)."""
+        d, hkv = self.head_dim, self.n_kv
+        tokens, positions, slots, ctx = (
+            self.in_tokens[:batch],
+            self.in_positions[:batch],
+            self.slot_index[:batch],
+            self.in_ctx[:batch],
+        )
+        if chunk:
+            tokens = torch.cat([tokens, self.in_chunk_tokens[:chunk]])
+            positions = torch.cat([positions, self.in_chunk_positions[:chunk]])
+            slots = torch.cat([slots, self.in_chunk_slots[:chunk]])
+            ctx = torch.cat([ctx, self.in_chunk_ctx[:chunk]])
+            tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES
+        rows = ((slots[:, None] * hkv + self.kv_index[None]) * self.max_len + positions[:, None]).reshape(-1)
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [batch, 1, head_dim]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
+        h = self.ops["rms"](x, self.layers[0].ln1, self.eps)
+        for i, w in enumerate(self.layers):
+            q, k, v = self._project(h, w, cos, sin)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+            o = torch.zeros_like(q)  # prompt padding rows are in no tile: zeros, not whatever memory held
+            if batch:
+                slot_attention.slot_attention(
+                    q,
+                    kc,
+                    vc,
+                    slots,
+                    ctx,
+                    self.slot_index[:batch],
+                    self.decode_tile_rows[:batch],
+                    slot_attention.DECODE_QUERIES,
+                    self.scale,
+                    out=o,
+                )
+            if chunk:
+                slot_attention.slot_attention(
+                    q,
+                    kc,
+                    vc,
+                    slots,
+                    ctx,
+                    self.in_tile_start[:tiles],
+                    self.in_tile_rows[:tiles],
+                    slot_attention.PIECE_QUERIES,
+                    self.scale,
+                    out=o,
+                )
+            x, h = self._mlp_block(
+                x, o.reshape(o.shape[0], -1), w, self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            )
+        if chunk:  # the LM head only on the rows that pick a token
+            h = h.index_select(0, torch.cat([self.slot_index[:batch], self.in_last]))
+        logits = F.linear(h, self.lm_head)
+        return logits, logits.argmax(-1)
+
+    def _decode_forward(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SDPA form of a decode step (no Triton): one token for slots [0, batch), inputs in
+        `in_tokens` / `in_positions`; attention over the first `length` positions of each slot's
+        cache, masked past the slot's own position."""
+        eps, d, hkv = self.eps, self.head_dim, self.n_kv
+        tokens, positions = self.in_tokens[:batch], self.in_positions[:batch]
+        rows = (
+            (self.slot_index[:batch, None] * hkv + self.kv_index[None]) * self.max_len + positions[:, None]
+        ).reshape(-1)
         visible = self.t_index[:length][None] <= positions[:, None]
         # One additive mask for all layers ([batch, 1, 1, length]; SDPA would convert a boolean one per call).
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~visible, float("-inf"))[:, None, None, :]
-        rows = (self.row_base[:batch] + positions[:, None]).reshape(-1)
-        d, hkv = self.head_dim, self.n_kv
-        h = ops["rms"](x, self.layers[0].ln1, eps)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))[
+            :, None, None, :
+        ]
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
+        h = self.ops["rms"](x, self.layers[0].ln1, eps)
         for i, w in enumerate(self.layers):
-            q, k = ops["rope_qk"](F.linear(h, w.q).view(batch, self.n_heads, d),
-                                  F.linear(h, w.k).view(batch, hkv, d), cos, sin)
-            v = F.linear(h, w.v).view(batch, hkv, d)
+            q, k, v = self._project(h, w, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
             vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
             # The query heads of one kv head side by side as its "query length": GQA without copies.
-            o = F.scaled_dot_product_attention(q.view(batch, hkv, self.group, d), kc[:batch, :, :length],
-                                               vc[:batch, :, :length], attn_mask=mask, scale=self.scale)
-            x, h = ops["add_rms"](x, F.linear(o.reshape(batch, -1), w.o), w.ln2, eps)
-            down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
-            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            x, h = ops["add_rms"](x, down, nxt, eps)
+            o = F.scaled_dot_product_attention(
+                q.reshape(batch, hkv, self.group, d),
+                kc[:batch, :, :length],
+                vc[:batch, :, :length],
+                attn_mask=mask,
+                scale=self.scale,
+            )
+            x, h = self._mlp_block(
+                x, o.reshape(batch, -1), w, self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            )
         logits = F.linear(h, self.lm_head)
         return logits, logits.argmax(-1)
 
-    def _mixed_forward(self, dec_tokens: Sequence[int], dec_positions: Sequence[int], length: int,
-                       pieces: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
-        """One forward over the decode tokens of slots [0, len(dec_tokens)) (attention over the
-        first `length` positions of each slot's cache, masked past its own position) followed by
-        prompt pieces `(slot, start, tokens)`: tokens at positions start.. of that slot, attending
-        causally over the slot's cache before `start` and the piece itself. Linear layers run on
-        all rows at once. Returns the logits of the decode rows, then of each piece's last token:
-        [len(dec_tokens) + len(pieces), vocab]."""
-        dev, d, hkv, ops, eps = self.device, self.head_dim, self.n_kv, self.ops, self.eps
+    def _mixed_forward(
+        self,
+        dec_tokens: Sequence[int],
+        dec_positions: Sequence[int],
+        length: int,
+        pieces: Sequence[tuple[int, int, Sequence[int]]],
+    ) -> torch.Tensor:
+        """The SDPA form of a step, eager: the decode tokens of slots [0, len(dec_tokens))
+        (attention over the first `length` positions of each slot's cache, masked past its own
+        position) followed by prompt pieces `(slot, start, tokens)`: tokens at positions start..
+        of that slot, attending causally over the slot's cache before `start` and the piece
+        itself. Linear layers run on all rows at once. Returns the logits of the decode rows, then
+        of each piece's last token: [len(dec_tokens) + len(pieces), vocab]."""
+        dev, d, hkv, eps = self.device, self.head_dim, self.n_kv, self.eps
         batch = len(dec_tokens)
         sizes = [len(t) for _, _, t in pieces]
-        tokens = torch.tensor(list(dec_tokens) + [t for _, _, toks in pieces for t in toks], dtype=torch.long,
-                              device=dev)
-        positions = torch.tensor(list(dec_positions) + [start + i for (_, start, _), n in zip(pieces, sizes)
-                                                         for i in range(n)], dtype=torch.long, device=dev)
-        slot_of = torch.tensor(list(range(batch)) + [slot for (slot, _, _), n in zip(pieces, sizes)
-                                                     for _ in range(n)], dtype=torch.long, device=dev)
-        rows = ((slot_of[:, None] * hkv + torch.arange(hkv, device=dev)[None]) * self.max_len
-                + positions[:, None]).reshape(-1)
+        tokens = torch.tensor(
+            list(dec_tokens) + [t for _, _, toks in pieces for t in toks], dtype=torch.long, device=dev
+        )
+        positions = torch.tensor(
+            list(dec_positions) + [start + i for (_, start, _), n in zip(pieces, sizes) for i in range(n)],
+            dtype=torch.long,
+            device=dev,
+        )
+        slot_of = torch.tensor(
+            list(range(batch)) + [slot for (slot, _, _), n in zip(pieces, sizes) for _ in range(n)],
+            dtype=torch.long,
+            device=dev,
+        )
+        rows = ((slot_of[:, None] * hkv + self.kv_index[None]) * self.max_len + positions[:, None]).reshape(-1)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         if batch:
             visible = self.t_index[:length][None] <= positions[:batch, None]
-            dec_mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(
-                ~visible, float("-inf"))[:, None, None, :]
+            dec_mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))[
+                :, None, None, :
+            ]
         # A piece after earlier ones attends over its slot's cache prefix too: key j is visible to
         # the piece's query i when j <= start + i, causal aligned bottom-right (SDPA's is_causal is
         # top-left); as a CausalBias it runs in the flash / memory-efficient kernels, no mask built.
         piece_masks = [causal_lower_right(n, start + n) for (_, start, _), n in zip(pieces, sizes)]
         x = F.embedding(tokens, self.embed)
-        h = ops["rms"](x, self.layers[0].ln1, eps)
+        h = self.ops["rms"](x, self.layers[0].ln1, eps)
         for i, w in enumerate(self.layers):
-            q, k = ops["rope_qk"](F.linear(h, w.q).view(-1, self.n_heads, d), F.linear(h, w.k).view(-1, hkv, d),
-                                  cos, sin)
-            v = F.linear(h, w.v).view(-1, hkv, d)
+            q, k, v = self._project(h, w, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
             vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
             outs = []
             if batch:
-                # The query heads of one kv head side by side as its "query length": GQA without copies.
-                o = F.scaled_dot_product_attention(q[:batch].view(batch, hkv, self.group, d), kc[:batch, :, :length],
-                                                   vc[:batch, :, :length], attn_mask=dec_mask, scale=self.scale)
+                o = F.scaled_dot_product_attention(
+                    q[:batch].reshape(batch, hkv, self.group, d),
+                    kc[:batch, :, :length],
+                    vc[:batch, :, :length],
+                    attn_mask=dec_mask,
+                    scale=self.scale,
+                )
                 outs.append(o.reshape(batch, -1))
             at = batch
             for (slot, start, _), n, mask in zip(pieces, sizes, piece_masks):
-                qp = q[at:at + n].transpose(0, 1)[None]  # [1, heads, n, d]
+                qp = q[at : at + n].transpose(0, 1)[None]  # [1, heads, n, d]
                 if start == 0:
-                    kp, vp = k[at:at + n].transpose(0, 1), v[at:at + n].transpose(0, 1)
+                    kp, vp = k[at : at + n].transpose(0, 1), v[at : at + n].transpose(0, 1)
                 else:
-                    kp, vp = kc[slot, :, :start + n], vc[slot, :, :start + n]
+                    kp, vp = kc[slot, :, : start + n], vc[slot, :, : start + n]
                 # kv head j serves query heads j*group ... (j+1)*group-1
                 kp = kp.repeat_interleave(self.group, dim=0)[None]
                 vp = vp.repeat_interleave(self.group, dim=0)[None]
-                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
+                with sdpa_kernel(PIECE_BACKENDS):
+                    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=self.scale)
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
                 at += n
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x, h = ops["add_rms"](x, F.linear(o, w.o), w.ln2, eps)
-            down = F.linear(ops["silu_mul"](F.linear(h, w.gate), F.linear(h, w.up)), w.down)
-            if i + 1 < len(self.layers):
-                x, h = ops["add_rms"](x, down, self.layers[i + 1].ln1, eps)
-            else:
-                x = x + down
+            x, h = self._mlp_block(x, o, w, self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None)
         ends = torch.tensor(sizes, dtype=torch.long, device=dev).cumsum(0) - 1 + batch
         keep = torch.cat([torch.arange(batch, device=dev), ends])
         # The LM head only on the rows that pick a token (the others are 4 bytes x vocab each).
-        return F.linear(ops["rms"](x[keep], self.norm, eps), self.lm_head)
+        return F.linear(self.ops["rms"](x[keep], self.norm, eps), self.lm_head)
 
     def _prefill_forward(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
-        """Whole prompts into their slots' cache, nothing decoding: the logits of each prompt's
-        last position [n, vocab]."""
+        """Whole prompts into their slots' cache, nothing decoding (SDPA form): the logits of
+        each prompt's last position [n, vocab]."""
         return self._mixed_forward([], [], 0, [(slot, 0, p) for slot, p in zip(slots, prompts)])
 
-    def _step(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._slot_forward(*key) if self.kernel else self._decode_forward(*key)
+
+    def _step(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the step `key` over the static inputs: (batch, chunk) in the kernel form, (batch,
+        length) in the SDPA form; a graph replay on CUDA."""
         if not self.cuda_graphs:
-            return self._decode_forward(batch, length)
-        key = (batch, length)
+            return self._forward(key)
         if key not in self._graphs:
-            self._capture(batch, length)
+            self._capture(key)
         graph, logits, picked = self._graphs[key]
         graph.replay()
         return logits, picked
 
-    def _capture(self, batch: int, length: int) -> None:
+    def _capture(self, key: tuple[int, int]) -> None:
         started = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            # Warm-up runs rewrite the same cache entries with the same values: harmless.
+            # Warm-up runs (compile the kernels) rewrite the same cache entries with the same values: harmless.
             for _ in range(2):
-                self._decode_forward(batch, length)
+                self._forward(key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, picked = self._decode_forward(batch, length)
-        self._graphs[(batch, length)] = (graph, logits, picked)
-        log.info("%s: captured the decode step for batch %d, length %d (%.2f s)", self.name, batch, length,
-                 time.perf_counter() - started)
+            logits, picked = self._forward(key)
+        self._graphs[key] = (graph, logits, picked)
+        log.info("%s: captured the step %s (%.2f s)", self.name, key, time.perf_counter() - started)
 
     @torch.inference_mode()
-    def warmup(self, batches: Sequence[int] = BATCH_BUCKETS, lengths: Sequence[int] = (LENGTH_STEP,)) -> None:
-        """Capture the decode graphs for these buckets now (else each is captured on first use).
+    def warmup(
+        self,
+        batches: Sequence[int] = BATCH_BUCKETS,
+        lengths: Sequence[int] = (LENGTH_STEP,),
+        chunks: Sequence[int] | None = None,
+    ) -> None:
+        """Capture the step graphs now (else each is captured on first use): kernel form, every
+        decode batch bucket in `batches` (and none) with no prompt rows and with each chunk bucket
+        in `chunks` (default all); SDPA form, decode steps for these batch and length buckets.
         Call before `start`: the worker thread owns the model once it runs."""
         if not self.cuda_graphs:
             return
-        for b in batches:
-            if b <= self.max_batch:
-                for t in lengths:
-                    key = (self._batch_bucket(b), self._length_bucket(t))
-                    if key not in self._graphs:
-                        self._capture(*key)
+        # Dummy inputs for the captures' warm-up runs: every row at the last position, seeing nothing (see _decode).
+        self.inputs.zero_()
+        self.in_positions.fill_(self.max_len - 1)
+        if self.kernel:
+            self.in_chunk_positions.fill_(self.max_len - 1)
+            chunks = self.chunk_buckets if chunks is None else [c for c in chunks if c in self.chunk_buckets]
+            keys = [
+                (b, c)
+                for b in sorted({0, *(self._batch_bucket(b) for b in batches if b <= self.max_batch)})
+                for c in (0, *chunks)
+                if b or c
+            ]
+        else:
+            keys = [
+                (self._batch_bucket(b), self._length_bucket(t)) for b in batches if b <= self.max_batch for t in lengths
+            ]
+        for key in keys:
+            if key not in self._graphs:
+                self._capture(key)
         torch.cuda.synchronize()
 
     def _batch_bucket(self, n: int) -> int:
@@ -401,7 +608,7 @@ class ContinuousBatchingEngine:
 
     # ------------------------------------------------------------------ the interface
 
-    def start(self) -> "ContinuousBatchingEngine":
+    def start(self) -> ContinuousBatchingEngine:
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
@@ -410,8 +617,10 @@ class ContinuousBatchingEngine:
     def submit(self, request: GenerationRequest) -> Future:
         """Queue a request; BatcherStopped once stop() has begun, QueueFull past `max_pending` waiting."""
         if len(request.prompt_ids) + request.max_new_tokens > self.positions:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
-                             f"exceeds the engine's {self.positions} positions per request")
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                f"exceeds the engine's {self.positions} positions per request"
+            )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
         with self._lock:
@@ -431,8 +640,11 @@ class ContinuousBatchingEngine:
         return len(self._running) + len(self._prefilling)
 
     def batch_stats(self) -> dict:
-        return {"batches": self.steps, "max_batch_size_seen": self.max_in_flight,
-                "mean_batch_size": round(self.step_rows / self.steps, 3) if self.steps else 0.0}
+        return {
+            "batches": self.steps,
+            "max_batch_size_seen": self.max_in_flight,
+            "mean_batch_size": round(self.step_rows / self.steps, 3) if self.steps else 0.0,
+        }
 
     def stop(self, timeout: float | None = None) -> None:
         """Take no new requests, finish those accepted, then end the worker."""
@@ -497,10 +709,11 @@ class ContinuousBatchingEngine:
             self._prefilling.append(_Running(request, future, heapq.heappop(self._free), position=0, token=-1))
 
     def _plan(self) -> list[tuple[_Running, int, int]]:
-        """The prompt pieces of the next forward, `(run, start, count)`, in arrival order. Mixed
-        steps take a share of the backlog (see the module docstring) and split prompts anywhere;
-        a forward with nothing decoding takes up to `prefill_tokens` (`mixed=False`: whole
-        prompts, the first one whatever its length)."""
+        """The prompt pieces of the next forward, `(run, start, count)`, in arrival order, split
+        anywhere. Mixed steps take a share of the backlog (see the module docstring); a forward
+        with nothing decoding takes up to `prefill_tokens`. Kernel form: at most MAX_PIECES
+        pieces, and a budget rounded down to a chunk bucket (a step pads up to one). SDPA form
+        with `mixed=False`: whole prompts, the first one whatever its length."""
         if not self._prefilling:
             return []
         if self.mixed and self._running:
@@ -508,16 +721,19 @@ class ContinuousBatchingEngine:
             budget = min(self.mixed_tokens, max(MIN_CHUNK, -(-backlog // BACKLOG_SPREAD)))
         else:
             budget = self.prefill_tokens
+        if self.kernel:
+            budget = max([c for c in self.chunk_buckets if c <= budget] or [self.chunk_buckets[0]])
+        whole = not self.mixed and not self.kernel
         pieces = []
         for run in self._prefilling:
             rest = len(run.request.prompt_ids) - run.position
-            if not self.mixed:
+            if whole:
                 if pieces and rest > budget:
                     break
                 count = rest
             else:
                 count = min(rest, budget)
-            if count <= 0:
+            if count <= 0 or (self.kernel and len(pieces) == MAX_PIECES):
                 break
             pieces.append((run, run.position, count))
             budget -= count
@@ -525,18 +741,27 @@ class ContinuousBatchingEngine:
 
     def _prefill_step(self, pieces: Sequence[tuple[_Running, int, int]], decode: bool) -> None:
         """One forward over the prompt pieces and, with `decode`, one token of every running slot
-        (a mixed step, eager); runs whose prompt is complete get their first token from it."""
+        (a mixed step); runs whose prompt is complete get their first token from it."""
         started = time.perf_counter()
         runs = sorted(self._running.values(), key=lambda r: r.slot) if decode else []
         batch = runs[-1].slot + 1 if runs else 0
-        tokens, positions = [0] * batch, [self.max_len - 1] * batch  # free slots run a dummy token (see _decode)
-        for run in runs:
-            tokens[run.slot], positions[run.slot] = run.token, run.position
-        # Lengths bucketed as in the graphs: a handful of attention shapes (cuDNN plans one per shape).
-        length = self._length_bucket(max(positions[r.slot] for r in runs) + 1) if runs else 0
-        logits = self._mixed_forward(tokens, positions, length,
-                                     [(run.slot, start, run.request.prompt_ids[start:start + count])
-                                      for run, start, count in pieces])
+        if self.kernel:
+            batch = self._batch_bucket(batch) if batch else 0
+            self._fill_decode_rows(runs, batch)
+            self._fill_chunk(pieces, batch)
+            logits, _ = self._step((batch, min(c for c in self.chunk_buckets if c >= sum(p[2] for p in pieces))))
+        else:
+            tokens, positions = [0] * batch, [self.max_len - 1] * batch  # free slots run a dummy token (see _decode)
+            for run in runs:
+                tokens[run.slot], positions[run.slot] = run.token, run.position
+            # Lengths bucketed as in the graphs: a handful of attention shapes (cuDNN plans one per shape).
+            length = self._length_bucket(max(positions[r.slot] for r in runs) + 1) if runs else 0
+            logits = self._mixed_forward(
+                tokens,
+                positions,
+                length,
+                [(run.slot, start, run.request.prompt_ids[start : start + count]) for run, start, count in pieces],
+            )
         self.prefills += 1
         if runs:
             self.mixed_steps += 1
@@ -557,24 +782,62 @@ class ContinuousBatchingEngine:
         if self.on_batch is not None:
             self.on_batch(len(runs), time.perf_counter() - started)
 
+    def _fill_decode_rows(self, runs: Sequence[_Running], batch: int) -> None:
+        """Decode rows of slots [0, batch) into the host inputs. Free slots inside the bucket run a
+        dummy token written at the last position of their slot, seeing nothing: a request reads
+        only positions it wrote itself, and never writes that one (prompt + new tokens fit
+        `positions` <= max_len, and the last token picked is not fed back), so a slot between two
+        pieces of its prompt keeps what it has."""
+        tokens, positions, ctx = [0] * batch, [self.max_len - 1] * batch, [0] * batch
+        for run in runs:
+            tokens[run.slot], positions[run.slot], ctx[run.slot] = run.token, run.position, run.position + 1
+        for name, values in (("tokens", tokens), ("positions", positions), ("ctx", ctx)):
+            if values:
+                self._input(name, host=True)[:batch] = torch.tensor(values)
+
+    def _fill_chunk(self, pieces: Sequence[tuple[_Running, int, int]], batch: int) -> None:
+        """The prompt rows of a kernel-form step into the host inputs: the pieces' tokens, padded
+        up to the chunk bucket (padding rows write at the last position of slot 0 and see
+        nothing), the tiles of `rows_per_tile` rows of one piece each, each piece's last row."""
+        taken = sum(count for _, _, count in pieces)
+        chunk = min(c for c in self.chunk_buckets if c >= taken) if taken else 0
+        tokens, positions, slots, ctx, tile_start, tile_rows, last = [], [], [], [], [], [], []
+        for run, start, count in pieces:
+            for off in range(0, count, self.rows_per_tile):
+                tile_start.append(batch + len(tokens) + off)
+                tile_rows.append(min(self.rows_per_tile, count - off))
+            tokens += run.request.prompt_ids[start : start + count]
+            positions += range(start, start + count)
+            ctx += range(start + 1, start + count + 1)
+            slots += [run.slot] * count
+            last.append(batch + len(tokens) - 1)
+        pad = chunk - taken
+        tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES if chunk else 0
+        for name, values in (
+            ("chunk_tokens", tokens + [0] * pad),
+            ("chunk_positions", positions + [self.max_len - 1] * pad),
+            ("chunk_slots", slots + [0] * pad),
+            ("chunk_ctx", ctx + [0] * pad),
+            ("tile_start", tile_start + [0] * (tiles - len(tile_start))),
+            ("tile_rows", tile_rows + [0] * (tiles - len(tile_rows))),
+            ("last", last + [0] * (MAX_PIECES - len(last))),
+        ):
+            if values:
+                self._input(name, host=True)[: len(values)] = torch.tensor(values)
+        self.inputs.copy_(self._host, non_blocking=True)
+
     def _decode(self) -> None:
         started = time.perf_counter()
         top = max(self._running) + 1
         batch = self._batch_bucket(top)
-        length = self._length_bucket(max(r.position for r in self._running.values()) + 1)
-        # Free slots inside the bucket run a dummy token written at the last position of their
-        # slot: a request reads only positions it wrote itself, and never writes that one (prompt +
-        # new tokens fit `positions` <= max_len, and the last token picked is not fed back), so a
-        # slot between two pieces of its prompt keeps what it has.
-        tokens, positions = [0] * batch, [self.max_len - 1] * batch
-        for slot, run in self._running.items():
-            tokens[slot], positions[slot] = run.token, run.position
-        self._host_tokens[:batch] = torch.tensor(tokens)
-        self._host_positions[:batch] = torch.tensor(positions)
-        self.in_tokens[:batch].copy_(self._host_tokens[:batch], non_blocking=True)
-        self.in_positions[:batch].copy_(self._host_positions[:batch], non_blocking=True)
-        logits, picked = self._step(batch, length)
         runs = sorted(self._running.values(), key=lambda r: r.slot)
+        self._fill_decode_rows(runs, batch)
+        self.inputs.copy_(self._host, non_blocking=True)
+        if self.kernel:
+            key = (batch, 0)
+        else:
+            key = (batch, self._length_bucket(max(r.position for r in self._running.values()) + 1))
+        logits, picked = self._step(key)
         for run in runs:
             run.position += 1
         self.steps += 1
@@ -584,8 +847,7 @@ class ContinuousBatchingEngine:
         if self.on_batch is not None:
             self.on_batch(len(runs), time.perf_counter() - started)
 
-    def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor,
-              picked: torch.Tensor) -> None:
+    def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor, picked: torch.Tensor) -> None:
         """The next token of each run (its row of the logits: its slot among the decode rows, or
         its piece's row after them in a prefill or mixed step), under its grammar when it has one;
         then finish those that are done."""
@@ -616,13 +878,20 @@ class ContinuousBatchingEngine:
                 if len(run.generated) >= r.max_new_tokens:
                     self._finish(run, "length")
 
-    def _finish(self, run: _Running, reason: str | None, stop_token: int | None = None,
-                error: BaseException | None = None) -> None:
+    def _finish(
+        self, run: _Running, reason: str | None, stop_token: int | None = None, error: BaseException | None = None
+    ) -> None:
         self._running.pop(run.slot, None)
         heapq.heappush(self._free, run.slot)
         if error is not None:
             run.future.set_exception(error)
             return
-        run.future.set_result(Completion(token_ids=run.generated, finish_reason=reason,
-                                         prompt_tokens=len(run.request.prompt_ids),
-                                         batch_size=len(self._running) + 1, stop_token_id=stop_token))
+        run.future.set_result(
+            Completion(
+                token_ids=run.generated,
+                finish_reason=reason,
+                prompt_tokens=len(run.request.prompt_ids),
+                batch_size=len(self._running) + 1,
+                stop_token_id=stop_token,
+            )
+        )
