@@ -2,7 +2,7 @@
 
     engine = ContinuousBatchingEngine(model, stop_ids, max_batch=64, max_len=2048).start()
     future = engine.submit(GenerationRequest(prompt_ids=[...], max_new_tokens=128))
-    completion = future.result()          # a veritune.batching.Completion
+    completion = future.result()          # a veritune.infer.decode.Completion
     engine.stop()                         # finishes what was accepted, then the worker exits
 
 One worker thread owns the model. A request taken from the queue gets a free slot of a cache
@@ -159,7 +159,7 @@ class _Running:
 class ContinuousBatchingEngine:
     """Continuous batching of greedy generation over a static KV cache (see the module docstring).
 
-    Same interface as `veritune.batching.MicroBatcher` for the server: `start`, `submit`,
+    Same interface as `veritune.serve.batching.MicroBatcher` for the server: `start`, `submit`,
     `pending`, `stop`, `batch_stats`; requests and completions are those of `generate_batch`.
     `attention`: "auto" (the Triton kernel where it runs, else SDPA), "kernel" or "sdpa".
     """
