@@ -39,6 +39,11 @@ Without Triton (a CPU; the tests) the same forward runs eagerly with SDPA: decod
 first `length` positions of every slot masked past their own, prompt pieces causally over their
 slot's prefix (on CUDA without Triton the decode steps are graphs per length bucket, multiples
 of LENGTH_STEP). The server keeps `generate_batch` on a CPU.
+
+More than 400 lines on purpose: the forwards, the graph capture and the scheduler share one set
+of static input buffers and one KV cache that the captured graphs read and write by address, so
+they live in one class; the attention kernel, the one piece that stands alone, is
+`veritune.serve.slot_attention`.
 """
 
 from __future__ import annotations
