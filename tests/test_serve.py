@@ -845,6 +845,10 @@ def _read_response(sock, timeout: float) -> tuple[bytes, float]:
             data += chunk
     except TimeoutError:
         pass
+    except ConnectionResetError:
+        # The server closed while a client thread was still sending (the trickle): the kernel
+        # answers those bytes with a reset, which ends the read; what arrived before it counts.
+        pass
     return data, first
 
 
