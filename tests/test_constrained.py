@@ -1,6 +1,6 @@
 """Constrained tool calls (veritune.infer.constraints): every call the grammar lets through is valid
 for its tool's schema, complete calls end in <|eom_id|>, answers are left alone, and both
-generation loops (transformers' `generate`, the server's `generate_batch`) apply it per row."""
+decoding loop applies it per row, in offline batches (`generate_ids`) and serving ones (`generate_batch`)."""
 
 import json
 import random
@@ -161,7 +161,7 @@ def test_generate_batch_constrains_only_its_own_row(tiny_checkpoint, tokenizer, 
     assert parse_reply(tokenizer.decode(free.token_ids, skip_special_tokens=False)).kind == "answer"
 
 
-def test_the_same_constraints_hold_in_transformers_generate(tiny_checkpoint, tokenizer, grammar):
+def test_the_same_constraints_hold_in_offline_batches(tiny_checkpoint, tokenizer, grammar):
     model = _tiny(tiny_checkpoint)
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Where is my order 1042?", "Hi")]
     kwargs = dict(stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id)

@@ -196,6 +196,44 @@ def test_engine_matches_the_micro_batching_loop_with_a_grammar_on_one_row(talkat
     check_call(reply.name, reply.parameters)
 
 
+def test_engine_samples_as_the_micro_batching_loop(talkative):
+    """A sampled request (the served agent's turns: its temperature, its own seeded generator)
+    draws the same tokens from the engine as from the CPU loop, constrained or not."""
+    model, tokenizer = talkative
+    stops = stop_token_ids(tokenizer)
+    grammar = ToolCallGrammar(tokenizer, model.config.vocab_size, TOOLS, max_string_chars=120)
+    prompt = tokenizer("Where is my order 1042?", add_special_tokens=False)["input_ids"]
+
+    def requests(seed):
+        return [
+            GenerationRequest(list(prompt), 40, temperature=0.8, generator=torch.Generator().manual_seed(seed)),
+            GenerationRequest(
+                list(prompt),
+                300,
+                constraint=grammar.constraint(require_call=True),
+                temperature=0.8,
+                generator=torch.Generator().manual_seed(seed + 1),
+            ),
+        ]
+
+    engine = ContinuousBatchingEngine(model, stops, max_batch=4, max_len=512).start()
+    try:
+        runs = {}
+        for seed in (1, 2):
+            expected = generate_batch(model, requests(seed), stops, tokenizer.pad_token_id)
+            got = [f.result(60) for f in [engine.submit(r) for r in requests(seed)]]
+            assert [c.token_ids for c in got] == [c.token_ids for c in expected], seed
+            runs[seed] = got
+    finally:
+        engine.stop()
+    greedy = generate_batch(model, [GenerationRequest(list(prompt), 40)], stops, tokenizer.pad_token_id)[0]
+    assert runs[1][0].token_ids != greedy.token_ids  # sampled, not greedy
+    assert runs[1][0].token_ids != runs[2][0].token_ids  # and the seed decides the draws
+    reply = parse_reply(tokenizer.decode(runs[1][1].token_ids + [grammar.eom], skip_special_tokens=False))
+    assert reply.kind == "call"
+    check_call(reply.name, reply.parameters)
+
+
 def test_each_request_keeps_its_limit_stream_and_cancel(talkative):
     model, tokenizer = talkative
     ids = prompt_ids(tokenizer, "Kettle?")

@@ -18,7 +18,7 @@ from veritune.infer.decode import PrefixCache, generate_ids
 
 class ModelPolicy:
     """A causal LM writing each turn from the rendering of the conversation in its own chat
-    format's tool layout (`chat.ChatFormat.render`), through the decoder's transformers loop
+    format's tool layout (`chat.ChatFormat.render`), in offline batches of the decoding loop
     (`veritune.infer.decode.generate_ids`): greedy at temperature 0, else sampled from torch's
     global generator (`reseed` sets it per trial).
 

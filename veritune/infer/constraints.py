@@ -17,8 +17,8 @@ and Llama 3.1's 128k vocabulary. Free-text arguments are capped at `max_string_c
 a call always fits a turn's token budget.
 
 A `ToolCallConstraint` is one reply's constraint in the decoder's interface (`mask()` before a
-token is picked, `consume()` after; `veritune.infer.decode`): both decoding loops, the GPU
-engine's included, apply it per row.
+token is picked, `consume()` after; `veritune.infer.decode`): the decoding loop and the GPU
+engine apply it per row, through `decode.choose`.
 """
 
 from __future__ import annotations

@@ -5,29 +5,34 @@
                         temperature=0.3, constraints=[grammar.constraint() for _ in prompt_ids])
     completions = generate_batch(model, [GenerationRequest(ids, max_new_tokens=64)], stops, pad)
 
-Two loops over one model, with one constraint interface, one sampling rule and the stop tokens
-of the checkpoint's own chat format (`chat.stop_token_ids`):
+One decoding loop, `generate_batch`, over `GenerationRequest`s: each request its own prompt,
+`max_new_tokens`, constraint, temperature and sampling generator, per-token callback
+(streaming) and cancel flag, and the stop tokens of the checkpoint's own chat format
+(`chat.stop_token_ids`). Prompts are left-padded into one batch; positions count only real
+tokens, so a padded row decodes as it would alone. Two ways for a finished row:
 
-* `generate_ids`: transformers' `generate` over a left-padded batch, greedy or sampled, with an
-  optional shared-prefix key/value cache (`PrefixCache`). `generate` renders and decodes chat
-  replies with it (evaluation, RAG robustness, CSAT, the judge); the agent's `ModelPolicy`
-  decodes its tool-calling turns with it (`veritune.agent.policies`).
-* `generate_batch`: a hand-written loop for serving, with what `generate` lacks there: each
-  request its own `max_new_tokens`, stop, per-token callback (streaming), cancel flag and
-  sampling generator, and a row that finishes leaves the batch (and the cache) at once. The
-  server's micro-batches run it; the GPU engine (`veritune.serve.engine`) serves the same
-  `GenerationRequest`s greedily. On the same prompts its greedy tokens are `generate`'s
-  (tests/test_serve.py), but its float arithmetic is its own, so the offline stages keep
-  transformers' loop.
+* serving (`keep_finished=False`, the server's micro-batches): a row that finishes (stop
+  token, its own `max_new_tokens`, cancelled) leaves the batch and the key/value cache at
+  once, so the rest decode at the cost of the rows still running;
+* offline (`keep_finished=True`, through `generate_ids`): a finished row stays in the batch,
+  fed padding, until every row is done, as transformers' `generate` keeps it. The batch's
+  arithmetic then never depends on when its neighbours finish, and a sampled batch draws
+  from torch's generator exactly as `generate` draws: `tests/test_decode.py` checks that
+  `generate_ids` writes `generate`'s tokens, greedy, sampled, constrained and with a shared
+  prefix. `generate` (evaluation, RAG robustness, CSAT, the judge) and the agent's
+  `ModelPolicy` decode through it, with an optional shared-prefix cache (`PrefixCache`).
+
+The GPU engine (`veritune.serve.engine`) runs its own forward over a static cache, but picks
+every token with this module's `choose`, as the loop does.
 
 A constraint, one per row (`veritune.infer.constraints.ToolCallConstraint` keeps tool calls
 valid), has two methods: `mask()`, the allowed next tokens (a bool tensor over token ids) or
 None for any, asked before a token is picked, and `consume(token_id)`, told the token picked.
-Both loops apply it alike: the disallowed logits become -inf, then the token is picked.
 
-Picking: greedy is the argmax. Sampling (temperature > 0) is transformers' own: the grammar
-mask, the temperature, top-k `TOP_K`, a draw from the softmax; `generate_batch` runs the same
-transformers warpers per row, so a served agent turn samples as `agent_eval`'s do.
+Picking (`choose`): the disallowed logits become -inf; then greedy is the argmax, and sampling
+(temperature > 0) is transformers' own: the temperature, top-k `TOP_K`, a draw from the
+softmax, from the request's generator (None: torch's global one). Served agent turns
+therefore sample as `agent_eval`'s do.
 """
 
 from __future__ import annotations
@@ -40,18 +45,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper
 
 from veritune.core import chat
 from veritune.model.modeling import inference_autocast
 
 TOP_K = 50  # transformers' default top-k, which its sampling applies when nothing else is set
 
-# generate()'s name for a prefilled cache: `cache` from transformers 5.24, `past_key_values` before.
-GENERATE_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    on_token: Callable[[int], None] | None = None  # called from the worker thread after each new token
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Allowed next tokens (`mask()`, None: any) and the token picked (`consume`), e.g. a
+    # `veritune.infer.constraints.ToolCallConstraint`; called from the worker thread.
+    constraint: Any = None
+    temperature: float = 0.0  # 0: greedy; > 0: sampled (`choose`)
+    generator: torch.Generator | None = None  # the request's own draws (None: torch's global generator)
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]  # generated tokens, the stop token excluded
+    finish_reason: str  # "stop" (a stop token), "length" (max_new_tokens) or "cancelled"
+    prompt_tokens: int
+    batch_size: int  # how many requests shared this request's forward passes
+    stop_token_id: int | None = None  # the stop token that ended it (finish_reason "stop")
+
+
+# --------------------------------------------------------------------------- picking a token
 
 
 def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
@@ -64,36 +89,31 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
     logits.masked_fill_(~keep, float("-inf"))
 
 
-class _RowConstraints(LogitsProcessor):
-    """The constraints of a `generate` batch, one per row, as a transformers logits processor
-    (a fresh one per `generate` call)."""
-
-    def __init__(self, constraints: Sequence[Any]):
-        self.rows = list(constraints)
-        self._prompt_len: int | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._prompt_len is None:
-            self._prompt_len = input_ids.shape[1]
-        elif input_ids.shape[1] > self._prompt_len:
-            for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-                if row.state in ("start", "call", "close"):
-                    row.consume(token)
-        for i, row in enumerate(self.rows):
-            allowed = row.mask()
-            if allowed is not None:
-                apply_mask(scores[i], allowed)
-        return scores
-
-
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
-    """One token drawn from a row of (masked) logits as transformers' sampling draws it."""
+    """One token drawn from a row of (masked) logits as transformers' sampling draws it: the
+    temperature, top-k TOP_K, a draw from the softmax. Row by row from one generator this is
+    `generate`'s draw over the whole batch (torch's multinomial draws rows in order)."""
     scores = logits.unsqueeze(0).to(dtype=torch.float32)
     scores = TopKLogitsWarper(top_k=TOP_K)(None, TemperatureLogitsWarper(temperature)(None, scores))
     return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)[0, 0])
 
 
-# --------------------------------------------------------------------------- transformers' loop
+def choose(logits: torch.Tensor, request: GenerationRequest, greedy: int | None = None) -> int:
+    """The next token of `request` from its row of logits: its constraint's mask, then the
+    argmax at temperature 0, else a draw at its temperature from its generator. `greedy`, the
+    row's argmax when the caller has it (a batched argmax), saves the work for a plain greedy row."""
+    allowed = request.constraint.mask() if request.constraint is not None else None
+    if allowed is None and request.temperature <= 0 and greedy is not None:
+        return greedy
+    scores = logits.to(dtype=torch.float32, copy=True)
+    if allowed is not None:
+        apply_mask(scores, allowed)
+    if request.temperature > 0:
+        return sample(scores, request.temperature, request.generator)
+    return int(scores.argmax())
+
+
+# --------------------------------------------------------------------------- the loop
 
 
 def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -134,7 +154,112 @@ class PrefixCache:
         return cache
 
 
+def padded_batch(
+    rows: Sequence[Sequence[int]], pad_id: int, shared: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of `rows` laid out [shared prefix][padding][rest of the
+    prompt] (`shared` 0: plain left padding), so every row ends at the last column."""
+    head = list(rows[0][:shared])
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([head + [pad_id] * (width - len(r)) + list(r[shared:]) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows])
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
+def generate_batch(
+    model,
+    requests: Sequence[GenerationRequest],
+    stop_ids: Sequence[int],
+    pad_id: int,
+    *,
+    keep_finished: bool = False,
+    prefix: PrefixCache | None = None,
+) -> list[Completion]:
+    """Completions of `requests`, decoded together in one batch (each greedy or sampled as it
+    asks; see the module docstring for `keep_finished`). `prefix`: take the rows' shared
+    prompt prefix from this cache instead of prefilling it."""
+    device = next(model.parameters()).device
+    n = len(requests)
+    prompts = [r.prompt_ids for r in requests]
+    shared = prefix.length(prompts) if prefix is not None else 0
+    input_ids, attention_mask = padded_batch(prompts, pad_id, shared, device)
+    # Positions count real tokens only (transformers' rule: cumulative mask, padding at 0).
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    if shared:
+        cache = prefix.for_batch(model, list(prompts[0][:shared]), n, device)
+        input_ids, position_ids = input_ids[:, shared:], position_ids[:, shared:]
+    else:
+        cache = DynamicCache(config=model.config)  # filled in place by each forward
+    stops = set(stop_ids)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    stopped_by: list[int | None] = [None] * n
+    live = list(range(n))  # request index of each row of the batch
+    # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    while True:
+        # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+        )
+        logits = out.logits[:, -1, :]
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
+        for row, i in enumerate(live):
+            r = requests[i]
+            if reasons[i] is not None:  # finished, kept in the batch: padding (its draw keeps the generator in step)
+                if r.temperature > 0:
+                    sample(logits[row], r.temperature, r.generator)
+                tokens.append(pad_id)
+                continue
+            token = choose(logits[row], r, greedy[row])
+            tokens.append(token)
+            if r.constraint is not None:
+                r.constraint.consume(token)
+            if r.cancelled.is_set():
+                reasons[i] = "cancelled"
+            elif token in stops:
+                reasons[i], stopped_by[i] = "stop", token
+            else:
+                generated[i].append(token)
+                if r.on_token is not None:
+                    r.on_token(token)
+                if len(generated[i]) >= r.max_new_tokens:
+                    reasons[i] = "length"
+        if all(reasons[i] is not None for i in live):
+            break
+        next_ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        if not keep_finished:
+            keep = [row for row, i in enumerate(live) if reasons[i] is None]
+            if len(keep) < len(live):
+                rows = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(rows)
+                next_ids, attention_mask, position_ids = next_ids[rows], attention_mask[rows], position_ids[rows]
+                live = [live[row] for row in keep]
+        input_ids = next_ids.unsqueeze(-1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    return [
+        Completion(
+            token_ids=generated[i],
+            finish_reason=reasons[i] or "length",
+            prompt_tokens=len(r.prompt_ids),
+            batch_size=n,
+            stop_token_id=stopped_by[i],
+        )
+        for i, r in enumerate(requests)
+    ]
+
+
+# --------------------------------------------------------------------------- offline batches
+
+
 def generate_ids(
     model,
     rows: Sequence[list[int]],
@@ -146,36 +271,20 @@ def generate_ids(
     constraints: Sequence[Any] | None = None,
     prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
-    """One batch of prompts (token ids) through transformers' `generate`: greedy, or sampled at
-    `temperature` from torch's global generator; `constraints` one per row. Returns each row's
-    new tokens (padding after its stop token)."""
-    device = next(model.parameters()).device
-    shared = prefix.length(rows) if prefix is not None else 0
-    head = rows[0][:shared]
-    width = max(len(r) for r in rows) - shared
-    # [shared prefix][padding][rest of the prompt]: the mask skips the padding and the
-    # positions count only real tokens, so each row reads as its unpadded prompt.
-    input_ids = torch.tensor([head + [pad_id] * (width - len(r) + shared) + r[shared:] for r in rows], device=device)
-    mask = torch.tensor(
-        [[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows], device=device
-    )
-    options: dict[str, Any] = (
-        {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
-    )
-    if constraints is not None:
-        options["logits_processor"] = LogitsProcessorList([_RowConstraints(constraints)])
-    if shared:
-        options[GENERATE_CACHE_KWARG] = prefix.for_batch(model, head, len(rows), device)
+    """One offline batch of prompts (token ids): greedy, or sampled at `temperature` from
+    torch's global generator; `constraints` one per row. Returns each row's new tokens as
+    `generate` does: its stop token, then padding to the batch's longest."""
+    constraints = constraints if constraints is not None else [None] * len(rows)
+    requests = [
+        GenerationRequest(list(r), max_new_tokens, constraint=c, temperature=temperature)
+        for r, c in zip(rows, constraints)
+    ]
     with inference_autocast(model):
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_ids),
-            pad_token_id=pad_id,
-            **options,
-        )
-    return out[:, input_ids.shape[1] :]
+        done = generate_batch(model, requests, stop_ids, pad_id, keep_finished=True, prefix=prefix)
+    written = [c.token_ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for c in done]
+    width = max(len(w) for w in written)
+    device = next(model.parameters()).device
+    return torch.tensor([w + [pad_id] * (width - len(w)) for w in written], dtype=torch.long, device=device)
 
 
 @torch.inference_mode()
@@ -198,125 +307,3 @@ def generate(
         for i, row in zip(idx, out):
             replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return replies
-
-
-# --------------------------------------------------------------------------- the serving loop
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    on_token: Callable[[int], None] | None = None  # called from the worker thread after each new token
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # Allowed next tokens (`mask()`, None: any) and the token picked (`consume`), e.g. a
-    # `veritune.infer.constraints.ToolCallConstraint`; called from the worker thread.
-    constraint: Any = None
-    temperature: float = 0.0  # 0: greedy; > 0: sampled as `sample` does (the GPU engine decodes greedily)
-    generator: torch.Generator | None = None  # the request's own draws (None: torch's global generator)
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]  # generated tokens, the stop token excluded
-    finish_reason: str  # "stop" (a stop token), "length" (max_new_tokens) or "cancelled"
-    prompt_tokens: int
-    batch_size: int  # how many requests shared this request's forward passes
-    stop_token_id: int | None = None  # the stop token that ended it (finish_reason "stop")
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of `rows`, padded on the left so every row ends at the last column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.inference_mode()
-def generate_batch(
-    model, requests: Sequence[GenerationRequest], stop_ids: Sequence[int], pad_id: int
-) -> list[Completion]:
-    """Completions of `requests`, decoded together in one batch (each greedy or sampled as it asks).
-
-    Left padding keeps each row's newest token in the last column; positions count only real
-    tokens (cumulative attention mask), so a padded row decodes exactly as it would alone.
-    A row that finishes (stop token, its own max_new_tokens, cancelled) leaves the batch and
-    the KV cache at once, so the rest decode at the cost of the rows still running.
-    """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    n = len(requests)
-    input_ids, attention_mask = left_pad([r.prompt_ids for r in requests], pad_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    generated: list[list[int]] = [[] for _ in range(n)]
-    reasons: list[str | None] = [None] * n
-    stopped_by: list[int | None] = [None] * n
-    live = list(range(n))  # request index of each row still in the batch
-    cache = DynamicCache(config=model.config)  # filled in place by each forward
-    # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    while live:
-        # logits_to_keep=1: only the last position's logits are needed, not the prompt's.
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_arg: cache},
-        )
-        logits = out.logits[:, -1, :]
-        for row, i in enumerate(live):
-            constraint = requests[i].constraint
-            allowed = constraint.mask() if constraint is not None else None
-            if allowed is not None:
-                apply_mask(logits[row], allowed)
-        next_ids = logits.argmax(dim=-1)
-        for row, i in enumerate(live):
-            if requests[i].temperature > 0:
-                next_ids[row] = sample(logits[row], requests[i].temperature, requests[i].generator)
-        is_stop = torch.isin(next_ids, stops).tolist()
-        tokens = next_ids.tolist()
-        keep = []
-        for row, i in enumerate(live):
-            r = requests[i]
-            if r.constraint is not None:
-                r.constraint.consume(tokens[row])
-            if r.cancelled.is_set():
-                reasons[i] = "cancelled"
-            elif is_stop[row]:
-                reasons[i], stopped_by[i] = "stop", tokens[row]
-            else:
-                generated[i].append(tokens[row])
-                if r.on_token is not None:
-                    r.on_token(tokens[row])
-                if len(generated[i]) >= r.max_new_tokens:
-                    reasons[i] = "length"
-            if reasons[i] is None:
-                keep.append(row)
-        if len(keep) < len(live):
-            if not keep:
-                break
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(rows)
-            next_ids, attention_mask, position_ids = next_ids[rows], attention_mask[rows], position_ids[rows]
-            live = [live[row] for row in keep]
-        input_ids = next_ids.unsqueeze(-1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), 1))], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-    return [
-        Completion(
-            token_ids=generated[i],
-            finish_reason=reasons[i] or "length",
-            prompt_tokens=len(r.prompt_ids),
-            batch_size=n,
-            stop_token_id=stopped_by[i],
-        )
-        for i, r in enumerate(requests)
-    ]

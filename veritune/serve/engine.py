@@ -31,9 +31,10 @@ so a step of 32 layers costs a few launches instead of ~600: the eager step of a
 batch 64 spends most of its time launching kernels, not reading weights. Buckets: decode batches
 of 1, 2, 4, ..., 128 (slots are handed out lowest first, so the batch is the highest slot in use,
 rounded up) and prompt chunks of CHUNK_BUCKETS tokens (a step's pieces padded up to one).
-Graphs are captured on first use (`warmup` captures them ahead). Greedy picking and the grammar
-masks of constrained tool calls run outside the graph on its logits, per request, as in
-`generate_batch`.
+Graphs are captured on first use (`warmup` captures them ahead). Picking a token runs outside
+the graph on its logits, per request, with the decoding loop's own `decode.choose`: the grammar
+mask of a constrained tool call, then greedy (the graph's argmax) or sampled at the request's
+temperature from its generator, so a served agent turn samples as `agent_eval`'s do.
 
 Without Triton (a CPU; the tests) the same forward runs eagerly with SDPA: decode rows over the
 first `length` positions of every slot masked past their own, prompt pieces causally over their
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from veritune.infer.decode import Completion, GenerationRequest, apply_mask
+from veritune.infer.decode import Completion, GenerationRequest, choose
 from veritune.serve import slot_attention
 from veritune.serve.batching import BatcherStopped, QueueFull
 
@@ -854,16 +855,12 @@ class ContinuousBatchingEngine:
 
     def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor, picked: torch.Tensor) -> None:
         """The next token of each run (its row of the logits: its slot among the decode rows, or
-        its piece's row after them in a prefill or mixed step), under its grammar when it has one;
-        then finish those that are done."""
-        constrained = [(row, run) for row, run in zip(rows, runs) if run.request.constraint is not None]
-        tokens = picked.tolist()
-        for row, run in constrained:
-            allowed = run.request.constraint.mask()
-            if allowed is not None:
-                masked = logits[row].clone()
-                apply_mask(masked, allowed)
-                tokens[row] = int(masked.argmax())
+        its piece's row after them in a prefill or mixed step), picked as the decoding loop picks
+        (`decode.choose`: its grammar's mask, then greedy or sampled at its temperature from its
+        generator; `picked`, the step's argmax, serves plain greedy rows); then finish those
+        that are done."""
+        greedy = picked.tolist()
+        tokens = {row: choose(logits[row], run.request, greedy[row]) for row, run in zip(rows, runs)}
         now = time.perf_counter()
         for row, run in zip(rows, runs):
             token, r = tokens[row], run.request

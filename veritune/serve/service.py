@@ -129,12 +129,6 @@ class Service:
             )
             self.max_positions = min(self.max_positions, self.generator.positions)
             self.engine = "continuous"
-            if agent.temperature > 0:
-                log.warning(
-                    "serve: the continuous engine decodes greedily: the agent mode's turns are greedy, not "
-                    "sampled at agent_eval.temperature %g as agent_eval's are",
-                    agent.temperature,
-                )
         else:
             self.generator = MicroBatcher(
                 lambda reqs: generate_batch(self.model, reqs, self.stop_ids, self.pad_id),
