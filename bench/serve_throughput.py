@@ -505,7 +505,10 @@ def main() -> None:
         save()
         print(json.dumps(row), flush=True)
         if level == 64:  # the same load: separate prefill passes (the engine before mixed steps), other caps
-            variants = {"engine_64_separate_prefill_passes": {"mixed": False}}
+            variants = {
+                "engine_64_separate_prefill_passes": {"mixed": False},
+                "engine_64_not_overlapped": {"overlap": False},  # each step read before the next is queued
+            }
             for cap in (512, 2048):
                 if cap != engine.mixed_tokens and cap <= engine.prefill_tokens:
                     variants[f"engine_64_mixed_tokens_{cap}"] = {"mixed": True, "mixed_tokens": cap}

@@ -138,33 +138,41 @@ def test_engine_decodes_as_hf_generate_while_requests_join_and_leave(talkative, 
     assert not engine._running and not engine._prefilling and sorted(engine._free) == [0, 1, 2]  # every slot returned
 
 
-def test_mixed_steps_take_a_share_of_the_backlog_within_their_bounds(talkative):
+def test_mixed_steps_refill_slots_as_fast_as_they_empty(talkative):
     model, _ = talkative
-    engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=200)
-    from veritune.serve.engine import BACKLOG_SPREAD, MAX_PIECES, MIN_CHUNK, _Running
+    engine = ContinuousBatchingEngine(model, [], max_batch=8, max_len=512, prefill_tokens=300, mixed_tokens=700)
+    from veritune.serve.engine import MAX_PIECES, MIN_CHUNK, _Running
 
-    def waiting(*lengths):
+    def waiting(*lengths, new=1, credit=0.0):
+        engine._credit = credit
         engine._prefilling = [
-            _Running(GenerationRequest([5] * n, 4), None, slot, 0, -1) for slot, n in enumerate(lengths)
+            _Running(GenerationRequest([5] * n, new), None, slot, 0, -1) for slot, n in enumerate(lengths)
         ]
         return [(run.slot, start, count) for run, start, count in engine._plan()]
 
+    assert MIN_CHUNK == 256
     assert waiting(250, 250) == [(0, 0, 250), (1, 0, 50)]  # nothing decoding: prefill_tokens per forward
-    engine._running = {7: _Running(GenerationRequest([5], 4), None, 7, 1, 5)}
-    assert waiting(100) == [(0, 0, 100)]  # less than MIN_CHUNK waiting: all of it
-    assert waiting(300, 300) == [(0, 0, 150)]  # a quarter of 600 (above MIN_CHUNK, within mixed_tokens)
-    assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 60)]  # pieces of several prompts
-    assert waiting(2000) == [(0, 0, 200)]  # at most mixed_tokens
-    # The kernel form (CUDA): budgets rounded down to a chunk bucket, at most MAX_PIECES pieces.
-    engine.kernel, engine.chunk_buckets = True, (64, 128, 256)
-    assert waiting(60, 60, 600) == [(0, 0, 60), (1, 0, 60), (2, 0, 8)]  # a quarter of 720 is 180: the 128 bucket
-    assert waiting(300, 300) == [(0, 0, 128)]
+    engine._running = {7: _Running(GenerationRequest([5] * 100, 50), None, 7, 100, 5)}  # owes 100 / 50 a step
+    # Owed a step: prompt / max_new_tokens over the slots held (2 + 200 + 200), all of it taken.
+    assert waiting(200, 200) == [(0, 0, 200), (1, 0, 200)]
+    assert waiting(300, 300) == [(0, 0, 300), (1, 0, 300)] and engine._credit == 2  # what was left is carried
+    assert waiting(400, 400) == [(0, 0, 400), (1, 0, 300)]  # at most mixed_tokens (700)
+    assert waiting(100, new=8) == [(0, 0, 100)]  # owed 14.5: at least MIN_CHUNK, all 100 waiting taken
+    assert engine._credit == MIN_CHUNK - 100
+    assert waiting(400, new=8, credit=100) == [(0, 0, MIN_CHUNK + 100)]  # credit from before adds to the pace
+    assert waiting(2000, new=100) == [(0, 0, MIN_CHUNK)]  # owed 22: MIN_CHUNK
+    # The kernel form (CUDA): budgets rounded down to a chunk bucket, at most MAX_PIECES pieces;
+    # the credit makes the pace the owed one on average (owed 302 a step: 256 + 256 + ... + 512).
+    engine.kernel, engine.chunk_buckets = True, (64, 128, 256, 512)
+    engine._prefilling = [_Running(GenerationRequest([5] * 6000, 20), None, 0, 0, -1)]
+    engine._credit = 0.0
+    taken = [engine._plan()[0][2] for _ in range(12)]
+    assert set(taken) == {256, 512} and abs(sum(taken) - 12 * 302) < 256, taken
     assert waiting(*[10] * 12) == [(slot, 0, 10) for slot in range(MAX_PIECES)]
     engine._running = {}
     assert waiting(250, 250) == [(0, 0, 250), (1, 0, 6)]  # nothing decoding: prefill_tokens (300) down to 256
     engine._running = {7: _Running(GenerationRequest([5], 4), None, 7, 1, 5)}
     engine.kernel = False
-    assert MIN_CHUNK == 128 and BACKLOG_SPREAD == 4
     engine.mixed = False
     assert waiting(250, 250) == [(0, 0, 250)]  # separate passes: whole prompts within prefill_tokens
     assert waiting(400) == [(0, 0, 400)]  # (the first whatever its length)

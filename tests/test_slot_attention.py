@@ -75,13 +75,44 @@ def test_every_row_attends_over_its_own_slot_up_to_its_own_position():
         assert float(err) < 1e-5 and dummy_zero == "True"
 
 
+def test_rope_store_rotates_queries_and_writes_keys_and_values_into_the_cache():
+    out = run_interpreted("""
+        import torch
+        from veritune.serve import slot_attention as sa
+        from veritune.serve.engine import _rope
+        torch.manual_seed(0)
+        for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):  # SmolLM2's heads, Llama 3.1 8B's
+            rows, slots_n, length = 5, 3, 40
+            qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim)
+            cos, sin = torch.randn(rows, dim), torch.randn(rows, dim)
+            slots, positions = torch.tensor([0, 2, 1, 1, 1]), torch.tensor([7, 0, 3, 4, 5])
+            dest = ((slots[:, None] * kv_heads + torch.arange(kv_heads)) * length + positions[:, None]).reshape(-1)
+            kc, vc = torch.randn(slots_n, kv_heads, length, dim), torch.randn(slots_n, kv_heads, length, dim)
+            k_ref, v_ref = kc.clone(), vc.clone()
+            q = sa.rope_store(qkv, cos, sin, kc, vc, dest, heads, kv_heads)
+            qr = qkv[:, : heads * dim].view(rows, heads, dim)
+            kr = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+            vr = qkv[:, (heads + kv_heads) * dim :].reshape(rows, kv_heads, dim)
+            q_ref = _rope(qr, cos[:, None], sin[:, None])
+            k_ref.view(-1, dim).index_copy_(0, dest, _rope(kr, cos[:, None], sin[:, None]).reshape(-1, dim))
+            v_ref.view(-1, dim).index_copy_(0, dest, vr.reshape(-1, dim))
+            print(float((q - q_ref).abs().max()), float((kc - k_ref).abs().max()), bool(torch.equal(vc, v_ref)))
+    """)
+    for line in out.strip().splitlines():
+        q_err, k_err, v_same = line.split()
+        assert float(q_err) < 1e-5 and float(k_err) < 1e-5 and v_same == "True", line
+
+
 def test_the_kernel_form_of_the_engine_decodes_as_hf_generate():
     """Six requests through three slots: prompts longer than a step's budget are split over
-    mixed steps beside the decoding rows (and over prefill steps with separate passes)."""
+    mixed steps beside the decoding rows (and over prefill steps with separate passes). With
+    mixed steps the next step is queued before the last is read (its decode rows take their
+    tokens on the device): a request that writes a stop token there still ends at it, and a
+    sampled request (its token picked on the host) draws as the CPU loop draws."""
     out = run_interpreted("""
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
-        from veritune.infer.decode import GenerationRequest
+        from veritune.infer.decode import GenerationRequest, generate_batch
         from veritune.serve.engine import ContinuousBatchingEngine
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -94,15 +125,35 @@ def test_the_kernel_form_of_the_engine_decodes_as_hf_generate():
         with torch.inference_mode():
             reference = [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
                                         pad_token_id=0)[0, len(p):].tolist() for p, n in zip(prompts, limits)]
+        # Stop tokens: what the first and fourth requests write 4th and 7th (and nothing earlier).
+        stops = [t for t in (reference[0][3], reference[3][6]) if t not in reference[0][:3] + reference[3][:6]]
+        def cut(row):
+            ends = [i for i, t in enumerate(row) if t in stops]
+            return row[: ends[0]] if ends else row
+        def sampled():
+            return GenerationRequest(prompts[1], 12, temperature=0.9, generator=torch.Generator().manual_seed(5))
+        drawn = generate_batch(model, [sampled()], stops, 0)[0].token_ids
         for mixed in (True, False):
             engine = ContinuousBatchingEngine(model, [], max_batch=3, max_len=256, prefill_tokens=64,
                                               mixed_tokens=64, mixed=mixed, attention="kernel").start()
             got = [f.result(300).token_ids for f in [engine.submit(GenerationRequest(p, n))
                                                      for p, n in zip(prompts, limits)]]
             engine.stop()
-            print(mixed, got == reference, engine.kernel, engine.mixed_steps, sorted(engine._free))
+            print(mixed, got == reference, engine.kernel, engine.mixed_steps, sorted(engine._free), engine.overlap)
+            engine = ContinuousBatchingEngine(model, stops, max_batch=3, max_len=256, prefill_tokens=64,
+                                              mixed_tokens=64, mixed=mixed, attention="kernel").start()
+            futures = [engine.submit(GenerationRequest(p, n)) for p, n in zip(prompts, limits)]
+            futures.append(engine.submit(sampled()))
+            got = [f.result(300) for f in futures]
+            engine.stop()
+            ended = [c.finish_reason for c in got]
+            print("stops", [c.token_ids for c in got[:6]] == [cut(r) for r in reference], ended[0], ended[3],
+                  got[6].token_ids == drawn, got[6].token_ids[:5] != reference[1], sorted(engine._free))
     """)
     rows = [line.split() for line in out.strip().splitlines()]
     assert rows[0][:3] == ["True", "True", "True"] and int(rows[0][3]) >= 3  # prompts rode on decode steps
-    assert rows[1][:4] == ["False", "True", "True", "0"]
-    assert all(r[4:] == ["[0,", "1,", "2]"] for r in rows)  # every slot returned
+    assert rows[0][-1] == "True" and rows[2][-1] == "False"  # overlapped with mixed steps only
+    assert rows[2][:4] == ["False", "True", "True", "0"]
+    for r in (rows[1], rows[3]):
+        assert r[1:6] == ["True", "stop", "stop", "True", "True"], r
+    assert all("[0," in r and "2]" in r for r in rows)  # every slot returned

@@ -12,13 +12,21 @@ that is decoding, then up to a budget of prompt tokens of the requests waiting f
 token, pieces of several prompts split anywhere (a *mixed step*, the chunked prefill of vLLM
 and SGLang). Linear layers run over all rows at once, so the weights a decode step reads
 anyway also serve the prefill, and decoding never stops for a prompt. While nothing decodes a
-step takes up to `prefill_tokens` prompt tokens; while slots decode, a quarter of the prompt
-tokens waiting (at least MIN_CHUNK, at most `mixed_tokens`), so prefill keeps pace with the
-requests that leave and freed slots refill within a few steps. `mixed=False` runs prefill and
+step takes up to `prefill_tokens` prompt tokens; while slots decode, the prompt tokens that
+refill slots as fast as they empty (`_plan`), so a burst of requests starts spread out and
+never settles into waves that all prefill, then all decode. `mixed=False` runs prefill and
 decode as separate steps instead. A prompt's last piece gives its first token. A request
 leaves the batch the step it finishes (stop token, its own `max_new_tokens`, cancelled), and
 its slot goes to the next one waiting, so requests join and leave between any two steps;
 nothing is recomputed and no cache is moved.
+
+With mixed steps in the kernel form the host runs one step ahead of the device: the next
+step is planned and queued before the last one is read, its decode rows taking their tokens
+from the last step's picks on the device (`last_picked`), so the host's bookkeeping (reading
+picks, stop tokens, streaming, planning) overlaps the GPU's work instead of idling it between
+steps. A request that wrote a stop token has one more row computed before the host sees it,
+which is discarded. A step with a row whose token the host must pick (a grammar's mask, a
+sampled draw) is read before the next one is queued.
 
 The forward is written here over the weights of a transformers `LlamaForCausalLM` (RMSNorm,
 RoPE from the model's own rotary tables, grouped-query attention over the cache, SwiGLU), with
@@ -73,8 +81,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CHUNK_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # prompt tokens of a step (its pieces, padded up to one of these)
 MAX_PIECES = 8  # prompt pieces in one step (the LM head reads the last row of each)
 LENGTH_STEP = 256  # SDPA decode graphs (no Triton): length buckets in multiples of this
-MIN_CHUNK = 128  # prompt tokens a mixed step takes at least (when waiting): smaller pieces only add steps
-BACKLOG_SPREAD = 4  # a mixed step takes 1/this of the waiting prompt tokens: prefill keeps pace with the load
+MIN_CHUNK = 256  # prompt tokens a mixed step may take at least (when waiting): smaller pieces only add steps
 # Eager prompt pieces (SDPA) have a new shape nearly every time: cuDNN attention plans one graph
 # per shape (tens of ms each), flash and memory-efficient attention need none.
 PIECE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -157,9 +164,32 @@ class _Running:
     future: Future
     slot: int
     position: int  # where the next token's key and value go (= tokens in the cache)
-    token: int  # the last token picked: the next step's input
+    token: int  # the last token picked and read: the next step's input (unless one is in flight)
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    issued: int = 0  # tokens it will have once every step launched is read
+    in_flight: int = 0  # steps launched that give it a token, not yet read
+    done: bool = False
+
+
+def _host_picks(run: _Running) -> bool:
+    """Whether the host must pick this run's next token (a grammar's mask, a sampled draw)
+    before a step can feed it back: otherwise the step's own argmax on the device is it."""
+    return run.request.constraint is not None or run.request.temperature > 0
+
+
+@dataclass
+class _Step:
+    """A forward launched and not yet read: which run gets a token from which row."""
+
+    runs: list[_Running]
+    rows: list[int]
+    logits: torch.Tensor
+    picked: torch.Tensor
+    host: torch.Tensor | None  # `picked` copied to pinned memory behind the step (CUDA, overlapped)
+    event: object | None  # recorded after that copy
+    decode_rows: int
+    started: float
 
 
 class ContinuousBatchingEngine:
@@ -184,6 +214,7 @@ class ContinuousBatchingEngine:
         mixed_tokens: int = 1024,
         mixed: bool = True,
         attention: str = "auto",
+        overlap: bool = True,
     ):
         why = supported(model)
         if why is not None:
@@ -258,6 +289,14 @@ class ContinuousBatchingEngine:
             self.t_index = torch.arange(self.max_len, device=self.device)
             self.kv_index = torch.arange(self.n_kv, device=self.device)
         self._static_inputs()  # outside inference mode: the worker and tests write them in place
+        # Kernel form, mixed steps: the next step is queued before the last one is read.
+        self.overlap = overlap and self.kernel and mixed
+        self._host_flip = self._picks_flip = 0
+        self._credit = 0.0  # prompt tokens owed to the mixed steps (see _plan)
+        picks = max_batch + MAX_PIECES
+        self._picks_host = [
+            torch.zeros(picks, dtype=torch.long, pin_memory=self.device.type == "cuda") for _ in range(2)
+        ]
         self.cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
@@ -283,8 +322,11 @@ class ContinuousBatchingEngine:
     def _static_inputs(self) -> None:
         """The inputs of a step, fixed buffers a CUDA graph reads: one int64 tensor, filled from a
         pinned host copy in one transfer a step. Decode rows: token, position, keys seen (ctx;
-        0 for a free slot's dummy row). Prompt rows (kernel form): token, position, slot, ctx;
-        the tiles of the kernel (start row, rows); the row of each piece's last token."""
+        0 for a free slot's dummy row) and `feedback` (1: the token is the one this slot picked
+        in the step before, read on the device from `last_picked`; kernel form). Prompt rows
+        (kernel form): token, position, slot, ctx; the tiles of the kernel (start row, rows);
+        the row of each piece's last token and its slot. Two pinned host copies take turns, so
+        that one can be filled while the other's transfer is still queued behind a step."""
         chunk = self.chunk_buckets[-1] if self.kernel else 0
         self.rows_per_tile = slot_attention.rows_per_tile(self.group)
         self.max_tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES if chunk else 0
@@ -292,6 +334,7 @@ class ContinuousBatchingEngine:
             "tokens": self.max_batch,
             "positions": self.max_batch,
             "ctx": self.max_batch,
+            "feedback": self.max_batch if self.kernel else 0,
             "chunk_tokens": chunk,
             "chunk_positions": chunk,
             "chunk_slots": chunk,
@@ -299,10 +342,13 @@ class ContinuousBatchingEngine:
             "tile_start": self.max_tiles,
             "tile_rows": self.max_tiles,
             "last": MAX_PIECES if chunk else 0,
+            "last_slots": MAX_PIECES if chunk else 0,
         }
         total = sum(sizes.values())
         self.inputs = torch.zeros(total, dtype=torch.long, device=self.device)
-        self._host = torch.zeros(total, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        pinned = self.device.type == "cuda"
+        self._hosts = [torch.zeros(total, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._host = self._hosts[0]
         self._at, at = {}, 0
         for name, n in sizes.items():
             self._at[name] = (at, n)
@@ -310,6 +356,9 @@ class ContinuousBatchingEngine:
         for name in sizes:
             setattr(self, "in_" + name, self._input(name))
         self.decode_tile_rows = torch.ones(self.max_batch, dtype=torch.long, device=self.device)
+        # The token each slot picked in the latest step that gave it one (one spare entry: the
+        # target of unused pieces); the next step's decode rows read it where `feedback` says.
+        self.last_picked = torch.zeros(self.max_batch + 1, dtype=torch.long, device=self.device)
 
     def _input(self, name: str, host: bool = False) -> torch.Tensor:
         at, n = self._at[name]
@@ -365,9 +414,10 @@ class ContinuousBatchingEngine:
         followed by `chunk` prompt rows, every row attending over its own slot's cache up to its
         own position (`veritune.serve.slot_attention`). Logits: the decode rows, then with `chunk` the
         last row of each of MAX_PIECES pieces (`in_last`; unused ones repeat row 0)."""
-        d, hkv = self.head_dim, self.n_kv
+        hkv = self.n_kv
+        feedback = self.in_feedback[:batch] != 0
         tokens, positions, slots, ctx = (
-            self.in_tokens[:batch],
+            torch.where(feedback, self.last_picked[:batch], self.in_tokens[:batch]),
             self.in_positions[:batch],
             self.slot_index[:batch],
             self.in_ctx[:batch],
@@ -380,14 +430,14 @@ class ContinuousBatchingEngine:
             tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES
         rows = ((slots[:, None] * hkv + self.kv_index[None]) * self.max_len + positions[:, None]).reshape(-1)
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, head_dim]
+        cos, sin = self.cos[positions], self.sin[positions]  # [rows, head_dim]
         h = self.ops["rms"](x, self.layers[0].ln1, self.eps)
         for i, w in enumerate(self.layers):
-            q, k, v = self._project(h, w, cos, sin)
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
-            vc.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
-            o = torch.zeros_like(q)  # prompt padding rows are in no tile: zeros, not whatever memory held
+            # RoPE, and the new keys and values into the cache, in one kernel.
+            q = slot_attention.rope_store(F.linear(h, w.qkv), cos, sin, kc, vc, rows, self.n_heads, hkv)
+            # Prompt padding rows are in no tile: zeros, not whatever memory held (every decode row is written).
+            o = torch.zeros_like(q) if chunk else torch.empty_like(q)
             if batch:
                 slot_attention.slot_attention(
                     q,
@@ -420,7 +470,13 @@ class ContinuousBatchingEngine:
         if chunk:  # the LM head only on the rows that pick a token
             h = h.index_select(0, torch.cat([self.slot_index[:batch], self.in_last]))
         logits = F.linear(h, self.lm_head)
-        return logits, logits.argmax(-1)
+        picked = logits.argmax(-1)
+        # Each slot's pick, for a next step that feeds it back: decode rows (slot = row), then the
+        # pieces' (a piece that completes its prompt gives its slot's first token).
+        self.last_picked[:batch].copy_(picked[:batch])
+        if chunk:
+            self.last_picked.index_copy_(0, self.in_last_slots, picked[batch:])
+        return logits, picked
 
     def _decode_forward(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The SDPA form of a decode step (no Triton): one token for slots [0, batch), inputs in
@@ -665,23 +721,28 @@ class ContinuousBatchingEngine:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            pending: _Step | None = None  # launched, not yet read
             while True:
-                busy = self._running or self._waiting or self._prefilling
+                busy = self._running or self._waiting or self._prefilling or pending is not None
                 self._take(block=not (busy or self._stopping))
-                if self._stopping and not (self._running or self._waiting or self._prefilling):
+                if self._stopping and pending is None and not (self._running or self._waiting or self._prefilling):
                     return
                 try:
+                    # The host picks the next token of a grammar's or a sampled row: read before the next launch.
+                    if pending is not None and any(_host_picks(r) for r in pending.runs if not r.done):
+                        self._collect(pending)
+                        pending = None
                     self._admit()
-                    pieces = self._plan()
-                    if pieces and self.mixed:
-                        self._prefill_step(pieces, decode=bool(self._running))
-                    else:
-                        if pieces:
-                            self._prefill_step(pieces, decode=False)
-                        if self._running:
-                            self._decode()
+                    step = self._launch_next()
+                    if pending is not None:
+                        self._collect(pending)  # while `step` runs on the device
+                    pending = step
+                    if pending is not None and not self.overlap:
+                        self._collect(pending)
+                        pending = None
                 except BaseException as e:  # a failed forward fails what it held; the worker goes on
                     log.exception("%s: step failed", self.name)
+                    pending = None
                     for run in list(self._running.values()) + self._prefilling:
                         self._finish(run, None, error=e)
                     self._prefilling.clear()
@@ -716,16 +777,27 @@ class ContinuousBatchingEngine:
 
     def _plan(self) -> list[tuple[_Running, int, int]]:
         """The prompt pieces of the next forward, `(run, start, count)`, in arrival order, split
-        anywhere. Mixed steps take a share of the backlog (see the module docstring); a forward
-        with nothing decoding takes up to `prefill_tokens`. Kernel form: at most MAX_PIECES
-        pieces, and a budget rounded down to a chunk bucket (a step pads up to one). SDPA form
-        with `mixed=False`: whole prompts, the first one whatever its length."""
+        anywhere. A forward with nothing decoding takes up to `prefill_tokens`. A mixed step
+        refills the slots as fast as they empty: a request frees its slot after about its
+        `max_new_tokens` steps and its successor's prompt is about as long as its own, so each
+        step owes sum(prompt tokens / max_new_tokens) over the requests holding slots (at least
+        MIN_CHUNK, at most `mixed_tokens`). What a step cannot take (a bucket too small, too
+        little waiting) is carried to the next as credit, so prefill keeps exactly that pace
+        and the requests of a burst start, and so finish, spread out instead of in lockstep.
+        Kernel form: at most MAX_PIECES pieces, and a budget rounded down to a chunk bucket (a
+        step pads up to one). SDPA form with `mixed=False`: whole prompts, the first one
+        whatever its length."""
         if not self._prefilling:
+            self._credit = 0.0
             return []
-        if self.mixed and self._running:
-            backlog = sum(len(r.request.prompt_ids) - r.position for r in self._prefilling)
-            budget = min(self.mixed_tokens, max(MIN_CHUNK, -(-backlog // BACKLOG_SPREAD)))
+        mixed = self.mixed and bool(self._running)
+        if mixed:
+            held = [*self._running.values(), *self._prefilling]
+            owed = sum(len(r.request.prompt_ids) / r.request.max_new_tokens for r in held)
+            self._credit = min(self._credit + max(MIN_CHUNK, owed), self.mixed_tokens)
+            budget = int(self._credit)
         else:
+            self._credit = 0.0
             budget = self.prefill_tokens
         if self.kernel:
             budget = max([c for c in self.chunk_buckets if c <= budget] or [self.chunk_buckets[0]])
@@ -743,20 +815,43 @@ class ContinuousBatchingEngine:
                 break
             pieces.append((run, run.position, count))
             budget -= count
+        if mixed:
+            self._credit = max(0.0, self._credit - sum(count for _, _, count in pieces))
         return pieces
 
-    def _prefill_step(self, pieces: Sequence[tuple[_Running, int, int]], decode: bool) -> None:
-        """One forward over the prompt pieces and, with `decode`, one token of every running slot
-        (a mixed step); runs whose prompt is complete get their first token from it."""
+    def _live(self) -> list[_Running]:
+        """The runs a decode step gives a token, by slot: running, with tokens still to come
+        once the steps in flight are read (one that has just written a stop token there still
+        counts: a wasted row, skipped when read)."""
+        live = [r for r in self._running.values() if not r.done and r.issued < r.request.max_new_tokens]
+        return sorted(live, key=lambda r: r.slot)
+
+    def _launch_next(self) -> _Step | None:
+        """Plan and launch the next forward: a mixed step (prompt pieces and the live runs), or
+        with `mixed=False` a prefill step (read at once) and then a decode step."""
+        pieces = self._plan()
+        if self.mixed:
+            live = self._live()
+            return self._launch(pieces, live) if pieces or live else None
+        if pieces:
+            self._collect(self._launch(pieces, []))
+        live = self._live()
+        return self._launch([], live) if live else None
+
+    def _launch(self, pieces: Sequence[tuple[_Running, int, int]], runs: Sequence[_Running]) -> _Step:
+        """Queue one forward over the prompt pieces and one token of each of `runs` (a mixed
+        step; either may be empty) without waiting for it; runs whose prompt completes get their
+        first token from it. The host's view moves on at once (positions, tokens to come), so
+        the next step can be planned and queued while this one runs."""
         started = time.perf_counter()
-        runs = sorted(self._running.values(), key=lambda r: r.slot) if decode else []
         batch = runs[-1].slot + 1 if runs else 0
         if self.kernel:
             batch = self._batch_bucket(batch) if batch else 0
+            self._flip_host()
             self._fill_decode_rows(runs, batch)
-            self._fill_chunk(pieces, batch)
-            logits, _ = self._step((batch, min(c for c in self.chunk_buckets if c >= sum(p[2] for p in pieces))))
-        else:
+            chunk = self._fill_chunk(pieces, batch)
+            logits, picked = self._step((batch, chunk))
+        elif pieces:
             tokens, positions = [0] * batch, [self.max_len - 1] * batch  # free slots run a dummy token (see _decode)
             for run in runs:
                 tokens[run.slot], positions[run.slot] = run.token, run.position
@@ -768,46 +863,73 @@ class ContinuousBatchingEngine:
                 length,
                 [(run.slot, start, run.request.prompt_ids[start : start + count]) for run, start, count in pieces],
             )
-        self.prefills += 1
+            picked = logits.argmax(-1)
+        else:
+            batch = self._batch_bucket(batch)
+            self._flip_host()
+            self._fill_decode_rows(runs, batch)
+            self.inputs.copy_(self._host, non_blocking=True)
+            logits, picked = self._step((batch, self._length_bucket(max(r.position for r in runs) + 1)))
+        if pieces:
+            self.prefills += 1
+            self.mixed_steps += bool(runs)
         if runs:
-            self.mixed_steps += 1
             self.steps += 1
             self.step_rows += len(runs)
-            for run in runs:
-                run.position += 1
-        rows = [run.slot for run in runs]
+        for run in runs:
+            run.position += 1
+        out, rows = list(runs), [run.slot for run in runs]
         for j, (run, start, count) in enumerate(pieces):
             run.position = start + count
             if run.position == len(run.request.prompt_ids):
                 self._prefilling.remove(run)
                 self._running[run.slot] = run
-                runs.append(run)
+                out.append(run)
                 rows.append(batch + j)
+        for run in out:
+            run.issued += 1
+            run.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, len(self._running))
-        self._pick(runs, rows, logits, logits.argmax(-1))
-        if self.on_batch is not None:
-            self.on_batch(len(runs), time.perf_counter() - started)
+        host = event = None
+        if self.overlap and self.device.type == "cuda":
+            # The picks to pinned memory behind the step, before a next step's graph can overwrite them.
+            self._picks_flip ^= 1
+            host = self._picks_host[self._picks_flip][: picked.shape[0]]
+            host.copy_(picked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _Step(out, rows, logits, picked, host, event, len(runs), started)
+
+    def _flip_host(self) -> None:
+        """The other pinned host copy of the inputs: the last one's transfer may still be queued."""
+        self._host_flip ^= 1
+        self._host = self._hosts[self._host_flip]
 
     def _fill_decode_rows(self, runs: Sequence[_Running], batch: int) -> None:
         """Decode rows of slots [0, batch) into the host inputs. Free slots inside the bucket run a
         dummy token written at the last position of their slot, seeing nothing: a request reads
         only positions it wrote itself, and never writes that one (prompt + new tokens fit
         `positions` <= max_len, and the last token picked is not fed back), so a slot between two
-        pieces of its prompt keeps what it has."""
+        pieces of its prompt keeps what it has. A run whose last token is still in a step in
+        flight reads it on the device (`feedback`)."""
         tokens, positions, ctx = [0] * batch, [self.max_len - 1] * batch, [0] * batch
+        feedback = [0] * batch
         for run in runs:
             tokens[run.slot], positions[run.slot], ctx[run.slot] = run.token, run.position, run.position + 1
-        for name, values in (("tokens", tokens), ("positions", positions), ("ctx", ctx)):
+            feedback[run.slot] = int(run.in_flight > 0)
+        names = ("tokens", "positions", "ctx", "feedback") if self.kernel else ("tokens", "positions", "ctx")
+        for name, values in zip(names, (tokens, positions, ctx, feedback)):
             if values:
                 self._input(name, host=True)[:batch] = torch.tensor(values)
 
-    def _fill_chunk(self, pieces: Sequence[tuple[_Running, int, int]], batch: int) -> None:
+    def _fill_chunk(self, pieces: Sequence[tuple[_Running, int, int]], batch: int) -> int:
         """The prompt rows of a kernel-form step into the host inputs: the pieces' tokens, padded
         up to the chunk bucket (padding rows write at the last position of slot 0 and see
-        nothing), the tiles of `rows_per_tile` rows of one piece each, each piece's last row."""
+        nothing), the tiles of `rows_per_tile` rows of one piece each, each piece's last row and
+        slot; then the inputs to the device. Returns the chunk bucket (0: no prompt rows)."""
         taken = sum(count for _, _, count in pieces)
         chunk = min(c for c in self.chunk_buckets if c >= taken) if taken else 0
-        tokens, positions, slots, ctx, tile_start, tile_rows, last = [], [], [], [], [], [], []
+        tokens, positions, slots, ctx, tile_start, tile_rows, last, last_slots = [], [], [], [], [], [], [], []
         for run, start, count in pieces:
             for off in range(0, count, self.rows_per_tile):
                 tile_start.append(batch + len(tokens) + off)
@@ -817,8 +939,10 @@ class ContinuousBatchingEngine:
             ctx += range(start + 1, start + count + 1)
             slots += [run.slot] * count
             last.append(batch + len(tokens) - 1)
+            last_slots.append(run.slot)
         pad = chunk - taken
         tiles = -(-chunk // self.rows_per_tile) + MAX_PIECES if chunk else 0
+        unused = MAX_PIECES - len(last)
         for name, values in (
             ("chunk_tokens", tokens + [0] * pad),
             ("chunk_positions", positions + [self.max_len - 1] * pad),
@@ -826,44 +950,30 @@ class ContinuousBatchingEngine:
             ("chunk_ctx", ctx + [0] * pad),
             ("tile_start", tile_start + [0] * (tiles - len(tile_start))),
             ("tile_rows", tile_rows + [0] * (tiles - len(tile_rows))),
-            ("last", last + [0] * (MAX_PIECES - len(last))),
+            ("last", last + [0] * unused if chunk else []),
+            ("last_slots", last_slots + [self.max_batch] * unused if chunk else []),
         ):
             if values:
                 self._input(name, host=True)[: len(values)] = torch.tensor(values)
         self.inputs.copy_(self._host, non_blocking=True)
+        return chunk
 
-    def _decode(self) -> None:
-        started = time.perf_counter()
-        top = max(self._running) + 1
-        batch = self._batch_bucket(top)
-        runs = sorted(self._running.values(), key=lambda r: r.slot)
-        self._fill_decode_rows(runs, batch)
-        self.inputs.copy_(self._host, non_blocking=True)
-        if self.kernel:
-            key = (batch, 0)
-        else:
-            key = (batch, self._length_bucket(max(r.position for r in self._running.values()) + 1))
-        logits, picked = self._step(key)
-        for run in runs:
-            run.position += 1
-        self.steps += 1
-        self.step_rows += len(runs)
-        self.max_in_flight = max(self.max_in_flight, len(runs))
-        self._pick(runs, [r.slot for r in runs], logits, picked)
-        if self.on_batch is not None:
-            self.on_batch(len(runs), time.perf_counter() - started)
-
-    def _pick(self, runs: Sequence[_Running], rows: Sequence[int], logits: torch.Tensor, picked: torch.Tensor) -> None:
-        """The next token of each run (its row of the logits: its slot among the decode rows, or
-        its piece's row after them in a prefill or mixed step), picked as the decoding loop picks
-        (`decode.choose`: its grammar's mask, then greedy or sampled at its temperature from its
-        generator; `picked`, the step's argmax, serves plain greedy rows); then finish those
-        that are done."""
-        greedy = picked.tolist()
-        tokens = {row: choose(logits[row], run.request, greedy[row]) for row, run in zip(rows, runs)}
+    def _collect(self, step: _Step) -> None:
+        """Read a step launched before: the next token of each of its runs (its row of the
+        logits: its slot among the decode rows, or its piece's row after them), picked as the
+        decoding loop picks (`decode.choose`: its grammar's mask, then greedy or sampled at its
+        temperature from its generator; the step's argmax serves plain greedy rows); then finish
+        those that are done."""
+        if step.event is not None:
+            step.event.synchronize()
+        greedy = (step.host if step.host is not None else step.picked).tolist()
         now = time.perf_counter()
-        for row, run in zip(rows, runs):
-            token, r = tokens[row], run.request
+        for row, run in zip(step.rows, step.runs):
+            run.in_flight -= 1
+            if run.done:  # finished in an earlier step read: a wasted row
+                continue
+            r = run.request
+            token = choose(step.logits[row], r, greedy[row])
             if r.constraint is not None:
                 r.constraint.consume(token)
             if r.cancelled.is_set():
@@ -879,11 +989,15 @@ class ContinuousBatchingEngine:
                     r.on_token(token)
                 if len(run.generated) >= r.max_new_tokens:
                     self._finish(run, "length")
+        if self.on_batch is not None:
+            self.on_batch(step.decode_rows, time.perf_counter() - step.started)
 
     def _finish(
         self, run: _Running, reason: str | None, stop_token: int | None = None, error: BaseException | None = None
     ) -> None:
-        self._running.pop(run.slot, None)
+        run.done = True
+        if self._running.get(run.slot) is run:
+            del self._running[run.slot]
         heapq.heappush(self._free, run.slot)
         if error is not None:
             run.future.set_exception(error)
