@@ -615,12 +615,16 @@ class ContinuousBatchingEngine:
         started = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # A step captured on first use runs on live inputs: its warm-up runs must leave the picks
+        # the step reads back (`last_picked`) as they found them, or the replay would read their own.
+        kept = self.last_picked.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            # Warm-up runs (compile the kernels) rewrite the same cache entries with the same values: harmless.
+            # Warm-up runs (compile the kernels) write the cache entries the replay writes again: harmless.
             for _ in range(2):
                 self._forward(key)
+                self.last_picked.copy_(kept)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

@@ -138,25 +138,27 @@ if triton is not None:
         part = tl.program_id(1)
         half: tl.constexpr = D // 2
         base = QKV + row * stride_row
+        # (Names differ between the branches: a name set in both must hold one shape in both.)
         if part == 2:
-            h = tl.arange(0, HKVP)
-            d = tl.arange(0, D)
-            keep = h < HKV
-            v = tl.load(base + (H + HKV + h)[:, None] * D + d[None, :], mask=keep[:, None])
-            dest = tl.load(dest_ptr + row * HKV + h, mask=keep, other=0)
-            tl.store(Vc + dest[:, None] * D + d[None, :], v, mask=keep[:, None])
+            hv = tl.arange(0, HKVP)
+            dv = tl.arange(0, D)
+            keep_v = hv < HKV
+            v = tl.load(base + (H + HKV + hv)[:, None] * D + dv[None, :], mask=keep_v[:, None])
+            dest_v = tl.load(dest_ptr + row * HKV + hv, mask=keep_v, other=0)
+            tl.store(Vc + dest_v[:, None] * D + dv[None, :], v, mask=keep_v[:, None])
         else:
             j = tl.arange(0, half)
             c1 = tl.load(Cos + row * D + j).to(tl.float32)
             c2 = tl.load(Cos + row * D + half + j).to(tl.float32)
             s1 = tl.load(Sin + row * D + j).to(tl.float32)
             s2 = tl.load(Sin + row * D + half + j).to(tl.float32)
+            # Both parts as [HP, D/2] tiles (the key heads masked past HKV): the compiled branches
+            # must give values of one shape.
+            h = tl.arange(0, HP)
             if part == 0:
-                h = tl.arange(0, HP)
                 keep = h < H
                 at = base + h[:, None] * D + j[None, :]
             else:
-                h = tl.arange(0, HKVP)
                 keep = h < HKV
                 at = base + (H + h)[:, None] * D + j[None, :]
             x1 = tl.load(at, mask=keep[:, None]).to(tl.float32)
