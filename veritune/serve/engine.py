@@ -20,7 +20,7 @@ leaves the batch the step it finishes (stop token, its own `max_new_tokens`, can
 its slot goes to the next one waiting, so requests join and leave between any two steps;
 nothing is recomputed and no cache is moved.
 
-With mixed steps in the kernel form the host runs one step ahead of the device: the next
+In the kernel form the host runs one step ahead of the device: the next
 step is planned and queued before the last one is read, its decode rows taking their tokens
 from the last step's picks on the device (`last_picked`), so the host's bookkeeping (reading
 picks, stop tokens, streaming, planning) overlaps the GPU's work instead of idling it between
@@ -49,9 +49,10 @@ first `length` positions of every slot masked past their own, prompt pieces caus
 slot's prefix (on CUDA without Triton the decode steps are graphs per length bucket, multiples
 of LENGTH_STEP). The server keeps `generate_batch` on a CPU.
 
-More than 400 lines on purpose: the forwards, the graph capture and the scheduler share one set
-of static input buffers and one KV cache that the captured graphs read and write by address, so
-they live in one class; the attention kernel, the one piece that stands alone, is
+More than 400 lines on purpose (~1,000): the forwards, the graph capture and the scheduler that
+runs one step ahead share one set of static input buffers, the picks fed back on the device and
+one KV cache that the captured graphs read and write by address, so they live in one class; the
+two kernels, the pieces that stand alone (attention, RoPE with the cache writes), are
 `veritune.serve.slot_attention`.
 """
 
@@ -193,7 +194,7 @@ class _Step:
 
 
 class ContinuousBatchingEngine:
-    """Continuous batching of greedy generation over a static KV cache (see the module docstring).
+    """Continuous batching of generation over a static KV cache (see the module docstring).
 
     Same interface as `veritune.serve.batching.MicroBatcher` for the server: `start`, `submit`,
     `pending`, `stop`, `batch_stats`; requests and completions are those of `generate_batch`.
@@ -289,8 +290,9 @@ class ContinuousBatchingEngine:
             self.t_index = torch.arange(self.max_len, device=self.device)
             self.kv_index = torch.arange(self.n_kv, device=self.device)
         self._static_inputs()  # outside inference mode: the worker and tests write them in place
-        # Kernel form, mixed steps: the next step is queued before the last one is read.
-        self.overlap = overlap and self.kernel and mixed
+        # Kernel form: the next step is queued before the last one is read (with `mixed=False`, the
+        # decode steps; a prefill step is read at once).
+        self.overlap = overlap and self.kernel
         self._host_flip = self._picks_flip = 0
         self._credit = 0.0  # prompt tokens owed to the mixed steps (see _plan)
         picks = max_batch + MAX_PIECES

@@ -1,6 +1,7 @@
 """Attention of a step's rows over the engine's per-slot KV cache, each row only as far as it sees.
 
     out = slot_attention(q, k_cache, v_cache, slots, ctx, tile_start, tile_rows, rows_per_tile)
+    q = rope_store(qkv, cos, sin, k_cache, v_cache, dest, heads, kv_heads)   # what feeds it
 
 The engine (`veritune.serve.engine`) keeps one cache per layer, `[slots, kv_heads, max_len, head_dim]`.
 A step's rows are tokens: a decode row is one slot's next token, a prompt piece is several
@@ -17,6 +18,10 @@ the batch (lengths bucketed for the CUDA graphs), masked, and a prompt piece nee
 slot's cache; here a decode step reads each slot's keys once up to its own length, prompt pieces
 of several slots share one launch, and the loop bounds live on the GPU, so one CUDA graph serves
 every length. Triton (CUDA; on a CPU only under TRITON_INTERPRET=1, which the tests use).
+
+`rope_store`, the step's other kernel of its own, turns a layer's fused q/k/v projection into
+attention's inputs in one launch: RoPE on the queries and keys, the keys and values written
+straight into their slots' cache rows.
 """
 
 from __future__ import annotations
