@@ -12,7 +12,8 @@ starts sends generation to `serve.upstream_url`, which must be up already (any
 OpenAI-compatible engine, or another `veritune serve --completions-endpoint`); there is no
 one-at-a-time run then, since the upstream decides its own batching. Writes metrics/stress.json (throughput,
 p50/p95/p99 latency, error rate, lost requests, exactly-one-answer check, the batched /
-one-at-a-time throughput ratio) and reports/stress/ (latency.png, server logs).
+one-at-a-time throughput ratio) and reports/stress/ (latency.png, server logs). Stopped
+(SIGTERM, Ctrl-C), it stops the server it started and leaves no output behind.
 """
 
 import asyncio
@@ -20,6 +21,8 @@ import logging
 import os
 import platform
 import secrets
+import signal
+import sys
 from pathlib import Path
 
 from veritune.core.config import as_dict, load_params
@@ -99,8 +102,14 @@ def check_upstream(sp) -> None:
         ) from None
 
 
+def _terminated(signum, frame) -> None:
+    # SIGTERM as an exit, not a kill: the server's context manager stops it, atomic_path drops the partial output.
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
     p = load_params("stress")
     sp = load_params("serve")
     ip = load_params("index")

@@ -122,29 +122,14 @@ def test_constrained_and_prefixed_batches_write_generates_tokens(tiny, temperatu
     prefix = PrefixCache()
     shared = prefix.length(rows)
     assert shared >= PrefixCache.MIN_TOKENS
+    common = dict(max_new_tokens=80, stop_ids=stops, pad_id=pad, temperature=temperature)
     for require_call in (False, True):
         torch.manual_seed(7)
-        expected = reference(
-            model,
-            rows,
-            max_new_tokens=80,
-            stop_ids=stops,
-            pad_id=pad,
-            temperature=temperature,
-            constraints=[grammar.constraint(require_call=require_call) for _ in rows],
-            shared=shared,
-        )
+        constraints = [grammar.constraint(require_call=require_call) for _ in rows]
+        expected = reference(model, rows, constraints=constraints, shared=shared, **common)
         torch.manual_seed(7)
-        got = generate_ids(
-            model,
-            rows,
-            max_new_tokens=80,
-            stop_ids=stops,
-            pad_id=pad,
-            temperature=temperature,
-            constraints=[grammar.constraint(require_call=require_call) for _ in rows],
-            prefix=prefix,
-        )
+        constraints = [grammar.constraint(require_call=require_call) for _ in rows]
+        got = generate_ids(model, rows, constraints=constraints, prefix=prefix, **common)
         assert torch.equal(got, expected), (require_call, got.tolist(), expected.tolist())
     assert (got[:, 0] == grammar.python_tag).all()  # the forced calls were constrained
 

@@ -6,9 +6,12 @@ through it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import yaml
@@ -160,6 +163,49 @@ def test_stress_stage_through_an_upstream_loses_nothing(live_project):
     assert batched["requests"] >= 8 and batched["streamed"] >= 1
     assert (batched["errors"], batched["lost"]) == (0, 0) and batched["exactly_one_answer_each"]
     assert generated >= batched["answered"]  # every answer was generated upstream (plus the warm-up's)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_stopped_stress_stage_stops_its_server_and_leaves_no_output(live_project):
+    split = live_project / "data" / "split"
+    split.mkdir(parents=True)
+    (split / "questions_test.jsonl").write_text(json.dumps({"id": "q0", "question": "How long is parental leave?"}))
+    params = yaml.safe_load((live_project / "params.yaml").read_text())
+    params["stress"].update(clients=2, duration_s=120, max_tokens=8, startup_timeout_s=120)
+    (live_project / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = subprocess.Popen(
+        [sys.executable, str(REPO / "stages" / "stress.py")],
+        cwd=live_project,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (server := _children(stage.pid)):
+            time.sleep(0.2)
+        assert server, "the stage never started its server"
+        time.sleep(3)  # the server loading, or the load running
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(60) == 128 + signal.SIGTERM
+    finally:
+        stage.kill()
+    assert not Path(f"/proc/{server[0]}").exists(), "the server outlived its stage"
+    reports = live_project / "reports"
+    assert not (reports / "stress").exists() and not list(reports.glob(".stress.*"))  # nothing half-written
+    assert not (live_project / "metrics" / "stress.json").exists()
 
 
 def test_agent_turns_through_an_upstream_keep_special_tokens_and_the_stop_token(live_project, tiny_checkpoint):
