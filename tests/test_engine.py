@@ -282,6 +282,8 @@ def test_stop_drains_accepted_requests_then_refuses_and_bad_requests_fail_at_onc
     futures = [engine.submit(GenerationRequest(prompt_ids(tokenizer, q), 6)) for q in QUESTIONS]
     with pytest.raises(ValueError, match="exceeds the engine's 256 positions"):
         engine.submit(GenerationRequest([5] * 250, 10))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):  # refused, not failing the others
+        engine.submit(GenerationRequest([5, 6], 0))
     engine.stop()
     assert [len(f.result(0).token_ids) for f in futures] == [6] * len(QUESTIONS)  # all answered, none lost
     with pytest.raises(BatcherStopped):

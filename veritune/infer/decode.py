@@ -89,13 +89,17 @@ def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> None:
     logits.masked_fill_(~keep, float("-inf"))
 
 
-def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
-    """One token drawn from a row of (masked) logits as transformers' sampling draws it: the
-    temperature, top-k TOP_K, a draw from the softmax. Row by row from one generator this is
-    `generate`'s draw over the whole batch (torch's multinomial draws rows in order)."""
-    scores = logits.unsqueeze(0).to(dtype=torch.float32)
+def sample_rows(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (masked) logits [rows, vocab], drawn as transformers' sampling draws
+    a batch: the temperature, top-k TOP_K, one multinomial draw over the softmax of all rows."""
+    scores = logits.to(dtype=torch.float32)
     scores = TopKLogitsWarper(top_k=TOP_K)(None, TemperatureLogitsWarper(temperature)(None, scores))
-    return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)[0, 0])
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)[:, 0]
+
+
+def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """One token drawn from one row of (masked) logits, as `sample_rows` draws a batch of one."""
+    return int(sample_rows(logits.unsqueeze(0), temperature, generator)[0])
 
 
 def choose(logits: torch.Tensor, request: GenerationRequest, greedy: int | None = None) -> int:
@@ -196,6 +200,11 @@ def generate_batch(
     reasons: list[str | None] = [None] * n
     stopped_by: list[int | None] = [None] * n
     live = list(range(n))  # request index of each row of the batch
+    # An offline batch sampled at one temperature from one generator draws all its rows at once,
+    # finished ones included, as `generate` does: on CUDA a draw depends on the shape drawn.
+    first = requests[0]
+    one_draw = keep_finished and first.temperature > 0
+    one_draw = one_draw and all(r.temperature == first.temperature and r.generator is first.generator for r in requests)
     # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     while True:
@@ -210,15 +219,23 @@ def generate_batch(
         )
         logits = out.logits[:, -1, :]
         greedy = logits.argmax(dim=-1).tolist()
+        if one_draw:
+            scores = logits.to(dtype=torch.float32, copy=True)
+            for row, i in enumerate(live):
+                constraint = requests[i].constraint
+                allowed = constraint.mask() if constraint is not None and reasons[i] is None else None
+                if allowed is not None:
+                    apply_mask(scores[row], allowed)
+            drawn = sample_rows(scores, first.temperature, first.generator).tolist()
         tokens = []
         for row, i in enumerate(live):
             r = requests[i]
-            if reasons[i] is not None:  # finished, kept in the batch: padding (its draw keeps the generator in step)
-                if r.temperature > 0:
+            if reasons[i] is not None:  # finished, kept in the batch: padding
+                if r.temperature > 0 and not one_draw:  # its draw keeps the generator in step
                     sample(logits[row], r.temperature, r.generator)
                 tokens.append(pad_id)
                 continue
-            token = choose(logits[row], r, greedy[row])
+            token = drawn[row] if one_draw else choose(logits[row], r, greedy[row])
             tokens.append(token)
             if r.constraint is not None:
                 r.constraint.consume(token)

@@ -241,6 +241,11 @@ class ContinuousBatchingEngine:
         self.kernel = attention == "kernel" or (attention == "auto" and slot_attention.available(self.device))
         if self.kernel and not slot_attention.available(self.device):
             raise ValueError("attention='kernel' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        if self.kernel and group > slot_attention.DECODE_QUERIES:  # a decode tile holds that many query heads
+            if attention == "kernel":
+                raise ValueError(f"the slot kernel serves up to {slot_attention.DECODE_QUERIES} query heads a kv head")
+            self.kernel = False
         if self.kernel:
             # Steps carry at most the largest chunk bucket of prompt tokens.
             top = max([c for c in CHUNK_BUCKETS if c <= max(prefill_tokens, mixed_tokens)] or [CHUNK_BUCKETS[0]])
@@ -295,9 +300,12 @@ class ContinuousBatchingEngine:
         self.overlap = overlap and self.kernel
         self._host_flip = self._picks_flip = 0
         self._credit = 0.0  # prompt tokens owed to the mixed steps (see _plan)
+        # The picks of a step, copied to pinned memory behind it, in turns: with separate prefill
+        # steps a prefill step and the next decode step are both queued before a decode step in
+        # flight is read, so three copies (two would hand the last one's buffer to the next).
         picks = max_batch + MAX_PIECES
         self._picks_host = [
-            torch.zeros(picks, dtype=torch.long, pin_memory=self.device.type == "cuda") for _ in range(2)
+            torch.zeros(picks, dtype=torch.long, pin_memory=self.device.type == "cuda") for _ in range(3)
         ]
         self.cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
         self._graphs: dict[tuple[int, int], tuple] = {}
@@ -691,6 +699,8 @@ class ContinuousBatchingEngine:
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         with self._lock:
             if not self._accepting:
                 raise BatcherStopped(f"{self.name} is not running")
@@ -799,7 +809,7 @@ class ContinuousBatchingEngine:
         mixed = self.mixed and bool(self._running)
         if mixed:
             held = [*self._running.values(), *self._prefilling]
-            owed = sum(len(r.request.prompt_ids) / r.request.max_new_tokens for r in held)
+            owed = sum(len(r.request.prompt_ids) / max(1, r.request.max_new_tokens) for r in held)
             self._credit = min(self._credit + max(MIN_CHUNK, owed), self.mixed_tokens)
             budget = int(self._credit)
         else:
@@ -899,7 +909,7 @@ class ContinuousBatchingEngine:
         host = event = None
         if self.overlap and self.device.type == "cuda":
             # The picks to pinned memory behind the step, before a next step's graph can overwrite them.
-            self._picks_flip ^= 1
+            self._picks_flip = (self._picks_flip + 1) % len(self._picks_host)
             host = self._picks_host[self._picks_flip][: picked.shape[0]]
             host.copy_(picked, non_blocking=True)
             event = torch.cuda.Event()
