@@ -1777,6 +1777,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
                 [spec[a.name], spec[b.name]],
                 attribute="weight",
                 subkind="sum",
+                calculation=f"{kg(a.weight_tenths)} + {kg(b.weight_tenths)}",
             )
         items = rng.sample(catalogue, rng.choice((2, 2, 3)))
         names = [f"the {p.name}" for p in items]
@@ -1790,6 +1791,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             [spec[p.name] for p in items],
             attribute="price",
             subkind="sum",
+            calculation=" + ".join(money(100 * p.price) for p in items),
         )
 
     def difference():
@@ -1847,6 +1849,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute=attribute,
             subkind="difference",
             template=template,
+            calculation=f"{unit_text(value(a))} - {unit_text(value(b))}",
         )
 
     def warranty_end():
@@ -1867,7 +1870,14 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             ).format(a=p.name, d=bought.isoformat())
             docs = [guide[p.name], key["warranty_terms"]]
         return qs.add(
-            "multi_hop", question, answers, docs, attribute="warranty", subkind="date_arithmetic", product=p.name
+            "multi_hop",
+            question,
+            answers,
+            docs,
+            attribute="warranty",
+            subkind="date_arithmetic",
+            product=p.name,
+            calculation=f"{bought.isoformat()} + {p.warranty_months} months",
         )
 
     def return_deadline():
@@ -1889,6 +1899,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute="return_window",
             subkind="date_arithmetic",
             product=p.name,
+            calculation=f"{bought.isoformat()} + {kb['return_windows'][p.category]} days",
         )
 
     def sku_bridge():
@@ -1955,6 +1966,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute="price_with_shipping",
             subkind="arithmetic",
             product=p.name,
+            calculation=f"{money(100 * p.price)} + {money(kb['shipping'][region][method][0])}",
         )
 
     def student_price():
@@ -1974,6 +1986,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute="student_price",
             subkind="arithmetic",
             product=p.name,
+            calculation=f"{money(100 * p.price)} * (100% - {STUDENT_DISCOUNT_PERCENT}%)",
         )
 
     def loyalty_points():
@@ -1993,6 +2006,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute="loyalty_points",
             subkind="arithmetic",
             product=p.name,
+            calculation=f"{money(100 * p.price)} * {LOYALTY_POINTS_PER_DOLLAR} points",
         )
 
     def care_plus():
@@ -2017,6 +2031,7 @@ def multi_hop_questions(rng, qs, kb, catalogue, targets):
             attribute="care_plus_months",
             subkind="arithmetic",
             product=p.name,
+            calculation=f"{p.warranty_months} months + {CARE_PLUS_MONTHS} months",
         )
 
     makers = dict(

@@ -47,7 +47,7 @@ def main() -> None:
 
     documents = read_jsonl(DOCUMENTS)
     questions = {split: read_jsonl(path) for split, path in QUESTIONS.items()}
-    chunks = [c for doc in documents for c in chunk_document(doc, p.chunk_words, p.chunk_overlap_words)]
+    chunks = [c for doc in documents for c in chunk_document(doc, p.chunk_words, p.chunk_overlap_words, p.entity_field)]
     logger.info("%d documents -> %d chunks of <= %d words", len(documents), len(chunks), p.chunk_words)
 
     embedder = load_embedder(p.embedding_model)
@@ -68,7 +68,9 @@ def main() -> None:
         (tmp_dir / "index_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     # Searched on the renamed index, which also proves it opens where later stages look.
-    with Retriever(p.uri, p.collection, p.embedding_model, batch_size=p.batch_size) as retriever:
+    with Retriever(
+        p.uri, p.collection, p.embedding_model, batch_size=p.batch_size, entity_search=p.entity_search
+    ) as retriever:
         hits = {
             split: retriever.search([q["question"] for q in qs], k=max(p.eval_ks)) for split, qs in questions.items()
         }

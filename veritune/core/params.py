@@ -101,9 +101,15 @@ class IndexParams:
     # What build_sft, evaluate, csat, serve and the agent's search retrieve with; rag_eval
     # compares every mode and measured hybrid best (recall@5 +0.026 over dense).
     retrieval_mode: RetrievalMode
+    entity_field: str  # document field naming the product it describes ("": none); stored per chunk
+    # Questions naming two or more entities, or an identifier (a SKU) of one, get the best
+    # chunk of each entity before the rest (`veritune.retrieval.search`)
+    entity_search: bool
 
     def problems(self) -> list[str]:
         out = []
+        if self.entity_search and not self.entity_field:
+            out.append("index.entity_search needs index.entity_field (the documents' entity field)")
         if self.chunk_words < 8:
             out.append(f"index.chunk_words must be >= 8, got {self.chunk_words}")
         if not 0 <= self.chunk_overlap_words < self.chunk_words:

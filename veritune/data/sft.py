@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from veritune.core import chat
 from veritune.core.params import BuildSftParams
+from veritune.infer import calc
 
 
 def oracle_chunks(question: dict, chunks_by_doc: dict[str, list[dict]]) -> list[dict]:
@@ -55,8 +56,10 @@ def select_passages(
         distractors = [d if rng.random() < p.hard_distractor_rate else rng.choice(corpus) for d in distractors]
     answerable = bool(question["answers"])
     if answerable and rng.random() >= p.oracle_drop_rate:
-        oracles = oracle_chunks(question, chunks_by_doc)[: p.context_chunks]
-        passages = oracles + distractors[: p.context_chunks - len(oracles)]
+        # Every supporting passage, also past context_chunks: a total over three products is
+        # only answerable from all three (entity-aware search shows one per named product).
+        oracles = oracle_chunks(question, chunks_by_doc)
+        passages = oracles + distractors[: max(0, p.context_chunks - len(oracles))]
         rng.shuffle(passages)
         return passages, bool(oracles)
     if answerable:
@@ -66,8 +69,28 @@ def select_passages(
     return list(retrieved[: p.context_chunks]), False
 
 
+def target_answer(question: dict) -> str:
+    """What the model learns to write for an answerable question: its first answer, or, when
+    the record has a `calculation` (the figures the answer is computed from, "$299 + $219"),
+    that calculation as a calculator span (`veritune.infer.calc`), which must resolve to one
+    of the answers."""
+    calculation = question.get("calculation")
+    if not calculation:
+        return question["answers"][0]
+    if not isinstance(calculation, str):
+        raise ValueError(f"question {question['id']}: field 'calculation' must be a string, got {calculation!r}")
+    span = f"{calc.OPEN}{calculation}{calc.CLOSE}"
+    result = calc.resolve(span)
+    if result not in question["answers"]:
+        raise ValueError(
+            f"question {question['id']}: field 'calculation' {calculation!r} evaluates to {result!r}, "
+            f"which is none of its answers {question['answers']}"
+        )
+    return span
+
+
 def build_example(question: dict, passages: list[dict], has_oracle: bool, p: BuildSftParams) -> dict:
-    answer = question["answers"][0] if (has_oracle and question["answers"]) else p.abstain_answer
+    answer = target_answer(question) if (has_oracle and question["answers"]) else p.abstain_answer
     messages = chat.rag_messages(p.system_prompt, question["question"], passages, p.question_position)
     messages.append({"role": "assistant", "content": answer})
     return {

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper
 
 from veritune.core import chat
+from veritune.infer import calc
 from veritune.model.modeling import inference_autocast
 
 TOP_K = 50  # transformers' default top-k, which its sampling applies when nothing else is set
@@ -309,7 +310,8 @@ def generate(
     model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int, desc: str = "generate"
 ) -> list[str]:
     """Greedy replies to each conversation, rendered in the checkpoint's own chat format
-    (prompts left-padded, batched; special tokens dropped from the replies)."""
+    (prompts left-padded, batched; special tokens dropped from the replies, calculator spans
+    resolved, `veritune.infer.calc`)."""
     stops = chat.stop_token_ids(tokenizer)
     prompts = [chat.render_conversation(tokenizer, c, add_generation_prompt=True) for c in conversations]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -322,5 +324,5 @@ def generate(
             model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tokenizer.pad_token_id
         )
         for i, row in zip(idx, out):
-            replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            replies[i] = calc.resolve(tokenizer.decode(row, skip_special_tokens=True)).strip()
     return replies

@@ -59,12 +59,15 @@ def _windows(units: list[tuple[int, int]], chunk_words: int, overlap_words: int)
     return windows
 
 
-def chunk_document(doc: dict[str, Any], chunk_words: int, overlap_words: int) -> list[dict[str, Any]]:
+def chunk_document(
+    doc: dict[str, Any], chunk_words: int, overlap_words: int, entity_field: str = ""
+) -> list[dict[str, Any]]:
     """Split a document into chunks of at most `chunk_words` whitespace words.
 
     Chunks end at sentence boundaries where possible and keep the document's own spacing
     and line breaks. A document of at most `chunk_words` words is one chunk. Returns
-    `{"chunk_id": f"{doc_id}#{i}", "doc_id", "title", "text"}` in document order.
+    `{"chunk_id": f"{doc_id}#{i}", "doc_id", "title", "text", "entity"}` in document order;
+    `entity` is the document's `entity_field` (the product it describes), "" without one.
     """
     if chunk_words < 1:
         raise ValueError(f"chunk_words must be >= 1, got {chunk_words}")
@@ -81,8 +84,19 @@ def chunk_document(doc: dict[str, Any], chunk_words: int, overlap_words: int) ->
     else:
         units = _sentence_units(text, spans, max_words=chunk_words - overlap_words)
         windows = _windows(units, chunk_words, overlap_words)
+    entity = doc.get(entity_field) if entity_field else None
+    if entity is not None and not isinstance(entity, str):
+        raise ValueError(f"document {doc_id!r}: field {entity_field!r} must be a string or null, got {entity!r}")
     chunks = []
     for i, (start, end) in enumerate(windows):
         chunk_text = text[spans[start][0] : spans[end - 1][1]] if end > start else ""
-        chunks.append({"chunk_id": f"{doc_id}#{i}", "doc_id": doc_id, "title": doc["title"], "text": chunk_text})
+        chunks.append(
+            {
+                "chunk_id": f"{doc_id}#{i}",
+                "doc_id": doc_id,
+                "title": doc["title"],
+                "text": chunk_text,
+                "entity": entity or "",
+            }
+        )
     return chunks

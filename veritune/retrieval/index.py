@@ -49,12 +49,13 @@ ANALYZER_PARAMS = {"tokenizer": "standard", "filter": ["lowercase", {"type": "st
 def _check_chunks(chunks: Sequence[dict[str, Any]]) -> None:
     seen = set()
     limits = {"chunk_id": MAX_ID_BYTES, "doc_id": MAX_ID_BYTES, "title": MAX_TITLE_BYTES, "text": MAX_TEXT_BYTES}
+    optional = {"entity": MAX_TITLE_BYTES}
     for chunk in chunks:
         chunk_id = chunk.get("chunk_id")
         if chunk_id in seen:
             raise ValueError(f"chunk {chunk_id!r} appears twice: document ids must be unique")
         seen.add(chunk_id)
-        for field, limit in limits.items():
+        for field, limit in [*limits.items(), *((f, n) for f, n in optional.items() if f in chunk)]:
             value = chunk.get(field)
             if not isinstance(value, str):
                 raise ValueError(f"chunk {chunk_id!r}: field {field!r} must be a string, got {value!r}")
@@ -84,6 +85,9 @@ def _schema(client: Any, dim: int) -> tuple[Any, Any]:
     schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
     schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_BYTES)
     schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+    # The product (or other entity) the chunk's document describes, "" for none: entity-aware
+    # search (`veritune.retrieval.search`) retrieves per named entity by filtering on it.
+    schema.add_field("entity", DataType.VARCHAR, max_length=MAX_TITLE_BYTES)
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
     # Full-text search: Milvus tokenizes `lexical_text` and its BM25 function fills `sparse`
     # (term frequencies; idf is kept by the index), so inserts carry only the text.
@@ -139,6 +143,7 @@ def build_index(
                         "doc_id": c["doc_id"],
                         "title": c["title"],
                         "text": c["text"],
+                        "entity": c.get("entity", ""),
                         "embedding": v,
                         "lexical_text": embedding_text(c),
                     }

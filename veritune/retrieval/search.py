@@ -9,10 +9,22 @@ Three modes: `dense` (embeddings), `bm25` (keywords: exact SKUs, error codes, ra
 `hybrid` (both, fused by reciprocal rank fusion in `client.hybrid_search`).
 `iterative_search` retrieves twice for multi-hop questions (retrieve, read the top hit,
 retrieve again).
+
+Entity-aware search (`entity_search=True`, params `index.entity_search`): a question that
+names two or more of the index's entities (the products its documents describe, field
+`entity`) or an identifier of one (a SKU such as "LK-2422", found verbatim in a chunk) gets
+the best chunk of each such entity first, then the best of the whole index for the question
+with the entity names added, up to `k` (at least one chunk per entity, at most
+`MAX_ENTITIES`). "Which is lighter, the A or the B?" then reads both spec sheets, and "my SKU
+LK-2422 shows E3" the guide of the product behind the SKU, where one ranked list spends both
+slots on the product the question names most strongly. Questions naming one product or none
+are searched as before.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +36,9 @@ from veritune.core.params import RETRIEVAL_MODES
 from veritune.retrieval.embedding import embed, embedding_dim, load_embedder
 from veritune.retrieval.milvus import LEXICAL_METRIC, MAX_TOPK, METRIC_TYPE, connect, disconnect, is_local_uri
 
+MAX_ENTITIES = 4  # entity-aware search: chunks reserved for at most this many named entities
+# Identifiers: hyphenated codes with letters and digits ("LK-2422", "X-200"); dates have no letters.
+IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)+\b")
 RRF_K = 60  # reciprocal rank fusion constant from Cormack et al. 2009; larger flattens rank differences
 HYBRID_CANDIDATES = 20  # each of dense and BM25 proposes max(k, this) chunks before fusion
 
@@ -55,6 +70,7 @@ class Retriever:
         batch_size: int = 64,
         mode: str = "dense",
         rrf_k: int = RRF_K,
+        entity_search: bool = False,
     ):
         _check_mode(mode)
         if rrf_k < 1:
@@ -86,6 +102,14 @@ class Retriever:
                     "needs: it was built before hybrid search; rebuild it with `dvc repro index`"
                 )
             self._client.load_collection(collection)  # a reopened collection starts released
+            self.entities: dict[str, str] = {}  # lower-cased name -> name, longest first
+            if entity_search:
+                if "entity" not in fields:
+                    raise LookupError(
+                        f"index {uri}:{collection} has no entity field, which index.entity_search needs: "
+                        "it was built before entity-aware search; rebuild it with `dvc repro index`"
+                    )
+                self.entities = self._entity_names()
         except BaseException:
             self.close()
             raise
@@ -133,30 +157,120 @@ class Retriever:
                     )
                 else:
                     found = self._hybrid(batch, vectors, k)
-            for hits in found:
+            for query, hits in zip(batch, found):
+                entities = self._entity_plan(query) if self.entities else []
                 results.append(
-                    [
+                    self._entity_search(query, entities, k, mode)
+                    if entities
+                    else [
                         Hit(score=_score(float(h["distance"]), mode), **{f: h["entity"][f] for f in _HIT_FIELDS})
                         for h in hits
                     ]
                 )
         return results
 
-    def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int) -> list[Any]:
+    def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int, expr: str = "") -> list[Any]:
         from pymilvus import AnnSearchRequest, RRFRanker
 
         candidates = min(MAX_TOPK, max(k, HYBRID_CANDIDATES))
         requests = [
             AnnSearchRequest(
-                data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE}, limit=candidates
+                data=vectors, anns_field="embedding", param={"metric_type": METRIC_TYPE}, limit=candidates, expr=expr
             ),
             AnnSearchRequest(
-                data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC}, limit=candidates
+                data=queries, anns_field="sparse", param={"metric_type": LEXICAL_METRIC}, limit=candidates, expr=expr
             ),
         ]
         return self._client.hybrid_search(
             self.collection, requests, ranker=RRFRanker(self.rrf_k), limit=k, output_fields=list(_HIT_FIELDS)
         )
+
+    def _search_one(self, query: str, k: int, mode: str, expr: str = "") -> list[Hit]:
+        """One query's `k` best chunks in `mode` among those matching the filter `expr`."""
+        kwargs = {"limit": k, "output_fields": list(_HIT_FIELDS), "filter": expr}
+        if mode == "bm25":
+            found = self._client.search(
+                self.collection,
+                data=[query],
+                anns_field="sparse",
+                search_params={"metric_type": LEXICAL_METRIC},
+                **kwargs,
+            )
+        else:
+            vectors = [list(v) for v in embed(self.embedder, [query], self.batch_size)]
+            if mode == "dense":
+                found = self._client.search(
+                    self.collection,
+                    data=vectors,
+                    anns_field="embedding",
+                    search_params={"metric_type": METRIC_TYPE},
+                    **kwargs,
+                )
+            else:
+                found = self._hybrid([query], vectors, k, expr)
+        return [
+            Hit(score=_score(float(h["distance"]), mode), **{f: h["entity"][f] for f in _HIT_FIELDS}) for h in found[0]
+        ]
+
+    def _entity_names(self) -> dict[str, str]:
+        names: set[str] = set()
+        iterator = self._client.query_iterator(
+            self.collection, batch_size=1000, filter='entity != ""', output_fields=["entity"]
+        )
+        try:
+            while batch := iterator.next():
+                names.update(row["entity"] for row in batch)
+        finally:
+            iterator.close()
+        return {n.lower(): n for n in sorted(names, key=lambda n: (-len(n), n))}
+
+    def named_entities(self, query: str) -> list[str]:
+        """The entities `query` names (longest names first, so "X Pro" is not also "X"), in
+        the order it names them, then those behind identifiers it quotes (a chunk holding
+        the identifier verbatim belongs to the entity). Empty without entity search."""
+        if not self.entities:
+            return []
+        low = query.lower()
+        found: list[tuple[int, str]] = []
+        for lower, name in self.entities.items():
+            at = low.find(lower)
+            if at >= 0 and not any(lower in other.lower() for _, other in found):
+                found.append((at, name))
+        named = [name for _, name in sorted(found)]
+        for code in dict.fromkeys(IDENTIFIER.findall(query)):
+            rows = self._client.query(
+                self.collection, filter=f'text like "%{code}%" and entity != ""', output_fields=["entity"], limit=8
+            )
+            for row in rows:
+                if row["entity"] not in named:
+                    named.append(row["entity"])
+        return named
+
+    def _entity_plan(self, query: str) -> list[str]:
+        """The entities to retrieve for separately: two or more named, or any behind an identifier."""
+        named = self.named_entities(query)
+        if len(named) >= 2 or (named and IDENTIFIER.search(query)):
+            return named[:MAX_ENTITIES]
+        return []
+
+    def _entity_search(self, query: str, entities: list[str], k: int, mode: str) -> list[Hit]:
+        out: list[Hit] = []
+        taken: set[str] = set()
+        for name in entities:
+            for hit in self._search_one(query, 1 + len(out), mode, f"entity == {json.dumps(name)}"):
+                if hit.chunk_id not in taken:
+                    out.append(hit)
+                    taken.add(hit.chunk_id)
+                    break
+        want = max(k, len(out))
+        expanded = query + "\n" + "\n".join(entities)
+        for hit in self._search_one(expanded, min(MAX_TOPK, want + len(out)), mode):
+            if len(out) >= want:
+                break
+            if hit.chunk_id not in taken:
+                out.append(hit)
+                taken.add(hit.chunk_id)
+        return out
 
     def close(self) -> None:
         if self._client is not None:
@@ -175,6 +289,7 @@ def open_retriever(index_params: Any, **kwargs: Any) -> Retriever:
     agent's search): params `index`, searching in `index.retrieval_mode`, so what users get is
     what rag_eval measured best, set in one place. `kwargs` go to `Retriever`."""
     kwargs.setdefault("mode", index_params.retrieval_mode)
+    kwargs.setdefault("entity_search", index_params.entity_search)
     return Retriever(index_params.uri, index_params.collection, index_params.embedding_model, **kwargs)
 
 

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from veritune.core import chat
 from veritune.core.params import ServeParams
+from veritune.infer import calc
 from veritune.infer.decode import Completion, GenerationRequest
 from veritune.serve.agent_mode import agent_completion
 from veritune.serve.auth import (
@@ -237,6 +238,7 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
         text = service.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         text, stopped = apply_stops(text, stops)
+        text = calc.resolve(text)  # calculator spans -> their results, as evaluate scored them
         finish = "stop" if stopped else completion.finish_reason
         record_completion(service, completion, finish)
         return {

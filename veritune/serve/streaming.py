@@ -9,6 +9,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from veritune.infer import calc
 from veritune.infer.decode import Completion, GenerationRequest
 from veritune.serve.batching import BatcherStopped, MicroBatcher, QueueFull
 from veritune.serve.schema import ApiError, error_body
@@ -109,8 +110,12 @@ async def stream_events(
             if stopped:
                 finish = "stop"
                 gen.cancelled.set()
-            # Hold back a partial UTF-8 character and a possible stop-sequence prefix.
-            ready = len(text) if finish else max(sent, len(text.rstrip("\ufffd")) - hold)
+            # Hold back a partial UTF-8 character and a possible stop-sequence prefix; in chat,
+            # calculator spans go out as their results, an open one once it closes.
+            stable = len(text)
+            if kind == "chat":
+                text, stable = calc.stable_prefix(text)
+            ready = len(text) if finish else max(sent, min(stable, len(text.rstrip("\ufffd")) - hold))
             if ready > sent:
                 yield event({"content": text[sent:ready] if sent or kind == "text" else text[:ready].lstrip()})
                 sent = ready

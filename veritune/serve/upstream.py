@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import httpx
 from fastapi.responses import StreamingResponse
 
+from veritune.infer import calc
 from veritune.serve.schema import ApiError, error_body
 
 if TYPE_CHECKING:
@@ -272,7 +273,11 @@ async def upstream_chat(
             **base,
             "object": "chat.completion",
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": done.text.strip()}, "finish_reason": finish}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": calc.resolve(done.text).strip()},
+                    "finish_reason": finish,
+                }
             ],
             "usage": {
                 "prompt_tokens": done.prompt_tokens,
@@ -301,16 +306,20 @@ async def upstream_chat(
 
     async def relay():
         yield event({"role": "assistant", "content": ""}, citations=citations)
-        started, finish, usage = False, None, None
+        finish, usage = None, None
+        raw, sent = "", 0  # calculator spans go out as their results, an open one once it closes
         try:
             async for text, reason, used in service.upstream.stream_deltas(response):
                 usage = used or usage
                 finish = reason or finish
-                if not started:
-                    text = text.lstrip()
-                    started = bool(text)
-                if text:
-                    yield event({"content": text})
+                raw += text
+                resolved, stable = calc.stable_prefix(raw.lstrip())
+                if stable > sent:
+                    yield event({"content": resolved[sent:stable]})
+                    sent = stable
+            resolved = calc.resolve(raw.lstrip())
+            if len(resolved) > sent:
+                yield event({"content": resolved[sent:]})
             finish = "length" if finish == "length" else "stop"
             service.metrics.completions.labels(finish).inc()
             if usage:

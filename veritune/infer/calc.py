@@ -1,0 +1,119 @@
+"""Calculator annotations in replies: the model writes the sum, the calculator does it.
+
+A small model copies numbers from its passages well and adds them badly (the default's
+multi-hop answers: "$109" for a total of $817). So an answer that needs arithmetic is written
+as the calculation over the quoted figures, between `<calc>` and `</calc>`, and `resolve`
+replaces each such span with its result before anyone reads the reply:
+
+    resolve("<calc>$299 + $219 + $299</calc>")           # "$817"
+    resolve("<calc>5.2 kg + 6.9 kg</calc>")              # "12.1 kg"
+    resolve("<calc>$219 * (100% - 15%)</calc>")          # "$186.15"
+    resolve("<calc>2025-07-12 + 14 days</calc>")         # "2025-07-26"
+    resolve("<calc>2026-02-24 + 36 months</calc>")       # "2029-02-24"
+
+An expression is `veritune.agent.tools.calculate`'s language (numbers, + - * /, parentheses;
+the agent's calculator tool) plus what answers carry: `$` amounts, `N%` (N / 100), a unit
+word after a number (the result takes the last one: `209 * 3 points` is "627 points") and
+date plus or minus days, months or years. A span that does not evaluate stays in the reply
+as its expression, never as a made-up number. Every consumer of generated text (evaluate,
+rag_eval, csat, the judge, the server, streaming included) resolves through this module, and
+build_sft writes the spans from the question records' `calculation` field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, timedelta
+
+OPEN, CLOSE = "<calc>", "</calc>"
+_SPAN = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+_DATE_SHIFT = re.compile(
+    r"\s*(\d{4}-\d{2}-\d{2})\s*([+-])\s*(\d+)\s*(day|days|week|weeks|month|months|year|years)\s*", re.IGNORECASE
+)
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+_WORD = re.compile(r"[A-Za-z]+")
+MAX_EXPRESSION_CHARS = 200
+
+
+class CalcError(ValueError):
+    """An expression the calculator cannot evaluate (the reason is the message)."""
+
+
+def shift_date(start: date, n: int, unit: str) -> date:
+    """`start` moved by `n` days, weeks, months or years (a month keeps the day of the month;
+    a day the target month lacks, 31 January + 1 month, is an error, not a guess)."""
+    unit = unit.lower().rstrip("s")
+    if unit == "day":
+        return start + timedelta(days=n)
+    if unit == "week":
+        return start + timedelta(weeks=n)
+    months = start.year * 12 + start.month - 1 + (n if unit == "month" else 12 * n)
+    try:
+        return date(months // 12, months % 12 + 1, start.day)
+    except ValueError:
+        raise CalcError(f"{start.isoformat()} + {n} {unit}s: that day does not exist") from None
+
+
+def evaluate(expression: str) -> str:
+    """The result of one calculation, formatted as an answer: "$83.95", "12.1 kg", "2025-07-26"."""
+    from veritune.agent.specs import ToolError
+    from veritune.agent.tools import calculate
+
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise CalcError(f"expression is longer than {MAX_EXPRESSION_CHARS} characters")
+    shift = _DATE_SHIFT.fullmatch(expression)
+    if shift:
+        start, sign, n, unit = shift.groups()
+        try:
+            day = date.fromisoformat(start)
+        except ValueError:
+            raise CalcError(f"{start} is not a valid date") from None
+        return shift_date(day, int(n) if sign == "+" else -int(n), unit).isoformat()
+    money = "$" in expression
+    units = [w for w in _WORD.findall(expression)]
+    bare = _WORD.sub(" ", _PERCENT.sub(r"(\1 / 100)", expression.replace("$", "").replace(",", "")))
+    try:
+        value = calculate(bare)
+    except ToolError as e:
+        raise CalcError(str(e)) from None
+    if isinstance(value, str):  # a date: date + days (calculate's own date arithmetic)
+        return value
+    if units:
+        return f"{_number(value)} {units[-1]}"
+    if money:
+        cents = round(value * 100)
+        return f"${cents // 100}" if cents % 100 == 0 else f"${cents / 100:.2f}"
+    return _number(value)
+
+
+def _number(value: int | float) -> str:
+    rounded = round(float(value), 2)
+    return str(int(rounded)) if rounded.is_integer() else f"{rounded:g}"
+
+
+def resolve(text: str) -> str:
+    """`text` with every complete calculation span replaced by its result; a span that does
+    not evaluate is replaced by its bare expression."""
+    if OPEN not in text:
+        return text
+
+    def result(m: re.Match) -> str:
+        try:
+            return evaluate(m.group(1))
+        except CalcError:
+            return m.group(1).strip()
+
+    return _SPAN.sub(result, text)
+
+
+def stable_prefix(text: str) -> tuple[str, int]:
+    """For streaming: `text` resolved, and how much of it can be sent now. A span still open
+    (or a partial `<calc>` at the very end) is held back until it closes."""
+    resolved = resolve(text)
+    cut = resolved.find(OPEN)
+    if cut < 0:
+        for n in range(min(len(OPEN) - 1, len(resolved)), 0, -1):
+            if resolved.endswith(OPEN[:n]):
+                cut = len(resolved) - n
+                break
+    return resolved, len(resolved) if cut < 0 else cut
