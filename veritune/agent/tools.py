@@ -17,9 +17,6 @@ says what to fix, so the model can retry.
 
 from __future__ import annotations
 
-import ast
-import math
-import operator
 import re
 import sqlite3
 from collections.abc import Callable
@@ -28,63 +25,18 @@ from pathlib import Path
 
 from veritune.agent.shop import TABLES
 from veritune.agent.specs import MAX_SUMMARY_CHARS, WRITE_TOOLS, ToolError, check_call
+from veritune.infer import calc
 
 # --------------------------------------------------------------------------- calculator
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-_ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
-
 
 def calculate(expression: str) -> int | float | str:
-    """+ - * / and parentheses over numbers and ISO dates: date + days -> date,
-    date - date -> days. Parsed with `ast`, never evaluated as Python."""
-    if len(expression) > 200:
-        raise ToolError("expression is longer than 200 characters")
-    dates: list[date] = []
-
-    def stash(m: re.Match) -> str:
-        try:
-            dates.append(date.fromisoformat(m.group(0)))
-        except ValueError:
-            raise ToolError(f"{m.group(0)} is not a valid date (YYYY-MM-DD)") from None
-        return f"_d{len(dates) - 1}"
-
+    """The calculator tool: `veritune.infer.calc.calculate` (numbers, ISO dates, + - * /,
+    parentheses; parsed, never evaluated as Python), its errors as tool errors."""
     try:
-        tree = ast.parse(_ISO_DATE.sub(stash, expression.strip()), mode="eval")
-    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
-        raise ToolError(f"cannot parse {expression!r}; use numbers, dates (YYYY-MM-DD), + - * / and ( )") from None
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
-        if isinstance(node, ast.Name) and re.fullmatch(r"_d\d+", node.id):
-            return dates[int(node.id[2:])]
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(a, date) or isinstance(b, date):
-                if isinstance(node.op, ast.Add) and isinstance(a, date) and isinstance(b, int):
-                    return a + timedelta(days=b)
-                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, int):
-                    return a - timedelta(days=b)
-                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, date):
-                    return (a - b).days
-                raise ToolError("dates support date + days, date - days and date - date only")
-            if isinstance(node.op, ast.Div) and b == 0:
-                raise ToolError("division by zero")
-            return _OPS[type(node.op)](a, b)
-        raise ToolError(f"unsupported element in {expression!r}; use numbers, dates, + - * / and ( )")
-
-    try:
-        value = ev(tree.body)
-    except (OverflowError, RecursionError):  # a date past year 9999, a quotient too large for a float
-        raise ToolError(f"{expression!r} is out of range; use smaller numbers") from None
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ToolError(f"{expression!r} is out of range; use smaller numbers")
-    return round(value, 6) if isinstance(value, float) else value
+        return calc.calculate(expression)
+    except calc.CalcError as e:
+        raise ToolError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- the toolbox

@@ -11,7 +11,7 @@ replaces each such span with its result before anyone reads the reply:
     resolve("<calc>2025-07-12 + 14 days</calc>")         # "2025-07-26"
     resolve("<calc>2026-02-24 + 36 months</calc>")       # "2029-02-24"
 
-An expression is `veritune.agent.tools.calculate`'s language (numbers, + - * /, parentheses;
+An expression is `calculate`'s language (numbers, + - * /, parentheses;
 the agent's calculator tool) plus what answers carry: `$` amounts, `N%` (N / 100), a unit
 word after a number (the result takes the last one: `209 * 3 points` is "627 points") and
 date plus or minus days, months or years. A span that does not evaluate stays in the reply
@@ -22,6 +22,9 @@ build_sft writes the spans from the question records' `calculation` field.
 
 from __future__ import annotations
 
+import ast
+import math
+import operator
 import re
 from datetime import date, timedelta
 
@@ -37,6 +40,62 @@ MAX_EXPRESSION_CHARS = 200
 
 class CalcError(ValueError):
     """An expression the calculator cannot evaluate (the reason is the message)."""
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+
+
+def calculate(expression: str) -> int | float | str:
+    """+ - * / and parentheses over numbers and ISO dates: date + days -> date,
+    date - date -> days. Parsed with `ast`, never evaluated as Python."""
+    if len(expression) > 200:
+        raise CalcError("expression is longer than 200 characters")
+    dates: list[date] = []
+
+    def stash(m: re.Match) -> str:
+        try:
+            dates.append(date.fromisoformat(m.group(0)))
+        except ValueError:
+            raise CalcError(f"{m.group(0)} is not a valid date (YYYY-MM-DD)") from None
+        return f"_d{len(dates) - 1}"
+
+    try:
+        tree = ast.parse(_ISO_DATE.sub(stash, expression.strip()), mode="eval")
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+        raise CalcError(f"cannot parse {expression!r}; use numbers, dates (YYYY-MM-DD), + - * / and ( )") from None
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.Name) and re.fullmatch(r"_d\d+", node.id):
+            return dates[int(node.id[2:])]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(a, date) or isinstance(b, date):
+                if isinstance(node.op, ast.Add) and isinstance(a, date) and isinstance(b, int):
+                    return a + timedelta(days=b)
+                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, int):
+                    return a - timedelta(days=b)
+                if isinstance(node.op, ast.Sub) and isinstance(a, date) and isinstance(b, date):
+                    return (a - b).days
+                raise CalcError("dates support date + days, date - days and date - date only")
+            if isinstance(node.op, ast.Div) and b == 0:
+                raise CalcError("division by zero")
+            return _OPS[type(node.op)](a, b)
+        raise CalcError(f"unsupported element in {expression!r}; use numbers, dates, + - * / and ( )")
+
+    try:
+        value = ev(tree.body)
+    except (OverflowError, RecursionError):  # a date past year 9999, a quotient too large for a float
+        raise CalcError(f"{expression!r} is out of range; use smaller numbers") from None
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalcError(f"{expression!r} is out of range; use smaller numbers")
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def shift_date(start: date, n: int, unit: str) -> date:
@@ -56,9 +115,6 @@ def shift_date(start: date, n: int, unit: str) -> date:
 
 def evaluate(expression: str) -> str:
     """The result of one calculation, formatted as an answer: "$83.95", "12.1 kg", "2025-07-26"."""
-    from veritune.agent.specs import ToolError
-    from veritune.agent.tools import calculate
-
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise CalcError(f"expression is longer than {MAX_EXPRESSION_CHARS} characters")
     shift = _DATE_SHIFT.fullmatch(expression)
@@ -72,10 +128,7 @@ def evaluate(expression: str) -> str:
     money = "$" in expression
     units = [w for w in _WORD.findall(expression)]
     bare = _WORD.sub(" ", _PERCENT.sub(r"(\1 / 100)", expression.replace("$", "").replace(",", "")))
-    try:
-        value = calculate(bare)
-    except ToolError as e:
-        raise CalcError(str(e)) from None
+    value = calculate(bare)
     if isinstance(value, str):  # a date: date + days (calculate's own date arithmetic)
         return value
     if units:
