@@ -80,7 +80,13 @@ def test_short_document_is_one_chunk_with_its_own_text():
     doc = {"id": "d1", "title": "T", "text": "  Just a few words.\nAnd a second line.  ", "extra": 1}
     chunks = chunk_document(doc, chunk_words=50, overlap_words=10)
     assert chunks == [
-        {"chunk_id": "d1#0", "doc_id": "d1", "title": "T", "text": "Just a few words.\nAnd a second line.", "entity": ""}
+        {
+            "chunk_id": "d1#0",
+            "doc_id": "d1",
+            "title": "T",
+            "text": "Just a few words.\nAnd a second line.",
+            "entity": "",
+        }
     ]
 
 
