@@ -2,12 +2,13 @@
 questions' `calculation` field, and entity-aware search on a real Milvus Lite index."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from veritune.data.sft import target_answer
-from veritune.infer.calc import CalcError, evaluate, resolve, stable_prefix
+from veritune.infer.calc import CalcError, evaluate, finish, resolve, stable_prefix
 from veritune.retrieval.chunking import chunk_document
 from veritune.retrieval.embedding import load_embedder
 from veritune.retrieval.index import build_index
@@ -30,7 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
         ("2026-02-24 + 36 months", "2029-02-24"),
         ("2024-02-29 + 1 year", None),  # 29 February 2025 does not exist: an error, not a guess
         ("2025-01-10 - 2 weeks", "2024-12-27"),
+        ("(2025-07-12 + 12 months)", "2025-07-12".replace("2025", "2026")),
         ("1500 W - 1200 W", "300 W"),
+        ("$10 - $25.5", "-$15.50"),
+        ("$1.005 + 0", "$1.01"),  # half up, not the float's half-even
+        ("1234567.891", "1234567.89"),  # no exponent
     ],
 )
 def test_evaluate(expression, result):
@@ -41,7 +46,20 @@ def test_evaluate(expression, result):
         assert evaluate(expression) == result
 
 
-@pytest.mark.parametrize("expression", ["__import__('os')", "2 ** 10", "1 / 0", "x" * 201, "$5 +"])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os')",
+        "2 ** 10",
+        "1 / 0",
+        "x" * 201,
+        "$5 +",
+        "_d0 + 1",
+        "2 years + 6 months",  # mixed units would be added as if they were one
+        "5.2 kg + 300 g",
+        "2025-07-12 + 1 month + 2 days",  # a date shift is one "date + N unit"
+    ],
+)
 def test_evaluate_refuses_what_is_not_arithmetic(expression):
     with pytest.raises(CalcError):
         evaluate(expression)
@@ -52,6 +70,26 @@ def test_resolve_replaces_spans_and_keeps_a_broken_one_as_its_expression():
     assert resolve("<calc>1 / 0</calc>") == "1 / 0"  # never a made-up number
     assert resolve("no spans here") == "no spans here"
     assert resolve("<calc>1 + 2</calc> and <calc>2 * 3 W</calc>") == "3 and 6 W"
+
+
+def test_finish_never_shows_markup():
+    assert finish("Total: <calc>$10 + $5") == "Total: $10 + $5"  # cut off at the token limit
+    assert finish("Use <calc> tags like <calc>1+1</calc> here") == "Use tags like 2 here"
+    assert resolve("Use <calc> tags like <calc>1+1</calc> here") == "Use <calc> tags like 2 here"
+
+
+def test_streamed_text_is_a_prefix_of_the_finished_reply():
+    # what streaming sends at each token is stable_prefix's released part: it must never
+    # change once sent, and the finished reply must extend it
+    reply = "It costs <calc>$299 + $219</calc> in total, <calc>2025-07-12 + 14 days</calc> at the latest <calc>1 +"
+    final = finish(reply)
+    sent = ""
+    for end in range(len(reply) + 1):
+        text, stable = stable_prefix(reply[:end])
+        released = text[: max(len(sent), stable)]
+        assert released.startswith(sent) and final.startswith(released)
+        sent = released
+    assert final == "It costs $518 in total, 2025-07-26 at the latest 1 +"
 
 
 def test_stable_prefix_holds_back_an_open_span():
@@ -82,9 +120,9 @@ def test_every_sample_calculation_evaluates_to_its_answer_from_figures_in_its_do
         calculations += 1
         assert target_answer(q).startswith("<calc>")  # raises if it evaluates to another answer
         shown = " ".join(docs[d] for d in q["doc_ids"]) + " " + q["question"]
-        for figure in q["calculation"].replace("(", " ").replace(")", " ").split():
-            if figure[0].isdigit() or figure[0] == "$":
-                assert figure.rstrip("%") in shown or figure == "100%", (q["id"], figure)
+        for figure in re.findall(r"\$?\d[\d.:-]*\d|\$?\d", q["calculation"]):
+            if figure != "100":  # 100% - discount
+                assert re.search(r"(?<![\d.$])" + re.escape(figure) + r"(?!\d|\.\d)", shown), (q["id"], figure)
     assert calculations >= 150
 
 
@@ -121,7 +159,13 @@ def test_named_entities_prefer_the_longest_name_and_resolve_identifiers(entity_i
             "Lumo Toaster",
         ]
         assert r.named_entities("What does E3 mean on SKU QX-4410?") == ["Orca Kettle"]
+        assert r.named_entities("what does e3 mean on sku qx-4410?") == ["Orca Kettle"]
+        assert r.named_entities("Is the Orca Kettle Pro heavier than the Orca Kettle?") == [
+            "Orca Kettle Pro",
+            "Orca Kettle",
+        ]
         assert r.named_entities("How do returns work?") == []
+        assert r._entity_plan("Can I return the Lumo Toaster within 30-day of a 2-in-1 deal?") == []
 
 
 @pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
@@ -143,5 +187,9 @@ def test_entity_search_is_a_no_op_on_an_index_without_entities(tmp_path):
     uri = str(tmp_path / "milvus.db")
     chunks = [{k: v for k, v in c.items() if k != "entity"} for d in DOCS for c in chunk_document(d, 120, 20)]
     build_index(chunks, uri, "chunks", load_embedder("all-MiniLM-L6-v2"), batch_size=4)
+    question = "Which costs more, the Orca Kettle Pro or the Lumo Toaster?"
     with Retriever(uri, "chunks", "all-MiniLM-L6-v2", mode="hybrid", entity_search=True) as r:
         assert r.entities == {}  # built without entity_field: every entity is ""
+        on = r.search([question], k=2)[0]
+    with Retriever(uri, "chunks", "all-MiniLM-L6-v2", mode="hybrid") as r:
+        assert on == r.search([question], k=2)[0]

@@ -31,6 +31,7 @@ from veritune.agent.shop import episode_database
 from veritune.agent.specs import ToolError, check_call
 from veritune.agent.tools import Toolbox, authorised_writes
 from veritune.core import chat
+from veritune.infer import calc
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def parse_reply(raw: str, fmt: chat.ChatFormat = chat.LLAMA3) -> Reply:
     # call (what Meta's HF template writes without ipython mode) is taken as a call too.
     opener = fmt.call_open.strip()
     if not (text.startswith(opener) or text.startswith('{"name"')):
-        return Reply("answer", text)
+        return Reply("answer", calc.finish(text))  # calculator spans, as in RAG answers
     body = text.removeprefix(opener).strip()
     if fmt is chat.CHATML:
         closer = fmt.call_close.strip()

@@ -15,9 +15,12 @@ An expression is `calculate`'s language (numbers, + - * /, parentheses;
 the agent's calculator tool) plus what answers carry: `$` amounts, `N%` (N / 100), a unit
 word after a number (the result takes the last one: `209 * 3 points` is "627 points") and
 date plus or minus days, months or years. A span that does not evaluate stays in the reply
-as its expression, never as a made-up number. Every consumer of generated text (evaluate,
-rag_eval, csat, the judge, the server, streaming included) resolves through this module, and
-build_sft writes the spans from the question records' `calculation` field.
+as its expression, never as a made-up number (`finish` also strips a span left open at the
+token limit). Every consumer of generated replies resolves through this module (evaluate,
+rag_eval, csat and the judge through `veritune.infer.decode.generate`; the server's chat
+completions, streamed or not, built-in or upstream; the agent's answers); only the raw
+`/v1/completions` endpoint returns text as generated. build_sft writes the spans from the
+question records' `calculation` field.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import math
 import operator
 import re
 from datetime import date, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
 OPEN, CLOSE = "<calc>", "</calc>"
-_SPAN = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+# The innermost span: a literal "<calc>" earlier in the text does not swallow a real one.
+_SPAN = re.compile(re.escape(OPEN) + r"((?:(?!" + re.escape(OPEN) + r").)*?)" + re.escape(CLOSE), re.DOTALL)
 _DATE_SHIFT = re.compile(
     r"\s*(\d{4}-\d{2}-\d{2})\s*([+-])\s*(\d+)\s*(day|days|week|weeks|month|months|year|years)\s*", re.IGNORECASE
 )
@@ -49,8 +54,8 @@ _ISO_DATE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
 def calculate(expression: str) -> int | float | str:
     """+ - * / and parentheses over numbers and ISO dates: date + days -> date,
     date - date -> days. Parsed with `ast`, never evaluated as Python."""
-    if len(expression) > 200:
-        raise CalcError("expression is longer than 200 characters")
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise CalcError(f"expression is longer than {MAX_EXPRESSION_CHARS} characters")
     dates: list[date] = []
 
     def stash(m: re.Match) -> str:
@@ -68,7 +73,7 @@ def calculate(expression: str) -> int | float | str:
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
             return node.value
-        if isinstance(node, ast.Name) and re.fullmatch(r"_d\d+", node.id):
+        if isinstance(node, ast.Name) and re.fullmatch(r"_d\d+", node.id) and int(node.id[2:]) < len(dates):
             return dates[int(node.id[2:])]
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
@@ -117,7 +122,10 @@ def evaluate(expression: str) -> str:
     """The result of one calculation, formatted as an answer: "$83.95", "12.1 kg", "2025-07-26"."""
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise CalcError(f"expression is longer than {MAX_EXPRESSION_CHARS} characters")
-    shift = _DATE_SHIFT.fullmatch(expression)
+    inner = expression.strip()
+    while inner.startswith("(") and inner.endswith(")") and _balanced(inner[1:-1]):
+        inner = inner[1:-1].strip()
+    shift = _DATE_SHIFT.fullmatch(inner)
     if shift:
         start, sign, n, unit = shift.groups()
         try:
@@ -127,6 +135,12 @@ def evaluate(expression: str) -> str:
         return shift_date(day, int(n) if sign == "+" else -int(n), unit).isoformat()
     money = "$" in expression
     units = [w for w in _WORD.findall(expression)]
+    if _ISO_DATE.search(expression) and units:
+        # Only "date +/- N unit" (above) moves a date by months or years; anything else with a
+        # date and a unit word would silently count the unit as days.
+        raise CalcError(f"{expression!r}: write a date shift as one 'YYYY-MM-DD + N days|weeks|months|years'")
+    if len({w.lower().removesuffix("s") for w in units}) > 1:
+        raise CalcError(f"{expression!r} mixes units ({', '.join(dict.fromkeys(units))}); convert to one first")
     bare = _WORD.sub(" ", _PERCENT.sub(r"(\1 / 100)", expression.replace("$", "").replace(",", "")))
     value = calculate(bare)
     if isinstance(value, str):  # a date: date + days (calculate's own date arithmetic)
@@ -134,14 +148,25 @@ def evaluate(expression: str) -> str:
     if units:
         return f"{_number(value)} {units[-1]}"
     if money:
-        cents = round(value * 100)
-        return f"${cents // 100}" if cents % 100 == 0 else f"${cents / 100:.2f}"
+        cents = Decimal(str(value)).quantize(Decimal("0.01"), ROUND_HALF_UP)
+        sign, cents = ("-" if cents < 0 else ""), abs(cents)
+        return f"{sign}${int(cents)}" if cents == cents.to_integral() else f"{sign}${cents}"
     return _number(value)
 
 
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _number(value: int | float) -> str:
-    rounded = round(float(value), 2)
-    return str(int(rounded)) if rounded.is_integer() else f"{rounded:g}"
+    """Up to two decimals, no exponent, no trailing zeros: 12.1, 0.9, 1234567.89."""
+    text = f"{Decimal(str(value)).quantize(Decimal('0.01'), ROUND_HALF_UP):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def resolve(text: str) -> str:
@@ -157,6 +182,14 @@ def resolve(text: str) -> str:
             return m.group(1).strip()
 
     return _SPAN.sub(result, text)
+
+
+def finish(text: str) -> str:
+    """A finished reply: spans resolved, and a span left open (the reply hit its token limit
+    or a stop sequence inside it) replaced by its bare expression, never shown as markup."""
+    resolved = resolve(text)
+    cut = resolved.find(OPEN)
+    return resolved if cut < 0 else resolved[:cut] + resolved[cut + len(OPEN) :].strip()
 
 
 def stable_prefix(text: str) -> tuple[str, int]:

@@ -324,5 +324,5 @@ def generate(
             model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tokenizer.pad_token_id
         )
         for i, row in zip(idx, out):
-            replies[i] = calc.resolve(tokenizer.decode(row, skip_special_tokens=True)).strip()
+            replies[i] = calc.finish(tokenizer.decode(row, skip_special_tokens=True)).strip()
     return replies

@@ -37,8 +37,9 @@ from veritune.retrieval.embedding import embed, embedding_dim, load_embedder
 from veritune.retrieval.milvus import LEXICAL_METRIC, MAX_TOPK, METRIC_TYPE, connect, disconnect, is_local_uri
 
 MAX_ENTITIES = 4  # entity-aware search: chunks reserved for at most this many named entities
-# Identifiers: hyphenated codes with letters and digits ("LK-2422", "X-200"); dates have no letters.
-IDENTIFIER = re.compile(r"\b(?=[A-Za-z0-9-]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)+\b")
+# Identifiers: a code that starts with a letter and has a digit after a hyphen ("LK-2422",
+# "HX-7B"); not "30-day", "2-in-1" or "Wi-Fi". Only one found verbatim in a chunk counts.
+IDENTIFIER = re.compile(r"\b[A-Za-z][A-Za-z0-9]*-\d[A-Za-z0-9]*(?:-[A-Za-z0-9]+)*\b")
 RRF_K = 60  # reciprocal rank fusion constant from Cormack et al. 2009; larger flattens rank differences
 HYBRID_CANDIDATES = 20  # each of dense and BM25 proposes max(k, this) chunks before fusion
 
@@ -225,39 +226,54 @@ class Retriever:
         return {n.lower(): n for n in sorted(names, key=lambda n: (-len(n), n))}
 
     def named_entities(self, query: str) -> list[str]:
-        """The entities `query` names (longest names first, so "X Pro" is not also "X"), in
-        the order it names them, then those behind identifiers it quotes (a chunk holding
-        the identifier verbatim belongs to the entity). Empty without entity search."""
-        if not self.entities:
-            return []
+        """The entities `query` names, in the order it names them, then those behind
+        identifiers it quotes (`_identified`). Empty without entity search."""
+        named = self._named(query)
+        return named + [e for e in self._identified(query) if e not in named]
+
+    def _named(self, query: str) -> list[str]:
+        # Longest names first, each match blanked out, so "Orca Kettle Pro" is not also
+        # "Orca Kettle", while "the Orca Kettle Pro or the Orca Kettle" names both.
         low = query.lower()
         found: list[tuple[int, str]] = []
         for lower, name in self.entities.items():
             at = low.find(lower)
-            if at >= 0 and not any(lower in other.lower() for _, other in found):
+            if at >= 0:
                 found.append((at, name))
-        named = [name for _, name in sorted(found)]
+                while at >= 0:
+                    low = low[:at] + " " * len(lower) + low[at + len(lower) :]
+                    at = low.find(lower)
+        return [name for _, name in sorted(found)]
+
+    def _identified(self, query: str) -> list[str]:
+        """Entities of the chunks that hold an identifier of `query` verbatim (as written or
+        upper-cased: catalogues print codes in capitals)."""
+        if not self.entities:
+            return []
+        out: list[str] = []
         for code in dict.fromkeys(IDENTIFIER.findall(query)):
+            forms = " or ".join(f'text like "%{c}%"' for c in dict.fromkeys((code, code.upper())))
             rows = self._client.query(
-                self.collection, filter=f'text like "%{code}%" and entity != ""', output_fields=["entity"], limit=8
+                self.collection, filter=f'({forms}) and entity != ""', output_fields=["entity"], limit=8
             )
-            for row in rows:
-                if row["entity"] not in named:
-                    named.append(row["entity"])
-        return named
+            out += [row["entity"] for row in rows if row["entity"] not in out]
+        return out
 
     def _entity_plan(self, query: str) -> list[str]:
-        """The entities to retrieve for separately: two or more named, or any behind an identifier."""
-        named = self.named_entities(query)
-        if len(named) >= 2 or (named and IDENTIFIER.search(query)):
-            return named[:MAX_ENTITIES]
+        """The entities to retrieve for separately: two or more named, or any behind an
+        identifier; [] searches as one ranked list."""
+        if not self.entities:
+            return []
+        named, identified = self._named(query), self._identified(query)
+        if len(named) >= 2 or identified:  # identified: also the SKU of the one product it names
+            return (named + [e for e in identified if e not in named])[:MAX_ENTITIES]
         return []
 
     def _entity_search(self, query: str, entities: list[str], k: int, mode: str) -> list[Hit]:
         out: list[Hit] = []
         taken: set[str] = set()
         for name in entities:
-            for hit in self._search_one(query, 1 + len(out), mode, f"entity == {json.dumps(name)}"):
+            for hit in self._search_one(query, 1 + len(out), mode, f"entity == {json.dumps(name, ensure_ascii=False)}"):
                 if hit.chunk_id not in taken:
                     out.append(hit)
                     taken.add(hit.chunk_id)

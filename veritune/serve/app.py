@@ -238,7 +238,7 @@ def create_app(service: Service, owns_service: bool = False) -> RequestGuard:
         completion: Completion = await wait_for(service.generator, gen, p.request_timeout_s, gen)
         text = service.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         text, stopped = apply_stops(text, stops)
-        text = calc.resolve(text)  # calculator spans -> their results, as evaluate scored them
+        text = calc.finish(text)  # calculator spans -> their results, as evaluate scored them
         finish = "stop" if stopped else completion.finish_reason
         record_completion(service, completion, finish)
         return {

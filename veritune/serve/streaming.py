@@ -112,9 +112,9 @@ async def stream_events(
                 gen.cancelled.set()
             # Hold back a partial UTF-8 character and a possible stop-sequence prefix; in chat,
             # calculator spans go out as their results, an open one once it closes.
-            stable = len(text)
-            if kind == "chat":
-                text, stable = calc.stable_prefix(text)
+            if kind == "chat" and finish:
+                text = calc.finish(text)
+            text, stable = calc.stable_prefix(text) if kind == "chat" else (text, len(text))
             ready = len(text) if finish else max(sent, min(stable, len(text.rstrip("\ufffd")) - hold))
             if ready > sent:
                 yield event({"content": text[sent:ready] if sent or kind == "text" else text[:ready].lstrip()})

@@ -275,7 +275,7 @@ async def upstream_chat(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": calc.resolve(done.text).strip()},
+                    "message": {"role": "assistant", "content": calc.finish(done.text).strip()},
                     "finish_reason": finish,
                 }
             ],
@@ -317,7 +317,7 @@ async def upstream_chat(
                 if stable > sent:
                     yield event({"content": resolved[sent:stable]})
                     sent = stable
-            resolved = calc.resolve(raw.lstrip())
+            resolved = calc.finish(raw.lstrip())
             if len(resolved) > sent:
                 yield event({"content": resolved[sent:]})
             finish = "length" if finish == "length" else "stop"
