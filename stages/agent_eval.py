@@ -52,7 +52,8 @@ def report_lines(metrics: dict, per_kind: dict) -> list[str]:
     lines = [
         "# Agent evaluation",
         "",
-        f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials per model "
+        f"{metrics['n_test_tasks']} test tasks x {metrics['trials']} trials for the fine-tuned model, "
+        f"{metrics.get('base_trials', metrics['trials'])} for the base "
         f"(oracle: all {metrics['oracle']['episodes']} tasks, one trial).",
         "Tool calls are decoded under the tools' JSON-schema grammar (`agent_eval.constrained_calls`): "
         "the model picks the tool and every value, the grammar keeps the call well formed."
@@ -85,7 +86,7 @@ def main() -> None:
     tasks = read_jsonl("data/agent/tasks_test.jsonl")
     if p.max_tasks:
         tasks = tasks[: p.max_tasks]
-    metrics: dict = {"n_test_tasks": len(tasks), "trials": p.trials}
+    metrics: dict = {"n_test_tasks": len(tasks), "trials": p.trials, "base_trials": p.base_trials}
     episodes: list[dict] = []
     tokenizer = load_tokenizer("models/adapter")
     with open_retriever(ip) as retriever:
@@ -135,16 +136,17 @@ def main() -> None:
             policy = ModelPolicy(
                 model, tokenizer, p.max_new_tokens, p.batch_size, p.temperature, p.seed, grammar=variant_grammar
             )
+            trials = p.base_trials if variant == "base" else p.trials
             results = evaluate_policy(
                 policy,
                 tasks,
-                trials=p.trials,
+                trials=trials,
                 desc=variant,
                 on_trial=lambda i, policy=policy: policy.reseed(p.seed + i),
                 **run,
             )
             metrics[variant] = {
-                **summarize_episodes(results, p.trials),
+                **summarize_episodes(results, trials),
                 "constrained_calls": variant_grammar is not None,
             }
             episodes += [{"policy": variant, **r} for r in results]

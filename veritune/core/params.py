@@ -587,6 +587,7 @@ class AgentDbParams:
 class AgentEvalParams:
     seed: int
     trials: int  # k of pass^k: more trials = surer reliability estimate, k times the time
+    base_trials: int  # trials for the base beside it (its pass^k up to this k)
     temperature: float  # sampling temperature of each trial; 0 makes every trial the same
     max_tasks: int  # 0: every test task; > 0 the first n (quick looks)
     max_steps: int  # model turns per episode; tasks need 2-5
@@ -605,6 +606,8 @@ class AgentEvalParams:
             out.append(f"agent_eval.max_writes must be >= 0, got {self.max_writes}")
         if self.trials < 1:
             out.append(f"agent_eval.trials must be >= 1, got {self.trials}")
+        if not 1 <= self.base_trials <= self.trials:
+            out.append(f"agent_eval.base_trials must be in [1, trials={self.trials}], got {self.base_trials}")
         if self.max_string_chars < 1:
             out.append(f"agent_eval.max_string_chars must be >= 1, got {self.max_string_chars}")
         if self.temperature < 0:
