@@ -278,7 +278,9 @@ def test_repro_writes_every_declared_output_offline(project):
         project / "reports/csat/csat_histogram.png"
     ).is_file()
     agent = json.loads((project / "metrics/agent.json").read_text(encoding="utf-8"))
-    assert agent["oracle"]["success"] == 1.0 and agent["base"]["episodes"] == 4, agent
+    assert agent["oracle"]["success"] == 1.0, agent
+    # 2 tasks x agent_eval.trials (2) for the fine-tuned model, x base_trials (params.yaml: 1) for the base
+    assert agent["finetuned"]["episodes"] == 4 and agent["base"]["episodes"] == 2 * agent["base_trials"], agent
 
 
 def test_second_repro_has_nothing_to_do(project):
